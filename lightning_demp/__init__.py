@@ -1,0 +1,39 @@
+"""lightning-demp: Demon's Pruning for PyTorch Lightning. Networks that shrink themselves while they train."""
+
+from lightning_demp.callback import DemonPruning
+from lightning_demp.detection import ActivationMonitor, UnitActivity, dead_check, find_dead_units, unit_activity
+from lightning_demp.optim import ParamRemap, remap_optimizer_
+from lightning_demp.regularization import add_penalty_grad_, inject_noise_
+from lightning_demp.schedules import (
+    ConstantSchedule,
+    CosineDecaySchedule,
+    LinearWarmupSchedule,
+    OneCycleSchedule,
+    make_schedule,
+)
+from lightning_demp.surgery import PrunableGraph, TracingError, UnitGroup, resize_like_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationMonitor",
+    "ConstantSchedule",
+    "CosineDecaySchedule",
+    "DemonPruning",
+    "LinearWarmupSchedule",
+    "OneCycleSchedule",
+    "ParamRemap",
+    "PrunableGraph",
+    "TracingError",
+    "UnitActivity",
+    "UnitGroup",
+    "__version__",
+    "add_penalty_grad_",
+    "dead_check",
+    "find_dead_units",
+    "inject_noise_",
+    "make_schedule",
+    "remap_optimizer_",
+    "resize_like_",
+    "unit_activity",
+]

@@ -1,0 +1,53 @@
+"""Lightning strategy glue: the only module touching strategy internals.
+
+Supported: single-device strategies and DDP (``ddp``, ``ddp_spawn``, ``ddp_fork``, ...). Strategies that shard
+parameters (FSDP, DeepSpeed, ModelParallel) are refused: a module-level removal would be silently undone by the
+sharded copy (``lightning.md`` §2).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from torch import Tensor
+
+
+def check_supported(strategy: Strategy) -> None:
+    """Raise a ``RuntimeError`` naming ``strategy`` when it shards parameters or is unknown.
+
+    Example:
+        >>> check_supported(SingleDeviceStrategy(device=torch.device("cpu")))
+    """
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return
+    raise RuntimeError(
+        f"`DemonPruning` does not support the strategy `{type(strategy).__name__}`: it removes units by replacing "
+        "parameters, which sharded or model-parallel strategies would undo. Use a single device or "
+        '`strategy="ddp"` / `"ddp_spawn"` instead.'
+    )
+
+
+def broadcast_plan(trainer: Trainer, plan: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Make every process hold rank 0's removal plan, and fail loudly if a rank had computed another one."""
+    if trainer.world_size <= 1:
+        return plan
+    local = {name: idxs.cpu().tolist() for name, idxs in sorted(plan.items())}
+    chosen = trainer.strategy.broadcast(local, src=0)
+    agreed = trainer.strategy.reduce_boolean_decision(local == chosen, all=True)
+    if not agreed:
+        raise RuntimeError(
+            "`DemonPruning` computed different removal plans on different processes although the statistics were "
+            "reduced; refusing to prune so that the replicas cannot drift apart. Please report this with your setup."
+        )
+    return {name: torch.tensor(idxs, dtype=torch.long) for name, idxs in chosen.items()}
+
+
+def rewrap_after_surgery(trainer: Trainer) -> None:
+    """Rebuild the DDP wrapper so gradient synchronisation covers the new parameters."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy):
+        return
+    if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+        strategy.model = strategy.lightning_module
+        strategy.configure_ddp()

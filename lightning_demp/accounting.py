@@ -1,0 +1,57 @@
+"""Size accounting: parameters, forward FLOPs and units, against the widths a run started with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_demp.detection import eval_mode
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter entries of ``module``.
+
+    Example:
+        >>> count_parameters(nn.Linear(3, 2))
+        8
+    """
+    return sum(p.numel() for p in module.parameters())
+
+
+def call_with(module: nn.Module, inputs: Any) -> Any:
+    """Call ``module`` on ``inputs`` as Lightning does with ``example_input_array``.
+
+    A tuple or list is unpacked as positional arguments, a dict as keyword arguments, anything else is passed as is.
+    """
+    if isinstance(inputs, (tuple, list)):
+        return module(*inputs)
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    return module(inputs)
+
+
+def batch_size_of(inputs: Any) -> int:
+    """The leading dimension of the first tensor found in ``inputs`` (1 if none)."""
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0]) if inputs.dim() > 0 else 1
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def count_flops_per_sample(module: nn.Module, inputs: Any) -> float:
+    """Forward FLOPs per sample, counted by torch's ``FlopCounterMode`` in eval mode.
+
+    Example:
+        >>> count_flops_per_sample(nn.Linear(3, 2), torch.randn(4, 3))
+        12.0
+    """
+    counter = FlopCounterMode(display=False)
+    with eval_mode(module), torch.no_grad(), counter:
+        call_with(module, inputs)
+    return counter.get_total_flops() / batch_size_of(inputs)

@@ -1,0 +1,524 @@
+"""DemonPruning: the Lightning callback that wires detection, schedules, regularization, surgery and the optimizer.
+
+Each hook is a short list of calls into the concept modules; see ``docs/how-it-works.md`` for the data flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_demp import _strategy
+from lightning_demp.accounting import batch_size_of, call_with, count_flops_per_sample, count_parameters
+from lightning_demp.detection import ActivationMonitor, dead_check, find_dead_units, unit_activity
+from lightning_demp.optim import remap_optimizer_
+from lightning_demp.regularization import (
+    REGULARIZER_NAMES,
+    RegularizerName,
+    add_penalty_grad_,
+    inject_noise_,
+    live_masks,
+    norm_scales,
+    penalized_params,
+)
+from lightning_demp.schedules import SCHEDULE_NAMES, Schedule, ScheduleName, make_schedule
+from lightning_demp.surgery import PrunableGraph, UnitGroup, match_modules, resize_like_
+
+log = logging.getLogger(__name__)
+
+CheckMode = Literal["eval_pass", "train_forwards"]
+_CHECK_MODES = ("eval_pass", "train_forwards")
+_STATE_VERSION = 1
+
+
+def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected `{name}` to be a number, got {type(value).__name__} {value!r}.")
+    low_ok = value >= low if low_inclusive else value > low
+    if math.isnan(value) or not low_ok or value > high:
+        bracket = "[" if low_inclusive else "("
+        upper = "inf)" if math.isinf(high) else f"{high}]"
+        raise ValueError(f"Expected `{name}` to be a number in {bracket}{low}, {upper}, got {value!r}.")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__} {value!r}.")
+    if value < low:
+        raise ValueError(f"Expected `{name}` to be an int >= {low}, got {value!r}.")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"Expected `{name}` to be one of {tuple(choices)}, got {type(value).__name__} {value!r}.")
+    if value not in choices:
+        raise ValueError(f"Expected `{name}` to be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+class DemonPruning(Callback):
+    r"""Demon's Pruning (DemP): promote neuron death while training, and remove dead units physically.
+
+    Every optimizer step, the regularizer's gradient at strength :math:`\lambda_t` is added before the step, and
+    after it :math:`\sigma_t \cdot N(0, 1)` noise is added to the parameter entries that received a gradient (live
+    units). Every ``prune_every_n_epochs`` epochs, and once more when training ends, units that deliver nothing to
+    any layer reading them are removed from every coupled layer (BatchNorm, residual links and flatten included);
+    the optimizer keeps training what remains, with its state sliced, not reset. The output layer is never pruned.
+
+    Method: Dufort-Labbé et al., "Maxwell's Demon at Work: Efficient Pruning by Leveraging Saturation of Neurons"
+    (arXiv:2403.07688).
+
+    Args:
+        regularizer: ``"l1_norm_scale"`` (λΣ|γ| on BatchNorm/LayerNorm scales, the paper's later variant),
+            ``"positive_l2"`` (½λΣmax(θ, 0)², the first variant) or ``"l2"`` (coupled ½λ‖θ‖²).
+        reg_max: Peak regularization strength λ_max; ``0`` turns regularization off.
+        schedule: Shape of λ_t and σ_t: ``"one_cycle"`` (λ_max/25, cosine up to λ_max at 30 % of the span, cosine
+            down to ≈0), ``"constant"``, ``"linear_warmup"`` or ``"cosine_decay"``.
+        schedule_span: Fraction of the total optimizer steps that the schedule spans, in (0, 1].
+        noise_std: Peak σ of the live-only noise; ``0`` turns noise off.
+        prune_every_n_epochs: Run a dead check and removal at the end of every n-th training epoch (and always at
+            the end of training).
+        dead_threshold: A unit is dead when every reader gets ``|value| <= dead_threshold`` from it on every sample
+            and position; ``0`` means exact death.
+        check_batches: How many training batches the dead check observes.
+        check_mode: ``"eval_pass"`` (the paper's way: an eval-mode, gradient-free pass over the last
+            ``check_batches`` training batches) or ``"train_forwards"`` (observe the last ``check_batches`` training
+            forwards of the epoch, at no extra cost; BatchNorm then uses batch statistics).
+        min_units: A group of coupled units never drops below this many.
+        exclude: Module names or glob patterns whose output units are never removed.
+        seed: Seed of the noise generator (combined with the step, so every process draws the same noise).
+        verbose: Print a one-line message at each removal and a summary table when fit ends.
+
+    Raises:
+        TypeError: An argument has the wrong type.
+        ValueError: An argument is out of range or not one of the allowed names.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_demp import DemonPruning
+        >>> callback = DemonPruning(regularizer="positive_l2", reg_max=1.0, noise_std=5e-5, prune_every_n_epochs=5)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False)
+
+    .. note::
+        Under DDP the statistics are reduced across processes before any decision, the plan is broadcast from rank
+        0, noise is drawn identically on every rank, and the DDP wrapper is rebuilt after each removal.
+    """
+
+    def __init__(
+        self,
+        regularizer: RegularizerName = "l1_norm_scale",
+        reg_max: float = 0.03,
+        schedule: ScheduleName = "one_cycle",
+        schedule_span: float = 0.9,
+        noise_std: float = 5e-5,
+        prune_every_n_epochs: int = 1,
+        dead_threshold: float = 0.0,
+        check_batches: int = 12,
+        check_mode: CheckMode = "eval_pass",
+        min_units: int = 1,
+        exclude: list[str] | None = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.regularizer: RegularizerName = _check_choice("regularizer", regularizer, REGULARIZER_NAMES)  # type: ignore[assignment]
+        self.reg_max = _check_number("reg_max", reg_max, low=0.0, low_inclusive=True)
+        self.schedule: ScheduleName = _check_choice("schedule", schedule, SCHEDULE_NAMES)  # type: ignore[assignment]
+        self.schedule_span = _check_number("schedule_span", schedule_span, low=0.0, low_inclusive=False, high=1.0)
+        self.noise_std = _check_number("noise_std", noise_std, low=0.0, low_inclusive=True)
+        self.prune_every_n_epochs = _check_int("prune_every_n_epochs", prune_every_n_epochs, low=1)
+        self.dead_threshold = _check_number("dead_threshold", dead_threshold, low=0.0, low_inclusive=True)
+        self.check_batches = _check_int("check_batches", check_batches, low=1)
+        self.check_mode: CheckMode = _check_choice("check_mode", check_mode, _CHECK_MODES)  # type: ignore[assignment]
+        self.min_units = _check_int("min_units", min_units, low=1)
+        if exclude is None:
+            exclude = []
+        if not isinstance(exclude, (list, tuple)) or not all(isinstance(p, str) for p in exclude):
+            raise TypeError(f"Expected `exclude` to be a list of str, got {exclude!r}.")
+        self.exclude = list(exclude)
+        self.seed = _check_int("seed", seed, low=0)
+        if not isinstance(verbose, bool):
+            raise TypeError(f"Expected `verbose` to be a bool, got {type(verbose).__name__} {verbose!r}.")
+        self.verbose = verbose
+
+        # Persistent state (plain types, saved in checkpoints).
+        self.initial_widths: dict[str, int] = {}  # group name -> units at the start of the run
+        self.kept_units: dict[str, list[int]] = {}  # group name -> original indices still present
+        self.initial_params: int | None = None
+        self.initial_flops: float | None = None
+        self.events: list[dict[str, Any]] = []  # one record per removal event
+        self.last_check_step: int = -1
+
+        # Runtime state (rebuilt in every process, never pickled).
+        self._graph: PrunableGraph | None = None
+        self._monitor: ActivationMonitor | None = None
+        self._reg_schedule: Schedule | None = None
+        self._noise_schedule: Schedule | None = None
+        self._recent_batches: deque[Any] = deque(maxlen=check_batches)
+        self._example_input: Any = None
+        self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
+        self._step_hooks: list[Any] = []
+        self._load_hook: Any = None
+        self._current_flops: float | None = None
+        self._train_batch_size: int | None = None
+        self._fit_start_time: float | None = None
+        self._last_reg_strength = 0.0
+        self._last_noise_std = 0.0
+
+    # ------------------------------------------------------------------ extension points
+    def batch_to_input(self, batch: Any) -> Any:
+        """Return the model input inside a training ``batch``; override for other batch layouts.
+
+        The default takes a tensor batch as is, and the first element of a tuple or list (``(x, y)``).
+        """
+        if isinstance(batch, Tensor):
+            return batch
+        if isinstance(batch, (tuple, list)) and batch:
+            return batch[0]
+        raise TypeError(
+            f"`DemonPruning` cannot find the model input in a batch of type {type(batch).__name__}. Set "
+            "`example_input_array` on your LightningModule and override `DemonPruning.batch_to_input(batch)`."
+        )
+
+    def forward_for_check(self, pl_module: pl.LightningModule, batch: Any) -> Any:
+        """Run ``pl_module`` on one batch during the dead check; override when ``forward`` needs more."""
+        return call_with(pl_module, self.batch_to_input(batch))
+
+    def should_prune(self, trainer: pl.Trainer) -> bool:
+        """Whether the current training epoch ends with a removal event (override for other cadences)."""
+        return (trainer.current_epoch + 1) % self.prune_every_n_epochs == 0 or self._is_last_epoch(trainer)
+
+    # ------------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _strategy.check_supported(trainer.strategy)
+        unmatched = [pattern for pattern, names in match_modules(pl_module, self.exclude).items() if not names]
+        if unmatched:
+            rank_zero_warn(f"`DemonPruning(exclude=...)`: the patterns {unmatched} match no module of the model.")
+        if self.regularizer == "l1_norm_scale" and self.reg_max > 0 and not norm_scales(pl_module):
+            raise ValueError(
+                f"`DemonPruning(regularizer='l1_norm_scale')` regularizes BatchNorm/LayerNorm scales, but "
+                f"`{type(pl_module).__name__}` has no affine normalization layer. Use `regularizer='positive_l2'` "
+                "or `'l2'` for this model."
+            )
+        if self._load_hook is None:
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(_resize_on_load)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        span_steps = max(1, round(self.schedule_span * _total_steps(trainer)))
+        self._reg_schedule = make_schedule(self.schedule, self.reg_max, span_steps)
+        self._noise_schedule = make_schedule(self.schedule, self.noise_std, span_steps)
+        self._fit_start_time = time.perf_counter()
+        self._install_step_hooks(trainer)
+        if pl_module.example_input_array is not None:
+            self._prepare(pl_module, pl_module.example_input_array)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._graph is None:
+            self._prepare(pl_module, _first_samples(self.batch_to_input(batch)))
+        if self._train_batch_size is None:
+            self._train_batch_size = batch_size_of(self.batch_to_input(batch))
+            _set_flops_per_batch(pl_module, self._current_flops, self._train_batch_size)
+        if self._observing_this_batch(trainer, batch_idx):
+            assert self._monitor is not None
+            if not self._monitor.is_observing:
+                self._monitor.reset()
+                self._monitor.attach()
+        elif self.check_mode == "eval_pass" and self._epoch_needs_batches(trainer, batch_idx):
+            self._recent_batches.append(batch)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        assert self._reg_schedule is not None and self._noise_schedule is not None
+        step = trainer.global_step
+        self._last_reg_strength = self._reg_schedule.value(step)
+        self._last_noise_std = self._noise_schedule.value(step)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._pending_noise = (step, self._last_noise_std, live_masks(params)) if self._last_noise_std > 0 else None
+        if self._last_reg_strength > 0:
+            add_penalty_grad_(penalized_params(optimizer, pl_module, self.regularizer), self.regularizer, self._last_reg_strength)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._pending_noise is None:
+            return
+        step, std, masks = self._pending_noise
+        self._pending_noise = None
+        inject_noise_(masks, std, self.seed, step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.reg_max > 0 or self.noise_std > 0:
+            pl_module.log("demp/reg_strength", self._last_reg_strength, on_step=True, on_epoch=False)
+            pl_module.log("demp/noise_std", self._last_noise_std, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.should_prune(trainer):
+            self._removal_event(trainer, pl_module)
+        self._log_size(trainer, pl_module, use_module_log=True)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._graph is not None and self.last_check_step != trainer.global_step:
+            self._removal_event(trainer, pl_module)  # training stopped early: the paper's final check
+            self._log_size(trainer, pl_module, use_module_log=False)
+        if self.verbose and trainer.is_global_zero and self._graph is not None:
+            from lightning_demp.report import print_summary
+
+            print_summary(self, trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release_hooks()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release_hooks()
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+        self._graph = None
+        self._monitor = None
+        self._recent_batches.clear()
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "initial_widths": dict(self.initial_widths),
+            "kept_units": {name: list(kept) for name, kept in self.kept_units.items()},
+            "initial_params": self.initial_params,
+            "initial_flops": self.initial_flops,
+            "events": [dict(event) for event in self.events],
+            "last_check_step": self.last_check_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial_widths = dict(state_dict.get("initial_widths", {}))
+        self.kept_units = {name: list(kept) for name, kept in state_dict.get("kept_units", {}).items()}
+        self.initial_params = state_dict.get("initial_params")
+        self.initial_flops = state_dict.get("initial_flops")
+        self.events = [dict(event) for event in state_dict.get("events", [])]
+        self.last_check_step = int(state_dict.get("last_check_step", -1))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_graph", "_monitor", "_pending_noise", "_load_hook", "_example_input"):
+            state[key] = None
+        state["_step_hooks"] = []
+        state["_recent_batches"] = deque(maxlen=self.check_batches)
+        return state
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, pl_module: pl.LightningModule, example_input: Any) -> None:
+        """Trace the model, create the activity monitor and record the starting size."""
+        self._example_input = example_input
+        self._graph = PrunableGraph(pl_module, example_input, exclude=self.exclude)
+        self._monitor = ActivationMonitor(self._graph.readers())
+        self._current_flops = count_flops_per_sample(pl_module, example_input)
+        groups = [group for group in self._graph.groups() if group.blocked is None]
+        for group in groups:
+            self.initial_widths.setdefault(group.name, group.num_units)
+            self.kept_units.setdefault(group.name, list(range(group.num_units)))
+        if self.initial_params is None:
+            self.initial_params = count_parameters(pl_module)
+        if self.initial_flops is None:
+            self.initial_flops = self._current_flops
+        _set_flops_per_batch(pl_module, self._current_flops, None)
+
+    def _install_step_hooks(self, trainer: pl.Trainer) -> None:
+        self._release_step_hooks()
+        for optimizer in trainer.optimizers:
+            self._step_hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    def _release_step_hooks(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    def _release_hooks(self) -> None:
+        self._release_step_hooks()
+        if self._monitor is not None:
+            self._monitor.detach()
+        self._pending_noise = None
+
+    def _is_last_epoch(self, trainer: pl.Trainer) -> bool:
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        if max_epochs is not None and trainer.current_epoch + 1 >= max_epochs:
+            return True
+        return trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+
+    def _observing_this_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        return self.check_mode == "train_forwards" and self._epoch_needs_batches(trainer, batch_idx)
+
+    def _epoch_needs_batches(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        if not self.should_prune(trainer):
+            return False
+        total = trainer.num_training_batches
+        return math.isinf(total) or batch_idx >= total - self.check_batches
+
+    def _collect_statistics(self, pl_module: pl.LightningModule) -> dict[str, dict[str, Tensor]] | None:
+        assert self._monitor is not None
+        if self.check_mode == "train_forwards":
+            self._monitor.detach()
+            return self._monitor.compute()
+        if not self._recent_batches:
+            return None
+        stats = dead_check(pl_module, self._monitor, list(self._recent_batches), lambda m, b: self.forward_for_check(m, b))  # type: ignore[arg-type]
+        self._recent_batches.clear()
+        return stats
+
+    def plan_removal(self, groups: Sequence[UnitGroup], stats: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Decide which units to remove from the reduced statistics (identical on every process)."""
+        if any(int(reader_stats["num_nonfinite"]) > 0 for reader_stats in stats.values()):
+            rank_zero_warn(
+                "`DemonPruning`: non-finite activations during the dead check; no unit is removed at this event."
+            )
+            return {}
+        plan: dict[str, Tensor] = {}
+        for group in groups:
+            if group.blocked is not None or group.name not in self.kept_units:
+                continue
+            readers = [(stats[r.reader]["max_abs"], r.feature_idxs, r.unit_idxs) for r in group.readers]
+            activity = unit_activity(group.num_units, readers)
+            dead = find_dead_units(activity, self.dead_threshold)
+            allowed = max(0, group.num_units - self.min_units)
+            if len(dead) > allowed:
+                rank_zero_warn(
+                    f"`DemonPruning`: {len(dead)} of {group.num_units} units of `{group.name}` are dead; keeping "
+                    f"`min_units={self.min_units}`."
+                )
+                order = torch.sort(activity[dead], stable=True).indices
+                dead = dead[order[:allowed]].sort().values
+            if len(dead):
+                plan[group.name] = dead
+        return plan
+
+    def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last_check_step = trainer.global_step
+        if self._graph is None or self._monitor is None:
+            return
+        stats = self._collect_statistics(pl_module)
+        if stats is None:
+            return
+        groups = self._graph.groups()
+        plan = _strategy.broadcast_plan(trainer, self.plan_removal(groups, stats))
+        if not plan:
+            return
+        start = time.perf_counter()
+        remaps = self._graph.remove_units_(plan)
+        for optimizer in trainer.optimizers:
+            remap_optimizer_(optimizer, remaps)
+        _strategy.rewrap_after_surgery(trainer)
+        for name, idxs in plan.items():
+            removed = set(idxs.tolist())
+            self.kept_units[name] = [unit for i, unit in enumerate(self.kept_units[name]) if i not in removed]
+        self._monitor = ActivationMonitor(self._graph.readers())
+        self._current_flops = count_flops_per_sample(pl_module, self._example_input)
+        _set_flops_per_batch(pl_module, self._current_flops, self._train_batch_size)
+        removed_count = sum(len(idxs) for idxs in plan.values())
+        self.events.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "removed": {name: len(idxs) for name, idxs in plan.items()},
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        if self.verbose:
+            rank_zero_info(
+                f"DemonPruning: removed {removed_count} units from {len(plan)} layers: "
+                f"{self.units_kept_fraction():.0%} of units, {self.flops_kept_fraction():.0%} of FLOPs kept."
+            )
+
+    def units_kept_fraction(self) -> float:
+        """Fraction of the prunable units still present."""
+        initial = sum(self.initial_widths.values())
+        return sum(len(kept) for kept in self.kept_units.values()) / initial if initial else 1.0
+
+    def flops_kept_fraction(self) -> float:
+        """Forward FLOPs now, as a fraction of the FLOPs at the start of the run."""
+        if not self.initial_flops or self._current_flops is None:
+            return 1.0
+        return self._current_flops / self.initial_flops
+
+    def size_metrics(self, pl_module: nn.Module) -> dict[str, float]:
+        """The logged size metrics: units per group, kept/removed fractions, parameters and FLOPs."""
+        params = count_parameters(pl_module)
+        metrics: dict[str, float] = {f"demp/units/{name}": float(len(kept)) for name, kept in self.kept_units.items()}
+        metrics["demp/units_kept_frac"] = self.units_kept_fraction()
+        metrics["demp/units_removed_frac"] = 1.0 - self.units_kept_fraction()
+        metrics["demp/params"] = float(params)
+        metrics["demp/params_removed_frac"] = 1.0 - params / self.initial_params if self.initial_params else 0.0
+        if self._current_flops is not None:
+            metrics["demp/flops_per_sample"] = float(self._current_flops)
+            metrics["demp/flops_kept_frac"] = self.flops_kept_fraction()
+        return metrics
+
+    def _log_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, use_module_log: bool) -> None:
+        if self._graph is None:
+            return
+        metrics = self.size_metrics(pl_module)
+        if use_module_log:
+            on_bar = {"demp/units_kept_frac", "demp/flops_kept_frac"}
+            for key, value in metrics.items():
+                pl_module.log(key, value, prog_bar=key in on_bar, sync_dist=False)
+            return
+        for logger in trainer.loggers:  # on_train_end: LightningModule.log is not allowed there
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+
+
+def _resize_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: shrink a full-size model to a pruned checkpoint's shapes before copying."""
+    resize_like_(module, state_dict, prefix)
+
+
+def _total_steps(trainer: pl.Trainer) -> int:
+    total = trainer.estimated_stepping_batches
+    if math.isinf(total):
+        raise ValueError(
+            "`DemonPruning` needs the number of training steps to lay out its schedule; set `max_steps` or "
+            "`max_epochs` on the Trainer and use a dataloader with a length."
+        )
+    return int(total)
+
+
+def _first_samples(inputs: Any, count: int = 2) -> Any:
+    if isinstance(inputs, Tensor) and inputs.dim() > 0:
+        return inputs[:count]
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_first_samples(value, count) for value in inputs)
+    if isinstance(inputs, dict):
+        return {key: _first_samples(value, count) for key, value in inputs.items()}
+    return inputs
+
+
+def _set_flops_per_batch(pl_module: nn.Module, flops_per_sample: float | None, batch_size: int | None) -> None:
+    """Keep ``flops_per_batch`` (training FLOPs ≈ 3 × forward) current for Lightning's ``ThroughputMonitor``."""
+    if flops_per_sample is not None and batch_size:
+        pl_module.flops_per_batch = int(3 * flops_per_sample * batch_size)  # type: ignore[assignment]
+
+

@@ -1,0 +1,250 @@
+"""Dead-unit detection: activity statistics at the inputs of the layers that read each unit.
+
+A unit (a Linear output feature, a Conv output channel) is *dead* when every layer that reads it receives
+nothing from it: ``|value| <= threshold`` for every sample and position over the observed batches
+(``paper.md`` §1.2). Observing at the reader's input sees what the reader really gets, after functional
+activations (``F.relu`` in ``forward``), pooling and residual sums.
+
+The statistics live in a torchmetrics :class:`~torchmetrics.Metric`, so ``compute()`` reduces them across
+processes (maximum of ``|x|`` is reduced with ``max``), and the dead test on the reduced value equals the test on
+the union of every rank's data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+log = logging.getLogger(__name__)
+
+
+class UnitActivity(Metric):
+    """Per-feature activity at the input of one reader layer.
+
+    States: ``max_abs`` (largest ``|x|`` seen per feature), ``sum_abs`` (sum of ``|x|`` per feature), the number of
+    observed samples and the number of non-finite entries. Non-finite inputs do not enter ``max_abs``; they are
+    counted so that a caller can refuse to decide on them.
+
+    Args:
+        num_features: Number of input features (Linear) or channels (Conv) of the reader.
+        feature_dim: Dimension of the input holding the features: ``-1`` for Linear, ``1`` for Conv.
+
+    Example:
+        >>> activity = UnitActivity(num_features=3, feature_dim=-1)
+        >>> activity.update(torch.tensor([[0.0, 1.0, -2.0], [0.0, 0.5, 0.0]]))
+        >>> activity.compute()["max_abs"]
+        tensor([0., 1., 2.])
+    """
+
+    full_state_update = False
+    max_abs: Tensor
+    sum_abs: Tensor
+    num_samples: Tensor
+    num_nonfinite: Tensor
+
+    def __init__(self, num_features: int, feature_dim: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.feature_dim = feature_dim
+        self.add_state("max_abs", default=torch.zeros(num_features), dist_reduce_fx="max")
+        self.add_state("sum_abs", default=torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_samples", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("num_nonfinite", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, inputs: Tensor) -> None:
+        """Accumulate one reader input (any shape, features on ``feature_dim``)."""
+        values = inputs.detach().movedim(self.feature_dim, -1).reshape(-1, inputs.shape[self.feature_dim])
+        finite = torch.isfinite(values)
+        self.num_nonfinite += (~finite).sum()
+        magnitude = values.abs().float().masked_fill(~finite, 0.0)
+        self.max_abs = torch.maximum(self.max_abs, magnitude.amax(dim=0))
+        self.sum_abs += magnitude.sum(dim=0, dtype=torch.float64)
+        self.num_samples += inputs.shape[0] if inputs.dim() > 1 else 1
+
+    def compute(self) -> dict[str, Tensor]:
+        """Return the reduced states as a dict."""
+        return {
+            "max_abs": self.max_abs,
+            "sum_abs": self.sum_abs,
+            "num_samples": self.num_samples,
+            "num_nonfinite": self.num_nonfinite,
+        }
+
+
+def reader_feature_dim(module: nn.Module) -> int:
+    """Return the feature dimension of the input of a reader layer (``-1`` for Linear, ``1`` for Conv).
+
+    Example:
+        >>> reader_feature_dim(nn.Linear(2, 3)), reader_feature_dim(nn.Conv1d(2, 3, 1))
+        (-1, 1)
+    """
+    if isinstance(module, nn.Linear):
+        return -1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return 1
+    raise TypeError(f"Expected a Linear or Conv reader, got {type(module).__name__}.")
+
+
+def reader_num_features(module: nn.Module) -> int:
+    """Return the number of input features of a Linear or Conv reader."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels
+    raise TypeError(f"Expected a Linear or Conv reader, got {type(module).__name__}.")
+
+
+class ActivationMonitor:
+    """Forward pre-hooks that feed each reader's input into its :class:`UnitActivity`.
+
+    Hooks exist only inside :meth:`observe`; they are removed on exit, also when an exception is raised.
+
+    Args:
+        readers: Reader modules by name (Linear or Conv layers).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> monitor = ActivationMonitor({"2": model[2]})
+        >>> with monitor.observe():
+        ...     _ = model(torch.randn(4, 2))
+        >>> monitor.activity["2"].num_samples.item(), len(model[2]._forward_pre_hooks)
+        (4, 0)
+    """
+
+    def __init__(self, readers: Mapping[str, nn.Module]) -> None:
+        self.readers = dict(readers)
+        self.activity: dict[str, UnitActivity] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Start new statistics sized to the readers' current widths."""
+        self.activity = {}
+        for name, module in self.readers.items():
+            parameter = next(module.parameters(), None)
+            device = parameter.device if parameter is not None else torch.device("cpu")
+            self.activity[name] = UnitActivity(reader_num_features(module), reader_feature_dim(module)).to(device)
+
+    @property
+    def is_observing(self) -> bool:
+        """Whether hooks are attached now."""
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        """Attach the hooks (idempotent)."""
+        if self._handles:
+            return
+        for name, module in self.readers.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+
+    def detach(self) -> None:
+        """Remove every hook this monitor attached."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def observe(self) -> Iterator[ActivationMonitor]:
+        """Attach the hooks for the duration of the block."""
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                self.activity[name].update(args[0])
+
+        return hook
+
+    def compute(self) -> dict[str, dict[str, Tensor]]:
+        """Reduce (across processes when distributed) and return every reader's statistics."""
+        return {name: activity.compute() for name, activity in self.activity.items()}
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def dead_check(
+    model: nn.Module,
+    monitor: ActivationMonitor,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any],
+) -> dict[str, dict[str, Tensor]]:
+    """Run the paper's dead check: an eval-mode, gradient-free pass over ``batches`` with the hooks attached.
+
+    BatchNorm uses its running statistics; every module's train/eval flag is restored afterwards.
+
+    Args:
+        model: The module to run.
+        monitor: The activity monitor whose readers are inside ``model``.
+        batches: Batches of training data.
+        forward: ``forward(model, batch)`` runs the model on one batch.
+
+    Returns:
+        The reduced statistics per reader (see :meth:`ActivationMonitor.compute`).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> monitor = ActivationMonitor({"2": model[2]})
+        >>> stats = dead_check(model, monitor, [torch.randn(8, 2)], lambda m, b: m(b))
+        >>> int(stats["2"]["num_samples"])
+        8
+    """
+    monitor.reset()
+    with eval_mode(model), torch.no_grad(), monitor.observe():
+        for batch in batches:
+            forward(model, batch)
+    return monitor.compute()
+
+
+def unit_activity(
+    num_units: int,
+    readers: Iterable[tuple[Tensor, Tensor, Tensor]],
+) -> Tensor:
+    """Fold reader statistics back onto the units that feed them.
+
+    Args:
+        num_units: Number of units of the group (the producer's output width).
+        readers: For each reader: its per-feature ``max_abs``, the reader feature indices that belong to the
+            group, and for each of those the unit (root index) it carries.
+
+    Returns:
+        For each unit, the largest ``|value|`` any reader received from it (0 when no reader saw it).
+
+    Example:
+        >>> reader = (torch.tensor([0.0, 3.0, 0.0, 0.0]), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]))
+        >>> unit_activity(2, [reader])
+        tensor([3., 0.])
+    """
+    activity = torch.zeros(num_units)
+    for max_abs, feature_idxs, root_idxs in readers:
+        values = max_abs.detach().float().cpu()[feature_idxs]
+        activity.scatter_reduce_(0, root_idxs, values, reduce="amax")
+    return activity
+
+
+def find_dead_units(activity: Tensor, threshold: float = 0.0) -> Tensor:
+    """Return the indices of units whose activity is at most ``threshold``.
+
+    Example:
+        >>> find_dead_units(torch.tensor([0.0, 2.0, 1e-9]), threshold=1e-6)
+        tensor([0, 2])
+    """
+    return torch.nonzero(activity <= threshold).flatten()

@@ -1,0 +1,115 @@
+"""Optimizer continuity across a structural removal.
+
+Surgery replaces ``nn.Parameter`` objects with smaller ones. :func:`remap_optimizer_` edits an optimizer in place
+so it trains the new parameters: ``param_groups`` are rebound, every state tensor shaped like the old parameter
+(Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``, ...) is sliced to the kept indices, scalar state
+such as ``step`` is kept, and no entry is left for a parameter that no longer exists. Because the optimizer object
+is the same, LR schedulers and Lightning's optimizer wrappers keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ParamRemap:
+    """One parameter replaced by a slice of itself: ``new == old.index_select(dim, kept)``.
+
+    Example:
+        >>> old = nn.Parameter(torch.arange(6.0).reshape(3, 2))
+        >>> new = nn.Parameter(old.detach()[[0, 2]])
+        >>> ParamRemap(old, new, dim=0, kept=torch.tensor([0, 2])).dim
+        0
+    """
+
+    old: Tensor
+    new: Tensor
+    dim: int
+    kept: Tensor
+
+
+@dataclass
+class _Chain:
+    original: Tensor
+    current: Tensor
+    slices: list[tuple[int, Tensor]] = field(default_factory=list)
+
+
+def _collapse(remaps: Sequence[ParamRemap]) -> list[_Chain]:
+    """Join remaps of a parameter sliced more than once (e.g. as a reader, then as a producer)."""
+    chains: dict[int, _Chain] = {}
+    for remap in remaps:
+        chain = chains.pop(id(remap.old), None) or _Chain(remap.old, remap.old)
+        chain.current = remap.new
+        chain.slices.append((remap.dim, remap.kept))
+        chains[id(remap.new)] = chain
+    return list(chains.values())
+
+
+def slice_like(value: object, reference_shape: torch.Size, slices: Iterable[tuple[int, Tensor]]) -> object:
+    """Slice ``value`` as its parameter was sliced, when it is a tensor shaped like the parameter.
+
+    Example:
+        >>> slice_like(torch.arange(4.0), torch.Size([4]), [(0, torch.tensor([1, 3]))])
+        tensor([1., 3.])
+        >>> slice_like(torch.tensor(7.0), torch.Size([4]), [(0, torch.tensor([1, 3]))])
+        tensor(7.)
+    """
+    if not (isinstance(value, Tensor) and value.dim() > 0 and value.shape == reference_shape):
+        return value
+    for dim, kept in slices:
+        value = value.index_select(dim, kept.to(value.device))
+    return value.contiguous()
+
+
+def remap_optimizer_(optimizer: torch.optim.Optimizer, remaps: Sequence[ParamRemap]) -> int:
+    """Rebind ``optimizer`` to the new parameters and slice their state, in place.
+
+    Args:
+        optimizer: Any ``torch.optim.Optimizer`` whose per-parameter state tensors have the parameter's shape.
+        remaps: The records returned by the surgery, in the order it made them.
+
+    Returns:
+        The number of parameters rebound in this optimizer.
+
+    Example:
+        >>> layer = nn.Linear(2, 3)
+        >>> optimizer = torch.optim.Adam(layer.parameters())
+        >>> layer(torch.randn(4, 2)).sum().backward()
+        >>> optimizer.step()
+        >>> kept = torch.tensor([0, 2])
+        >>> old = layer.weight
+        >>> layer.weight = nn.Parameter(old.detach().index_select(0, kept))
+        >>> remap_optimizer_(optimizer, [ParamRemap(old, layer.weight, 0, kept)])
+        1
+        >>> optimizer.state[layer.weight]["exp_avg"].shape
+        torch.Size([2, 2])
+    """
+    chains = {id(chain.original): chain for chain in _collapse(remaps)}
+    rebound = 0
+    for group in optimizer.param_groups:
+        new_params = []
+        for param in group["params"]:
+            chain = chains.get(id(param))
+            if chain is None:
+                new_params.append(param)
+                continue
+            new_params.append(chain.current)
+            rebound += 1
+            state = optimizer.state.pop(param, None)
+            if state is not None:
+                optimizer.state[chain.current] = {
+                    key: slice_like(value, param.shape, chain.slices) for key, value in state.items()
+                }
+        group["params"] = new_params
+    return rebound
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """Return every parameter an optimizer holds, in group order."""
+    return [param for group in optimizer.param_groups for param in group["params"]]

@@ -1,0 +1,144 @@
+"""The DemP regularizers as gradients, and live-only noise.
+
+A callback cannot edit the user's loss, but adding ``∇(λ_t·R(θ))`` to ``.grad`` before the optimizer step is the
+same update as adding ``λ_t·R(θ)`` to the loss (``paper.md`` §1.4). The three regularizers:
+
+* ``"l2"``: ``R = ½‖θ‖²`` (coupled L2, what ``weight_decay`` does in Adam/SGD), gradient ``θ``;
+* ``"positive_l2"``: ``R = ½Σ max(θ, 0)²`` (the paper's first variant), gradient ``max(θ, 0)``;
+* ``"l1_norm_scale"``: ``R = Σ|γ|`` over BatchNorm/LayerNorm/GroupNorm scales (the later variant), gradient ``sign(γ)``.
+
+Noise follows ``paper.md`` §1.5: after the step, ``σ_t·N(0, 1)`` is added to each parameter entry whose (loss)
+gradient was non-zero, not scaled by the learning rate, from a generator seeded by ``(seed, step)`` so that every
+process draws the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+RegularizerName = Literal["l2", "positive_l2", "l1_norm_scale"]
+REGULARIZER_NAMES: tuple[str, ...] = ("l2", "positive_l2", "l1_norm_scale")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def norm_scales(module: nn.Module) -> list[nn.Parameter]:
+    """Return the scale (``weight``) of every affine BatchNorm, LayerNorm and GroupNorm layer.
+
+    Example:
+        >>> len(norm_scales(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.LayerNorm(3))))
+        2
+    """
+    return [
+        m.weight for m in module.modules() if isinstance(m, _NORM_TYPES) and isinstance(m.weight, nn.Parameter)
+    ]
+
+
+def penalized_params(
+    optimizer: torch.optim.Optimizer, module: nn.Module, regularizer: RegularizerName
+) -> list[nn.Parameter]:
+    """Parameters of ``optimizer`` that ``regularizer`` acts on.
+
+    For ``"l1_norm_scale"``, the norm scales. For the L2 variants, every trainable parameter, except those in a
+    parameter group the user set to ``weight_decay=0`` on purpose (while the optimizer's default or another group
+    decays): a common way to keep biases and norms free of decay, which we respect.
+
+    Example:
+        >>> layer = nn.Linear(2, 3)
+        >>> optimizer = torch.optim.AdamW([{"params": [layer.weight]}, {"params": [layer.bias], "weight_decay": 0.0}])
+        >>> [p.shape for p in penalized_params(optimizer, layer, "l2")]
+        [torch.Size([3, 2])]
+    """
+    if regularizer == "l1_norm_scale":
+        scales = {id(p) for p in norm_scales(module)}
+        return [p for group in optimizer.param_groups for p in group["params"] if id(p) in scales and p.requires_grad]
+    decays = [float(group.get("weight_decay", 0.0)) for group in optimizer.param_groups]
+    decays.append(float(optimizer.defaults.get("weight_decay", 0.0)))
+    user_decays = any(value > 0 for value in decays)
+    return [
+        p
+        for group in optimizer.param_groups
+        if not (user_decays and float(group.get("weight_decay", 0.0)) == 0.0)
+        for p in group["params"]
+        if p.requires_grad
+    ]
+
+
+def penalty_grads(params: Sequence[Tensor], regularizer: RegularizerName) -> list[Tensor]:
+    """Return ``∇R(θ)`` for each parameter (strength 1).
+
+    Example:
+        >>> penalty_grads([torch.tensor([-1.0, 0.5])], "positive_l2")
+        [tensor([0.0000, 0.5000])]
+    """
+    with torch.no_grad():
+        if regularizer == "l2":
+            return [p.detach() for p in params]
+        if regularizer == "positive_l2":
+            return [p.detach().clamp(min=0) for p in params]
+        if regularizer == "l1_norm_scale":
+            return [p.detach().sign() for p in params]
+    raise ValueError(f"Expected `regularizer` to be one of {REGULARIZER_NAMES}, got {regularizer!r}.")
+
+
+def add_penalty_grad_(params: Sequence[nn.Parameter], regularizer: RegularizerName, strength: float) -> None:
+    """Add ``strength·∇R(θ)`` to each ``.grad`` in place (creating it when the step left it ``None``).
+
+    Example:
+        >>> weight = nn.Parameter(torch.tensor([2.0, -2.0]))
+        >>> weight.grad = torch.zeros(2)
+        >>> add_penalty_grad_([weight], "l2", strength=0.5)
+        >>> weight.grad
+        tensor([ 1., -1.])
+    """
+    if strength == 0.0 or not params:
+        return
+    with torch.no_grad():
+        for param, grad in zip(params, penalty_grads(params, regularizer)):
+            if param.grad is None:
+                param.grad = (grad * strength).to(param.dtype)
+            else:
+                param.grad.add_(grad.to(param.grad.dtype), alpha=strength)
+
+
+def live_masks(params: Iterable[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor]]:
+    """Pair each parameter that has a gradient with the mask of its entries whose gradient is non-zero."""
+    return [(p, p.grad != 0) for p in params if p.grad is not None]
+
+
+def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``(seed, step)``: the same draws on every process.
+
+    Example:
+        >>> a = torch.randn(2, generator=noise_generator(0, 5, torch.device("cpu")))
+        >>> b = torch.randn(2, generator=noise_generator(0, 5, torch.device("cpu")))
+        >>> torch.equal(a, b)
+        True
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    return generator
+
+
+def inject_noise_(masked_params: Sequence[tuple[nn.Parameter, Tensor]], std: float, seed: int, step: int) -> None:
+    """Add ``std·N(0, 1)`` to the masked entries of each parameter, in place, reproducibly from ``(seed, step)``.
+
+    Example:
+        >>> weight = nn.Parameter(torch.zeros(4))
+        >>> inject_noise_([(weight, torch.tensor([True, False, True, False]))], std=1.0, seed=0, step=0)
+        >>> (weight[1].item(), weight[3].item()), bool(weight[0] != 0)
+        ((0.0, 0.0), True)
+    """
+    if std == 0.0 or not masked_params:
+        return
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for param, mask in masked_params:
+            generator = generators.get(param.device)
+            if generator is None:
+                generator = generators[param.device] = noise_generator(seed, step, param.device)
+            noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
+            param.add_(noise.mul_(mask), alpha=std)

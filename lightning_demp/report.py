@@ -1,0 +1,66 @@
+"""End-of-fit summary: accuracy, units, parameters and FLOPs kept per layer, wall time."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+
+from lightning_demp.accounting import count_parameters
+
+if TYPE_CHECKING:
+    from lightning_demp.callback import DemonPruning
+
+
+def summary_rows(callback: DemonPruning) -> list[tuple[str, int, int, str]]:
+    """One row per prunable group: name, initial units, kept units, kept fraction."""
+    rows = []
+    for name, initial in callback.initial_widths.items():
+        kept = len(callback.kept_units.get(name, []))
+        rows.append((name, initial, kept, f"{kept / initial:.0%}" if initial else "-"))
+    return rows
+
+
+def summary_text(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+    """Render the summary as plain text (also the fallback when ``rich`` is not installed)."""
+    lines = [f"{'layer':<32} {'units':>7} {'kept':>7} {'kept %':>7}"]
+    lines += [f"{name:<32} {initial:>7} {kept:>7} {fraction:>7}" for name, initial, kept, fraction in summary_rows(callback)]
+    lines += ["", *(f"{key}: {value}" for key, value in summary_totals(callback, trainer, pl_module).items())]
+    return "\n".join(lines)
+
+
+def summary_totals(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
+    """Totals shown under the table: accuracy metrics, units, parameters, FLOPs, wall time."""
+    totals: dict[str, str] = {}
+    for key, value in trainer.callback_metrics.items():
+        if "acc" in key and not key.startswith("demp/"):
+            totals[key] = f"{float(value):.4f}"
+    params = count_parameters(pl_module)
+    initial = callback.initial_params or params
+    totals["units kept"] = f"{callback.units_kept_fraction():.1%}"
+    totals["parameters kept"] = f"{params:,} / {initial:,} ({params / initial:.1%})"
+    totals["forward FLOPs kept"] = f"{callback.flops_kept_fraction():.1%}"
+    start: Any = getattr(callback, "_fit_start_time", None)
+    if start is not None:
+        totals["wall time"] = f"{time.perf_counter() - start:.1f} s"
+    return totals
+
+
+def print_summary(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Print the summary with ``rich`` when it is installed, as plain text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is optional
+        print(summary_text(callback, trainer, pl_module))
+        return
+    table = Table(title="DemonPruning summary")
+    for column in ("layer", "units", "kept", "kept %"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for name, initial, kept, fraction in summary_rows(callback):
+        table.add_row(name, str(initial), str(kept), fraction)
+    console = Console()
+    console.print(table)
+    for key, value in summary_totals(callback, trainer, pl_module).items():
+        console.print(f"{key}: {value}")

@@ -1,0 +1,341 @@
+"""Dependency-aware structural removal; the only module that imports Torch-Pruning.
+
+:class:`PrunableGraph` traces a model once with Torch-Pruning's ``DependencyGraph`` and describes every group of
+coupled units as a :class:`UnitGroup`: the producers whose outputs carry the units (Linear/Conv out-features and
+channels, with their BatchNorm), and the *readers*, the Linear/Conv layers whose input receives them, with the
+mapping from each reader feature back to the unit it carries (through flatten, concatenation and residual sums).
+:meth:`PrunableGraph.remove_units_` removes units physically and returns :class:`~lightning_demp.optim.ParamRemap`
+records for the optimizer. :func:`resize_like_` shrinks a fresh model to the shapes of a saved state dict.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from lightning_demp.optim import ParamRemap
+
+log = logging.getLogger(__name__)
+
+_OPTYPE = tp.ops.OPTYPE
+# Module types whose units we can remove exactly: per-channel layers and the Linear/Conv producers/readers.
+_SUPPORTED_MODULE_TYPES = {_OPTYPE.CONV, _OPTYPE.LINEAR, _OPTYPE.BN, _OPTYPE.DEPTHWISE_CONV, _OPTYPE.PRELU}
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class ReaderSlice:
+    """The features of reader ``reader`` that carry units of a group, and which unit each one carries."""
+
+    reader: str
+    feature_idxs: Tensor
+    unit_idxs: Tensor
+
+
+@dataclass
+class UnitGroup:
+    """Units that must be removed together: one index per unit, shared by every coupled layer.
+
+    Attributes:
+        name: Name of the root producer (a Linear or Conv layer); units are its output features or channels.
+        num_units: Current number of units.
+        members: Names of every module the removal touches.
+        readers: Where the units are read (see :class:`ReaderSlice`).
+        blocked: Why the group is never pruned, or ``None`` when it can be.
+    """
+
+    name: str
+    num_units: int
+    members: list[str] = field(default_factory=list)
+    readers: list[ReaderSlice] = field(default_factory=list)
+    blocked: str | None = None
+
+
+class TracingError(RuntimeError):
+    """The dependency graph could not be built from the example input."""
+
+
+def _layer_width(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    return None
+
+
+def match_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[str]]:
+    """Return, for each glob pattern, the names of the modules of ``model`` it matches.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> match_modules(model, ["0", "2*", "head"])
+        {'0': ['0'], '2*': ['2'], 'head': []}
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    return {pattern: [name for name in names if fnmatch.fnmatchcase(name, pattern)] for pattern in patterns}
+
+
+class PrunableGraph:
+    """Torch-Pruning's dependency graph of ``model``, seen as groups of removable units.
+
+    Args:
+        model: The module to prune (the LightningModule itself, not a DDP wrapper).
+        example_inputs: Inputs for one forward: a tensor, a tuple of positional arguments or a dict of keyword
+            arguments (Lightning's ``example_input_array`` convention).
+        exclude: Module names or glob patterns whose output units are never removed.
+
+    Raises:
+        TracingError: When tracing fails; the original error is attached as ``__cause__``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> graph = PrunableGraph(model, torch.randn(2, 4))
+        >>> [(group.name, group.num_units, group.blocked is None) for group in graph.groups()]
+        [('0', 8, True), ('2', 2, False)]
+        >>> remaps = graph.remove_units_({"0": torch.tensor([1, 5])})
+        >>> model[0].out_features, model[2].in_features, len(remaps)
+        (6, 6, 3)
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, exclude: Sequence[str] = ()) -> None:
+        self.model = model
+        self.exclude = list(exclude)
+        was_training = {module: module.training for module in model.modules()}
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.eval()  # trace without touching BatchNorm running statistics
+                self._graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        except Exception as error:
+            raise TracingError(
+                f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
+                f"({type(error).__name__}: {error}). Make the forward traceable by autograd, or add the failing "
+                "layers to `exclude`."
+            ) from error
+        finally:
+            for module, training in was_training.items():
+                module.training = training
+        self._names = {module: name for name, module in model.named_modules()}
+        self._output_layers = self._find_output_layers()
+
+    @property
+    def output_layers(self) -> list[str]:
+        """Names of the layers whose outputs reach the model output directly (never pruned)."""
+        return sorted(self._names[module] for module in self._output_layers)
+
+    def _find_output_layers(self) -> set[nn.Module]:
+        sinks = [node for node in self._graph.module2node.values() if not node.outputs]
+        found: set[nn.Module] = set()
+        seen: set[int] = set()
+        stack = list(sinks)
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node.module, _LAYER_TYPES):
+                found.add(node.module)
+                continue
+            stack.extend(node.inputs)
+        return found
+
+    def _excluded_modules(self) -> set[nn.Module]:
+        matches = match_modules(self.model, self.exclude)
+        by_name = dict(self.model.named_modules())
+        return {by_name[name] for names in matches.values() for name in names}
+
+    def readers(self) -> dict[str, nn.Module]:
+        """Every Linear/Conv layer that reads a unit of some group, by name."""
+        modules = dict(self.model.named_modules())
+        return {reader.reader: modules[reader.reader] for group in self.groups() for reader in group.readers}
+
+    def groups(self) -> list[UnitGroup]:
+        """Describe every group of coupled units, blocked or not, in the model's current shape."""
+        excluded = self._excluded_modules()
+        graph = self._graph
+        result = []
+        for tp_group in graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES):
+            root = tp_group[0].dep.target.module
+            group = UnitGroup(name=self._names[root], num_units=int(_layer_width(root) or 0))
+            reasons: list[str] = []
+            for item in tp_group.items:
+                dep = item.dep
+                module = dep.target.module
+                if not isinstance(module, nn.Module) or dep.target.type not in (
+                    *_SUPPORTED_MODULE_TYPES,
+                    _OPTYPE.LN,
+                    _OPTYPE.GN,
+                    _OPTYPE.IN,
+                    _OPTYPE.PARAMETER,
+                    _OPTYPE.MHA,
+                    _OPTYPE.EMBED,
+                    _OPTYPE.LSTM,
+                    _OPTYPE.CUSTOMIZED,
+                ):
+                    continue  # functional ops (add, relu, flatten, cat, ...): Torch-Pruning maps indices through them
+                name = self._names.get(module, type(module).__name__)
+                if name not in group.members:
+                    group.members.append(name)
+                if dep.target.type not in _SUPPORTED_MODULE_TYPES:
+                    reasons.append(f"it is coupled with `{name}` ({type(module).__name__}), which mixes units")
+                    continue
+                is_out = graph.is_out_channel_pruning_fn(dep.handler)
+                if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
+                    reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")
+                if is_out and module in self._output_layers:
+                    reasons.append(f"`{name}` produces the model output")
+                if is_out and module in excluded:
+                    reasons.append(f"`{name}` is excluded")
+                if graph.is_in_channel_pruning_fn(dep.handler) and isinstance(module, _LAYER_TYPES):
+                    group.readers.append(
+                        ReaderSlice(
+                            reader=name,
+                            feature_idxs=torch.as_tensor(list(item.idxs), dtype=torch.long),
+                            unit_idxs=torch.as_tensor(list(item.root_idxs), dtype=torch.long),
+                        )
+                    )
+            if not group.readers and not reasons:
+                reasons.append("no Linear/Conv layer reads its units")
+            group.blocked = "; ".join(dict.fromkeys(reasons)) or None
+            result.append(group)
+        order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
+        return sorted(result, key=lambda group: order[group.name])
+
+    def remove_units_(self, plan: Mapping[str, Tensor]) -> list[ParamRemap]:
+        """Remove units physically, in place.
+
+        Args:
+            plan: For each group (by root name), the unit indices to remove (in the group's current numbering).
+
+        Returns:
+            One :class:`ParamRemap` per replaced parameter slice, in the order they happened.
+        """
+        modules = dict(self.model.named_modules())
+        remaps: list[ParamRemap] = []
+        for name, unit_idxs in plan.items():
+            idxs = sorted({int(i) for i in unit_idxs.tolist()})
+            if not idxs:
+                continue
+            root = modules[name]
+            pruner = self._graph.get_pruner_of_module(root)
+            tp_group = self._graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
+            touched: dict[nn.Module, list[tuple[bool, list[int]]]] = {}
+            for item in tp_group.items:
+                module = item.dep.target.module
+                if isinstance(module, nn.Module) and not isinstance(module, nn.Parameter):
+                    touched.setdefault(module, []).append(
+                        (self._graph.is_out_channel_pruning_fn(item.dep.handler), list(item.idxs))
+                    )
+            before = {
+                (module, param_name): param
+                for module in touched
+                for param_name, param in module.named_parameters(recurse=False)
+            }
+            tp_group.prune(record_history=False)
+            for (module, param_name), old in before.items():
+                new = getattr(module, param_name)
+                if new is old:
+                    continue
+                new.requires_grad_(old.requires_grad)
+                remaps.extend(_describe_slices(old, new, touched[module]))
+        return remaps
+
+
+def _describe_slices(old: Tensor, new: Tensor, prunings: list[tuple[bool, list[int]]]) -> list[ParamRemap]:
+    """Work out which dimension lost which indices, from the shapes and Torch-Pruning's per-module indices."""
+    changed = [dim for dim in range(old.dim()) if old.shape[dim] != new.shape[dim]]
+    remaps = []
+    current = old
+    for dim in changed:
+        removed_count = old.shape[dim] - new.shape[dim]
+        candidates = [idxs for is_out, idxs in prunings if len(idxs) == removed_count]
+        if len(candidates) > 1:  # both sides of one layer lost the same count: out-features are dim 0
+            candidates = [idxs for is_out, idxs in prunings if is_out == (dim == 0)] or candidates
+        if not candidates:
+            raise RuntimeError(f"Cannot tell which indices left dimension {dim} of a {tuple(old.shape)} parameter.")
+        removed = set(candidates[0])
+        kept = torch.tensor([i for i in range(old.shape[dim]) if i not in removed], dtype=torch.long)
+        target = new if dim == changed[-1] else current.detach().index_select(dim, kept.to(old.device))
+        remaps.append(ParamRemap(old=current, new=target, dim=dim, kept=kept))
+        current = target
+    return remaps
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every Linear/Conv layer, by name.
+
+    Example:
+        >>> layer_widths(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        {'0': 8, '2': 2}
+    """
+    return {name: int(width) for name, module in model.named_modules() if (width := _layer_width(module)) is not None}
+
+
+def resize_like_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Shrink the layers of ``model`` to the shapes found in ``state_dict``, so that it can be loaded.
+
+    Which entries survive does not matter: every one is overwritten by the load that follows. Only Linear, Conv,
+    BatchNorm and LayerNorm layers are resized; other mismatches are left for ``load_state_dict`` to report.
+
+    Args:
+        model: A freshly built, full-size model.
+        state_dict: A state dict saved from a pruned copy of it.
+        prefix: Prefix of ``model``'s keys in ``state_dict``.
+
+    Returns:
+        The names of the resized modules.
+
+    Example:
+        >>> pruned = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> resize_like_(fresh, pruned.state_dict())
+        ['0', '2']
+        >>> fresh.load_state_dict(pruned.state_dict())
+        <All keys matched successfully>
+    """
+    resized = []
+    for name, module in model.named_modules():
+        key = f"{prefix}{name}." if name else prefix
+        changed = False
+        for param_name, param in list(module.named_parameters(recurse=False)) + list(
+            module.named_buffers(recurse=False)
+        ):
+            saved = state_dict.get(key + param_name)
+            if not isinstance(saved, Tensor) or saved.shape == param.shape or saved.dim() != param.dim():
+                continue
+            slices = tuple(slice(0, size) for size in saved.shape)
+            new_value = param.detach()[slices].clone()
+            if isinstance(param, nn.Parameter):
+                setattr(module, param_name, nn.Parameter(new_value, requires_grad=param.requires_grad))
+            else:
+                module.register_buffer(param_name, new_value, persistent=param_name not in module._non_persistent_buffers_set)
+            changed = True
+        if not changed:
+            continue
+        _sync_size_attributes(module)
+        resized.append(name)
+    return resized
+
+
+def _sync_size_attributes(module: nn.Module) -> None:
+    """Update ``in_features``/``out_channels``/``num_features``/... from the module's (resized) weights."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
+        module.out_channels = module.weight.shape[out_dim]
+        module.in_channels = module.weight.shape[in_dim] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        tensor = module.weight if module.weight is not None else module.running_mean
+        if tensor is not None:
+            module.num_features = tensor.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
