@@ -46,7 +46,7 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool, hig
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Expected `{name}` to be a number, got {type(value).__name__} {value!r}.")
     low_ok = value >= low if low_inclusive else value > low
-    if math.isnan(value) or not low_ok or value > high:
+    if not math.isfinite(value) or not low_ok or value > high:
         bracket = "[" if low_inclusive else "("
         upper = "inf)" if math.isinf(high) else f"{high}]"
         raise ValueError(f"Expected `{name}` to be a number in {bracket}{low}, {upper}, got {value!r}.")
@@ -235,13 +235,12 @@ class DemonPruning(Callback):
         if self._train_batch_size is None:
             self._train_batch_size = batch_size_of(self.batch_to_input(batch))
             _set_flops_per_batch(pl_module, self._current_flops, self._train_batch_size)
+        self._recent_batches.append(batch)  # references only; the eval pass (or its fallback) reads them
         if self._observing_this_batch(trainer, batch_idx):
             assert self._monitor is not None
             if not self._monitor.is_observing:
                 self._monitor.reset()
                 self._monitor.attach()
-        elif self.check_mode == "eval_pass" and self._epoch_needs_batches(trainer, batch_idx):
-            self._recent_batches.append(batch)
 
     @override
     def on_before_optimizer_step(
@@ -371,19 +370,19 @@ class DemonPruning(Callback):
         return trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
 
     def _observing_this_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        return self.check_mode == "train_forwards" and self._epoch_needs_batches(trainer, batch_idx)
-
-    def _epoch_needs_batches(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        if not self.should_prune(trainer):
+        if self.check_mode != "train_forwards" or not self.should_prune(trainer):
             return False
         total = trainer.num_training_batches
         return math.isinf(total) or batch_idx >= total - self.check_batches
 
     def _collect_statistics(self, pl_module: pl.LightningModule) -> dict[str, dict[str, Tensor]] | None:
         assert self._monitor is not None
-        if self.check_mode == "train_forwards":
+        if self.check_mode == "train_forwards" and self._monitor.is_observing:
             self._monitor.detach()
-            return self._monitor.compute()
+            stats = self._monitor.compute()
+            if all(int(reader["num_samples"]) > 0 for reader in stats.values()):
+                return stats
+        # The paper's eval pass; also the fallback when training stopped before the observed forwards.
         if not self._recent_batches:
             return None
         stats = dead_check(pl_module, self._monitor, list(self._recent_batches), lambda m, b: self.forward_for_check(m, b))  # type: ignore[arg-type]

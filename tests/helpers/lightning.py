@@ -1,0 +1,66 @@
+"""Lightning helpers: a synthetic DataModule and a ``train_with_callback`` runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_demp import DemonPruning
+from lightning_demp.demos import ArrayDataModule, MLPClassifier
+
+
+class RandomDataModule(ArrayDataModule):
+    """Gaussian inputs with labels from a fixed random linear map (learnable, no download)."""
+
+    def __init__(self, num_features: int = 6, num_classes: int = 3, size: int = 256, batch_size: int = 32) -> None:
+        super().__init__(batch_size=batch_size)
+        self.num_features = num_features
+        self.num_classes = num_classes
+        self.size = size
+
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((self.size, self.num_features)).astype(np.float32)
+        y = (x @ rng.standard_normal((self.num_features, self.num_classes))).argmax(axis=1)
+        split = int(0.75 * self.size)
+        return x[:split], y[:split], x[split:], y[split:]
+
+
+def small_mlp(**kwargs: Any) -> MLPClassifier:
+    options: dict[str, Any] = {
+        "input_dim": 6,
+        "hidden_sizes": [12, 10],
+        "num_classes": 3,
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "optimizer": "adam",
+        "lr_schedule": "constant",
+    }
+    options.update(kwargs)
+    return MLPClassifier(**options)
+
+
+def train_with_callback(tmp_path: Any, model: Any = None, max_epochs: int = 2, trainer_kwargs: Any = None, **callback_kwargs: Any):
+    """Fit ``model`` (a small MLP by default) with ``DemonPruning(**callback_kwargs)``; return (trainer, model, callback)."""
+    callback_kwargs.setdefault("regularizer", "positive_l2")
+    callback_kwargs.setdefault("verbose", False)
+    callback = DemonPruning(**callback_kwargs)
+    model = model if model is not None else small_mlp()
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        callbacks=[callback],
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        log_every_n_steps=1,
+        **(trainer_kwargs or {}),
+    )
+    trainer.fit(model, datamodule=RandomDataModule())
+    return trainer, model, callback

@@ -1,0 +1,59 @@
+"""The `lightning-demp` command: LightningCLI builds DemonPruning from YAML and fits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_demp import DemonPruning
+from lightning_demp.cli import default_config_path, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cli_fits_one_epoch_from_a_yaml_config_with_the_callback_configured(tmp_path, capsys):
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "digits_mlp.yaml"),
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.init_args.prune_every_n_epochs=1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "DemonPruning summary" in out
+    assert "parameters kept" in out
+    assert list(tmp_path.glob("lightning_logs/version_0/metrics.csv")) or list(tmp_path.glob("**/config.yaml"))
+
+
+def test_cli_rejects_a_bad_callback_value_naming_the_argument(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / "digits_mlp.yaml"), "--trainer.callbacks.init_args.schedule=cubic",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert "schedule" in capsys.readouterr().err
+
+
+def test_embedded_default_config_is_shipped_and_matches_the_repo_copy():
+    assert Path(default_config_path()).read_text() == (REPO / "configs" / "mnist1d_cnn.yaml").read_text()
+
+
+def test_module_entry_point_prints_help():
+    result = subprocess.run([sys.executable, "-m", "lightning_demp", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "fit" in result.stdout
+
+
+def test_print_config_shows_every_callback_argument(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / "digits_mlp.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    for name in ("regularizer", "reg_max", "schedule", "schedule_span", "noise_std", "prune_every_n_epochs",
+                 "dead_threshold", "check_batches", "min_units", "exclude", "seed"):
+        assert f"{name}:" in out
+    assert DemonPruning.__name__ in out

@@ -1,0 +1,83 @@
+"""Regularizer gradients equal autograd of λR; noise only on live entries, reproducible from the seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_demp.regularization import (
+    add_penalty_grad_,
+    inject_noise_,
+    live_masks,
+    norm_scales,
+    penalized_params,
+)
+
+PENALTIES = {
+    "l2": lambda p: 0.5 * p.pow(2).sum(),
+    "positive_l2": lambda p: 0.5 * p.clamp(min=0).pow(2).sum(),
+    "l1_norm_scale": lambda p: p.abs().sum(),
+}
+
+
+@pytest.mark.parametrize("regularizer", list(PENALTIES))
+def test_penalty_gradient_equals_autograd_of_the_penalty(regularizer):
+    strength = 0.37
+    param = nn.Parameter(torch.randn(5, 4))
+    param.grad = torch.randn(5, 4)
+    loss_grad = param.grad.clone()
+    add_penalty_grad_([param], regularizer, strength)
+    reference = param.detach().clone().requires_grad_(True)
+    (strength * PENALTIES[regularizer](reference)).backward()
+    torch.testing.assert_close(param.grad, loss_grad + reference.grad)
+
+
+def test_l1_norm_scale_targets_only_norm_scales():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.LayerNorm(4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    targets = penalized_params(optimizer, model, "l1_norm_scale")
+    assert [id(p) for p in targets] == [id(model[1].weight), id(model[3].weight)]
+    assert len(norm_scales(model)) == 2
+
+
+def test_l2_respects_groups_the_user_set_to_zero_weight_decay():
+    model = nn.Linear(3, 4)
+    optimizer = torch.optim.AdamW(
+        [{"params": [model.weight], "weight_decay": 0.01}, {"params": [model.bias], "weight_decay": 0.0}]
+    )
+    assert [id(p) for p in penalized_params(optimizer, model, "l2")] == [id(model.weight)]
+    plain = torch.optim.Adam(model.parameters())  # no decay anywhere: nothing was excluded on purpose
+    assert len(penalized_params(plain, model, "positive_l2")) == 2
+
+
+def test_frozen_parameters_are_not_regularized():
+    model = nn.Linear(3, 4)
+    model.bias.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert [id(p) for p in penalized_params(optimizer, model, "l2")] == [id(model.weight)]
+
+
+def test_noise_touches_only_entries_with_a_nonzero_gradient_and_is_reproducible():
+    param = nn.Parameter(torch.zeros(6, 3))
+    param.grad = torch.zeros(6, 3)
+    param.grad[[0, 2, 5]] = 1.0  # rows 1, 3, 4 belong to dead units
+    masks = live_masks([param])
+    inject_noise_(masks, std=0.1, seed=3, step=11)
+    first = param.detach().clone()
+    assert torch.count_nonzero(first[[1, 3, 4]]) == 0
+    assert torch.count_nonzero(first[[0, 2, 5]]) == 9
+    assert 0.01 < first[[0, 2, 5]].std().item() < 0.5
+    param.data.zero_()
+    inject_noise_(masks, std=0.1, seed=3, step=11)
+    assert torch.equal(param.detach(), first)
+    param.data.zero_()
+    inject_noise_(masks, std=0.1, seed=3, step=12)
+    assert not torch.equal(param.detach(), first)
+
+
+def test_noise_is_not_scaled_by_anything_but_its_std():
+    param = nn.Parameter(torch.zeros(10000))
+    param.grad = torch.ones(10000)
+    inject_noise_(live_masks([param]), std=2.0, seed=0, step=0)
+    assert param.detach().std().item() == pytest.approx(2.0, rel=0.05)
