@@ -1,6 +1,7 @@
 """lightning-demp: Demon's Pruning for PyTorch Lightning. Networks that shrink themselves while they train."""
 
 from lightning_demp.callback import DemonPruning
+from lightning_demp.checkpoint import load_pruned_checkpoint
 from lightning_demp.detection import ActivationMonitor, UnitActivity, dead_check, find_dead_units, unit_activity
 from lightning_demp.optim import ParamRemap, remap_optimizer_
 from lightning_demp.regularization import add_penalty_grad_, inject_noise_
@@ -11,7 +12,7 @@ from lightning_demp.schedules import (
     OneCycleSchedule,
     make_schedule,
 )
-from lightning_demp.surgery import PrunableGraph, TracingError, UnitGroup, resize_like_
+from lightning_demp.surgery import PrunableGraph, TracingError, UnitGroup, enable_resize_on_load, resize_like_
 
 __version__ = "0.1.0"
 
@@ -30,8 +31,10 @@ __all__ = [
     "__version__",
     "add_penalty_grad_",
     "dead_check",
+    "enable_resize_on_load",
     "find_dead_units",
     "inject_noise_",
+    "load_pruned_checkpoint",
     "make_schedule",
     "remap_optimizer_",
     "resize_like_",

@@ -28,6 +28,13 @@ def check_supported(strategy: Strategy) -> None:
     )
 
 
+def spawns_processes(trainer: Trainer) -> bool:
+    """Whether the strategy runs training in spawned processes (``ddp_spawn``, ``ddp_notebook``...)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+
+
 def broadcast_plan(trainer: Trainer, plan: dict[str, Tensor]) -> dict[str, Tensor]:
     """Make every process hold rank 0's removal plan, and fail loudly if a rank had computed another one."""
     if trainer.world_size <= 1:

@@ -33,7 +33,14 @@ from lightning_demp.regularization import (
     penalized_params,
 )
 from lightning_demp.schedules import SCHEDULE_NAMES, Schedule, ScheduleName, make_schedule
-from lightning_demp.surgery import PrunableGraph, UnitGroup, match_modules, resize_like_
+from lightning_demp.surgery import (
+    PrunableGraph,
+    UnitGroup,
+    disable_resize_on_load,
+    enable_resize_on_load,
+    match_modules,
+    resize_on_load_enabled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +222,14 @@ class DemonPruning(Callback):
                 f"`{type(pl_module).__name__}` has no affine normalization layer. Use `regularizer='positive_l2'` "
                 "or `'l2'` for this model."
             )
-        if self._load_hook is None:
-            self._load_hook = pl_module.register_load_state_dict_pre_hook(_resize_on_load)
+        if _strategy.spawns_processes(trainer) and not resize_on_load_enabled(pl_module):
+            raise RuntimeError(
+                f"With `{type(trainer.strategy).__name__}` using spawned processes, the main process reloads the "
+                f"trained weights into your original `{type(pl_module).__name__}`, which still has its full widths. "
+                "Call `lightning_demp.enable_resize_on_load(self)` at the end of its `__init__` so that it accepts "
+                'the pruned shapes, or use `strategy="ddp"`.'
+            )
+        self._load_hook = enable_resize_on_load(pl_module) or self._load_hook
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,6 +254,10 @@ class DemonPruning(Callback):
             if not self._monitor.is_observing:
                 self._monitor.reset()
                 self._monitor.attach()
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._recent_batches.clear()  # each check sees this epoch's batches only (also after a resume)
 
     @override
     def on_before_optimizer_step(
@@ -294,7 +311,7 @@ class DemonPruning(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_hooks()
         if self._load_hook is not None:
-            self._load_hook.remove()
+            disable_resize_on_load(pl_module, self._load_hook)
             self._load_hook = None
         self._graph = None
         self._monitor = None
@@ -431,6 +448,8 @@ class DemonPruning(Callback):
         for optimizer in trainer.optimizers:
             remap_optimizer_(optimizer, remaps)
         _strategy.rewrap_after_surgery(trainer)
+        if any(getattr(module, "_compiled_call_impl", None) is not None for module in pl_module.modules()):
+            torch.compiler.reset()  # drop graphs guarded on the old shapes instead of piling up recompiles
         for name, idxs in plan.items():
             removed = set(idxs.tolist())
             self.kept_units[name] = [unit for i, unit in enumerate(self.kept_units[name]) if i not in removed]
@@ -488,11 +507,6 @@ class DemonPruning(Callback):
         for logger in trainer.loggers:  # on_train_end: LightningModule.log is not allowed there
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
-
-
-def _resize_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: shrink a full-size model to a pruned checkpoint's shapes before copying."""
-    resize_like_(module, state_dict, prefix)
 
 
 def _total_steps(trainer: pl.Trainer) -> int:

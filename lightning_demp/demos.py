@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_demp.surgery import enable_resize_on_load
+
 OptimizerName = Literal["adamw", "adam", "sgd"]
 LRScheduleName = Literal["one_cycle", "constant"]
 
@@ -53,6 +55,7 @@ class DemoClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.net: nn.Module = nn.Identity()
+        enable_resize_on_load(self)  # pruned checkpoints load into a fresh model (and ddp_spawn works)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return logits."""
@@ -184,10 +187,11 @@ class ResidualCNNClassifier(DemoClassifier):
 class ArrayDataModule(pl.LightningDataModule):
     """Serves in-memory arrays: ``(x_train, y_train)`` for fitting, ``(x_test, y_test)`` for validation and test."""
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, shuffle: bool = True) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.shuffle = shuffle
         self.train_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
 
@@ -205,7 +209,7 @@ class ArrayDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
         assert self.train_set is not None
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         """The held-out split."""

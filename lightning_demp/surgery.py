@@ -325,6 +325,51 @@ def resize_like_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = 
     return resized
 
 
+_RESIZE_FLAG = "_demp_resize_on_load"
+
+
+def _resize_on_load_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: shrink to the incoming shapes before the values are copied."""
+    resize_like_(module, state_dict, prefix)
+
+
+def enable_resize_on_load(module: nn.Module) -> torch.utils.hooks.RemovableHandle | None:
+    """Let ``module.load_state_dict`` accept a state dict saved after units were removed (idempotent).
+
+    Call it in your LightningModule's ``__init__`` to make ``LightningModule.load_from_checkpoint`` work on pruned
+    checkpoints, and to run under ``strategy="ddp_spawn"`` (whose main process reloads the trained weights into the
+    original, full-size module). :class:`~lightning_demp.DemonPruning` calls it in ``setup`` otherwise.
+
+    Returns:
+        The hook's handle when it was registered now, ``None`` when it already was.
+
+    Example:
+        >>> pruned = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = enable_resize_on_load(fresh)
+        >>> fresh.load_state_dict(pruned.state_dict())
+        <All keys matched successfully>
+        >>> fresh[0].out_features, enable_resize_on_load(fresh) is None
+        (3, True)
+    """
+    if getattr(module, _RESIZE_FLAG, False):
+        return None
+    handle = module.register_load_state_dict_pre_hook(_resize_on_load_hook)
+    object.__setattr__(module, _RESIZE_FLAG, True)
+    return handle
+
+
+def disable_resize_on_load(module: nn.Module, handle: torch.utils.hooks.RemovableHandle) -> None:
+    """Remove a hook registered by :func:`enable_resize_on_load`."""
+    handle.remove()
+    object.__setattr__(module, _RESIZE_FLAG, False)
+
+
+def resize_on_load_enabled(module: nn.Module) -> bool:
+    """Whether :func:`enable_resize_on_load` was called on ``module`` (also on a pickled copy of it)."""
+    return bool(getattr(module, _RESIZE_FLAG, False))
+
+
 def _sync_size_attributes(module: nn.Module) -> None:
     """Update ``in_features``/``out_channels``/``num_features``/... from the module's (resized) weights."""
     if isinstance(module, nn.Linear):

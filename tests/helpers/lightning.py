@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from lightning.pytorch import Trainer
+import torch
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_demp import DemonPruning
@@ -15,8 +16,10 @@ from lightning_demp.demos import ArrayDataModule, MLPClassifier
 class RandomDataModule(ArrayDataModule):
     """Gaussian inputs with labels from a fixed random linear map (learnable, no download)."""
 
-    def __init__(self, num_features: int = 6, num_classes: int = 3, size: int = 256, batch_size: int = 32) -> None:
-        super().__init__(batch_size=batch_size)
+    def __init__(
+        self, num_features: int = 6, num_classes: int = 3, size: int = 256, batch_size: int = 32, shuffle: bool = True
+    ) -> None:
+        super().__init__(batch_size=batch_size, shuffle=shuffle)
         self.num_features = num_features
         self.num_classes = num_classes
         self.size = size
@@ -64,3 +67,43 @@ def train_with_callback(tmp_path: Any, model: Any = None, max_epochs: int = 2, t
     )
     trainer.fit(model, datamodule=RandomDataModule())
     return trainer, model, callback
+
+
+def planted_mlp(**kwargs: Any) -> MLPClassifier:
+    """The small MLP with units 1 and 8 of ``net.0`` and unit 4 of ``net.2`` dead from the start."""
+    from helpers.models import kill_linear_units_, make_alive_
+
+    model = small_mlp(**kwargs)
+    make_alive_(model)
+    kill_linear_units_(model.net[0], [1, 8])
+    kill_linear_units_(model.net[2], [4])
+    return model
+
+
+def model_checksum(module: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in module.parameters()))
+
+
+def optimizer_checksum(optimizer: torch.optim.Optimizer) -> float:
+    total = 0.0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += float(value.detach().double().sum())
+    return total
+
+
+class AssertRanksAgree(Callback):
+    """After each epoch end (so after each removal), all-gather widths and checksums and require equality."""
+
+    def __init__(self) -> None:
+        self.checked_epochs: list[int] = []
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        widths = [float(p.shape[0]) for p in pl_module.parameters()]
+        local = torch.tensor([*widths, model_checksum(pl_module), optimizer_checksum(trainer.optimizers[0])],
+                             dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(local)
+        assert gathered.shape[0] == trainer.world_size
+        assert torch.equal(gathered[0], gathered[1]), f"ranks differ at epoch {trainer.current_epoch}: {gathered}"
+        self.checked_epochs.append(trainer.current_epoch)
