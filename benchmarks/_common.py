@@ -40,8 +40,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_config(config: dict[str, Any], *, seed: int, with_demp: bool, max_epochs: int | None = None,
-               callback_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_config(
+    config: dict[str, Any],
+    *,
+    seed: int,
+    with_demp: bool,
+    max_epochs: int | None = None,
+    callback_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Fit the config's model on its data, with or without its DemonPruning callback; return the figures."""
     seed_everything(seed, workers=True)
     model = instantiate(config["model"])

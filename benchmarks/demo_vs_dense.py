@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, load_config, machine, run_config, write_json  # noqa: E402
+from _common import RESULTS, load_config, machine, run_config, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,16 @@ def main() -> None:
         f"| DemP | {summarize(demp, 'test_acc')} | {summarize(demp, 'params_removed')} | "
         f"{summarize(demp, 'flops_removed')} | {summarize(demp, 'units_removed')} | {summarize(demp, 'fit_seconds')} |",
     ]
-    text = "\n".join([f"# Demo vs. dense ({len(seeds)} seed(s), {epochs or config['trainer']['max_epochs']} epochs)", "",
-                      *table, "", f"Machine: {payload['machine']}", ""])
+    text = "\n".join(
+        [
+            f"# Demo vs. dense ({len(seeds)} seed(s), {epochs or config['trainer']['max_epochs']} epochs)",
+            "",
+            *table,
+            "",
+            f"Machine: {payload['machine']}",
+            "",
+        ]
+    )
     (RESULTS / f"demo_vs_dense{suffix}.md").write_text(text)
     print(text)
 

@@ -205,6 +205,10 @@ class DemonPruning(Callback):
         """Run ``pl_module`` on one batch during the dead check; override when ``forward`` needs more."""
         return call_with(pl_module, self.batch_to_input(batch))
 
+    def _forward_module(self, module: nn.Module, batch: Any) -> Any:
+        assert isinstance(module, pl.LightningModule)
+        return self.forward_for_check(module, batch)
+
     def should_prune(self, trainer: pl.Trainer) -> bool:
         """Whether the current training epoch ends with a removal event (override for other cadences)."""
         return (trainer.current_epoch + 1) % self.prune_every_n_epochs == 0 or self._is_last_epoch(trainer)
@@ -242,7 +246,9 @@ class DemonPruning(Callback):
             self._prepare(pl_module, pl_module.example_input_array)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._graph is None:
             self._prepare(pl_module, _first_samples(self.batch_to_input(batch)))
         if self._train_batch_size is None:
@@ -263,14 +269,17 @@ class DemonPruning(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        assert self._reg_schedule is not None and self._noise_schedule is not None
+        assert self._reg_schedule is not None
+        assert self._noise_schedule is not None
         step = trainer.global_step
         self._last_reg_strength = self._reg_schedule.value(step)
         self._last_noise_std = self._noise_schedule.value(step)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._pending_noise = (step, self._last_noise_std, live_masks(params)) if self._last_noise_std > 0 else None
         if self._last_reg_strength > 0:
-            add_penalty_grad_(penalized_params(optimizer, pl_module, self.regularizer), self.regularizer, self._last_reg_strength)
+            add_penalty_grad_(
+                penalized_params(optimizer, pl_module, self.regularizer), self.regularizer, self._last_reg_strength
+            )
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._pending_noise is None:
@@ -402,7 +411,7 @@ class DemonPruning(Callback):
         # The paper's eval pass; also the fallback when training stopped before the observed forwards.
         if not self._recent_batches:
             return None
-        stats = dead_check(pl_module, self._monitor, list(self._recent_batches), lambda m, b: self.forward_for_check(m, b))  # type: ignore[arg-type]
+        stats = dead_check(pl_module, self._monitor, list(self._recent_batches), self._forward_module)
         self._recent_batches.clear()
         return stats
 
@@ -533,5 +542,3 @@ def _set_flops_per_batch(pl_module: nn.Module, flops_per_sample: float | None, b
     """Keep ``flops_per_batch`` (training FLOPs ≈ 3 × forward) current for Lightning's ``ThroughputMonitor``."""
     if flops_per_sample is not None and batch_size:
         pl_module.flops_per_batch = int(3 * flops_per_sample * batch_size)  # type: ignore[assignment]
-
-

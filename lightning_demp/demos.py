@@ -8,6 +8,7 @@ Models: :class:`MLPClassifier` and :class:`ResidualCNNClassifier` (the 1-D resid
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -93,13 +94,17 @@ class DemoClassifier(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """The optimizer and, for ``"one_cycle"``, a per-step OneCycleLR over the whole fit."""
         if self.optimizer_name == "adamw":
-            optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                self.parameters(), lr=self.lr, weight_decay=self.weight_decay
+            )
         elif self.optimizer_name == "adam":
             optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         elif self.optimizer_name == "sgd":
             optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         else:
-            raise ValueError(f"Expected `optimizer` to be one of ('adamw', 'adam', 'sgd'), got {self.optimizer_name!r}.")
+            raise ValueError(
+                f"Expected `optimizer` to be one of ('adamw', 'adam', 'sgd'), got {self.optimizer_name!r}."
+            )
         if self.lr_schedule == "constant":
             return optimizer
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -122,7 +127,7 @@ class MLPClassifier(DemoClassifier):
         self.save_hyperparameters()
         sizes = [input_dim, *(hidden_sizes if hidden_sizes is not None else [256, 256])]
         layers: list[nn.Module] = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], self.num_classes))
         self.net = nn.Sequential(*layers)
@@ -203,13 +208,19 @@ class ArrayDataModule(pl.LightningDataModule):
         """Build the datasets (once)."""
         if self.train_set is None:
             x_train, y_train, x_test, y_test = self.load_arrays()
-            self.train_set = TensorDataset(torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.long))
-            self.test_set = TensorDataset(torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=torch.long))
+            self.train_set = TensorDataset(
+                torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.long)
+            )
+            self.test_set = TensorDataset(
+                torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=torch.long)
+            )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
         assert self.train_set is not None
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         """The held-out split."""

@@ -32,9 +32,7 @@ def norm_scales(module: nn.Module) -> list[nn.Parameter]:
         >>> len(norm_scales(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.LayerNorm(3))))
         2
     """
-    return [
-        m.weight for m in module.modules() if isinstance(m, _NORM_TYPES) and isinstance(m.weight, nn.Parameter)
-    ]
+    return [m.weight for m in module.modules() if isinstance(m, _NORM_TYPES) and isinstance(m.weight, nn.Parameter)]
 
 
 def penalized_params(
@@ -97,7 +95,7 @@ def add_penalty_grad_(params: Sequence[nn.Parameter], regularizer: RegularizerNa
     if strength == 0.0 or not params:
         return
     with torch.no_grad():
-        for param, grad in zip(params, penalty_grads(params, regularizer)):
+        for param, grad in zip(params, penalty_grads(params, regularizer), strict=True):
             if param.grad is None:
                 param.grad = (grad * strength).to(param.dtype)
             else:

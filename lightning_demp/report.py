@@ -25,7 +25,9 @@ def summary_rows(callback: DemonPruning) -> list[tuple[str, int, int, str]]:
 def summary_text(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
     """Render the summary as plain text (also the fallback when ``rich`` is not installed)."""
     lines = [f"{'layer':<32} {'units':>7} {'kept':>7} {'kept %':>7}"]
-    lines += [f"{name:<32} {initial:>7} {kept:>7} {fraction:>7}" for name, initial, kept, fraction in summary_rows(callback)]
+    lines += [
+        f"{name:<32} {initial:>7} {kept:>7} {fraction:>7}" for name, initial, kept, fraction in summary_rows(callback)
+    ]
     lines += ["", *(f"{key}: {value}" for key, value in summary_totals(callback, trainer, pl_module).items())]
     return "\n".join(lines)
 

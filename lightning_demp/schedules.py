@@ -24,8 +24,15 @@ def _cosine_interpolate(start: float, end: float, fraction: float) -> float:
 class Schedule(Protocol):
     """A strength that depends only on the optimizer step."""
 
-    peak: float
-    span_steps: int
+    @property
+    def peak(self) -> float:
+        """The largest strength of the schedule."""
+        ...
+
+    @property
+    def span_steps(self) -> int:
+        """Number of optimizer steps the schedule spans."""
+        ...
 
     def value(self, step: int) -> float:
         """Return the strength at optimizer step ``step`` (0-based)."""

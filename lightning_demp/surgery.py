@@ -316,7 +316,9 @@ def resize_like_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = 
             if isinstance(param, nn.Parameter):
                 setattr(module, param_name, nn.Parameter(new_value, requires_grad=param.requires_grad))
             else:
-                module.register_buffer(param_name, new_value, persistent=param_name not in module._non_persistent_buffers_set)
+                module.register_buffer(
+                    param_name, new_value, persistent=param_name not in module._non_persistent_buffers_set
+                )
             changed = True
         if not changed:
             continue

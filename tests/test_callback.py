@@ -7,16 +7,20 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
-
 from helpers.lightning import RandomDataModule, small_mlp, train_with_callback
 from helpers.models import kill_linear_units_, make_alive_
+from lightning.pytorch import Trainer
+
 from lightning_demp import DemonPruning
 from lightning_demp.schedules import OneCycleSchedule
 
 # (arguments, exception type, message pattern)
 BAD_ARGUMENTS = [
-    ({"regularizer": "l3"}, ValueError, r"Expected `regularizer` to be one of \('l2', 'positive_l2', 'l1_norm_scale'\), got 'l3'"),
+    (
+        {"regularizer": "l3"},
+        ValueError,
+        r"Expected `regularizer` to be one of \('l2', 'positive_l2', 'l1_norm_scale'\), got 'l3'",
+    ),
     ({"regularizer": 2}, TypeError, r"Expected `regularizer` to be one of .* got int 2"),
     ({"reg_max": -1.0}, ValueError, r"Expected `reg_max` to be a number in \[0.0, inf\), got -1.0"),
     ({"reg_max": float("nan")}, ValueError, r"Expected `reg_max` to be a number in \[0.0, inf\), got nan"),
@@ -30,7 +34,11 @@ BAD_ARGUMENTS = [
     ({"prune_every_n_epochs": 1.5}, TypeError, r"Expected `prune_every_n_epochs` to be an int, got float 1.5"),
     ({"dead_threshold": -0.1}, ValueError, r"Expected `dead_threshold` to be a number in \[0.0, inf\), got -0.1"),
     ({"check_batches": 0}, ValueError, r"Expected `check_batches` to be an int >= 1, got 0"),
-    ({"check_mode": "always"}, ValueError, r"Expected `check_mode` to be one of \('eval_pass', 'train_forwards'\), got 'always'"),
+    (
+        {"check_mode": "always"},
+        ValueError,
+        r"Expected `check_mode` to be one of \('eval_pass', 'train_forwards'\), got 'always'",
+    ),
     ({"min_units": 0}, ValueError, r"Expected `min_units` to be an int >= 1, got 0"),
     ({"min_units": True}, TypeError, r"Expected `min_units` to be an int, got bool True"),
     ({"exclude": "fc1"}, TypeError, r"Expected `exclude` to be a list of str, got 'fc1'"),
@@ -67,8 +75,15 @@ def test_planted_dead_units_are_removed_and_the_optimizer_trains_what_remains(tm
             snapshots[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
 
     callback = Inspect(regularizer="positive_l2", reg_max=0.0, noise_std=0.0, verbose=False)
-    trainer = Trainer(max_epochs=3, callbacks=[callback], logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = Trainer(
+        max_epochs=3,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=RandomDataModule())
 
     assert {1, 8}.isdisjoint(callback.kept_units["net.0"])
@@ -87,15 +102,21 @@ def test_planted_dead_units_are_removed_and_the_optimizer_trains_what_remains(tm
 
 
 def test_removal_happens_at_the_last_epoch_even_off_the_cadence(tmp_path):
-    _, model, callback = train_with_callback(tmp_path, model=planted_mlp(), max_epochs=2, prune_every_n_epochs=7,
-                                              reg_max=0.0, noise_std=0.0)
+    _, model, callback = train_with_callback(
+        tmp_path, model=planted_mlp(), max_epochs=2, prune_every_n_epochs=7, reg_max=0.0, noise_std=0.0
+    )
     assert [event["epoch"] for event in callback.events] == [1]
     assert {1, 8}.isdisjoint(callback.kept_units["net.0"])
 
 
 def test_training_stopped_by_max_steps_gets_the_final_check(tmp_path):
     _, model, callback = train_with_callback(
-        tmp_path, model=planted_mlp(), max_epochs=5, prune_every_n_epochs=5, reg_max=0.0, noise_std=0.0,
+        tmp_path,
+        model=planted_mlp(),
+        max_epochs=5,
+        prune_every_n_epochs=5,
+        reg_max=0.0,
+        noise_std=0.0,
         trainer_kwargs={"max_steps": 9},
     )
     assert callback.last_check_step == 9
@@ -103,15 +124,17 @@ def test_training_stopped_by_max_steps_gets_the_final_check(tmp_path):
 
 
 def test_train_forwards_mode_observes_training_batches(tmp_path):
-    _, model, callback = train_with_callback(tmp_path, model=planted_mlp(), max_epochs=1, check_mode="train_forwards",
-                                              reg_max=0.0, noise_std=0.0)
+    _, model, callback = train_with_callback(
+        tmp_path, model=planted_mlp(), max_epochs=1, check_mode="train_forwards", reg_max=0.0, noise_std=0.0
+    )
     assert {1, 8}.isdisjoint(callback.kept_units["net.0"])
     assert model.net[0].out_features < 12
 
 
 def test_logged_keys_reach_a_csv_logger(tmp_path):
-    trainer, model, callback = train_with_callback(tmp_path, model=planted_mlp(), max_epochs=2, reg_max=1e-3,
-                                                   noise_std=1e-4, schedule="constant")
+    trainer, model, callback = train_with_callback(
+        tmp_path, model=planted_mlp(), max_epochs=2, reg_max=1e-3, noise_std=1e-4, schedule="constant"
+    )
     with open(trainer.logger.experiment.metrics_file_path) as handle:
         columns = set(next(csv.reader(handle)))
     expected = {
@@ -145,8 +168,9 @@ def test_logged_strengths_follow_the_one_cycle_schedule(tmp_path):
 def test_noise_is_reproducible_from_the_seed_and_changes_the_weights(tmp_path):
     def final_weights(seed, noise_std):
         torch.manual_seed(0)
-        _, model, _ = train_with_callback(tmp_path, max_epochs=1, reg_max=0.0, noise_std=noise_std, seed=seed,
-                                          schedule="constant")
+        _, model, _ = train_with_callback(
+            tmp_path, max_epochs=1, reg_max=0.0, noise_std=noise_std, seed=seed, schedule="constant"
+        )
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.equal(final_weights(1, 1e-2), final_weights(1, 1e-2))
@@ -158,8 +182,9 @@ def test_regularization_shrinks_positive_weights(tmp_path):
     def positive_mass(reg_max):
         torch.manual_seed(0)
         model = small_mlp(optimizer="sgd", lr=1e-2)
-        _, model, _ = train_with_callback(tmp_path, model=model, max_epochs=1, reg_max=reg_max, noise_std=0.0,
-                                          schedule="constant")
+        _, model, _ = train_with_callback(
+            tmp_path, model=model, max_epochs=1, reg_max=reg_max, noise_std=0.0, schedule="constant"
+        )
         return sum(p.detach().clamp(min=0).sum().item() for p in model.parameters())
 
     assert positive_mass(20.0) < 0.5 * positive_mass(0.0)
@@ -176,8 +201,9 @@ def test_exclusion_patterns_that_match_nothing_warn(tmp_path):
 
 
 def test_excluded_layers_keep_their_units(tmp_path):
-    _, model, _ = train_with_callback(tmp_path, model=planted_mlp(), max_epochs=1, exclude=["net.0"],
-                                      reg_max=0.0, noise_std=0.0)
+    _, model, _ = train_with_callback(
+        tmp_path, model=planted_mlp(), max_epochs=1, exclude=["net.0"], reg_max=0.0, noise_std=0.0
+    )
     assert model.net[0].out_features == 12
     assert model.net[2].out_features < 10
 
@@ -198,8 +224,15 @@ def test_nan_activations_skip_the_decision(tmp_path):
             return pl_module(torch.full_like(batch[0], math.nan))
 
     callback = NaNOnCheck(regularizer="positive_l2", reg_max=0.0, noise_std=0.0, verbose=False)
-    trainer = Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     with pytest.warns(UserWarning, match="non-finite activations"):
         trainer.fit(model, datamodule=RandomDataModule())
     assert model.net[0].out_features == 12
@@ -228,8 +261,15 @@ def test_hooks_are_removed_when_training_raises(tmp_path):
                 raise Boom
 
     callback = RaiseMidEpoch(regularizer="positive_l2", check_mode="train_forwards", check_batches=3, verbose=False)
-    trainer = Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     with pytest.raises(Boom):
         trainer.fit(model, datamodule=RandomDataModule())
     assert not any(module._forward_pre_hooks for module in model.modules())

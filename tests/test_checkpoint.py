@@ -6,16 +6,21 @@ import copy
 
 import pytest
 import torch
+from helpers.lightning import RandomDataModule, model_checksum, optimizer_checksum, planted_mlp, small_mlp
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers.lightning import RandomDataModule, model_checksum, optimizer_checksum, planted_mlp, small_mlp
 from lightning_demp import DemonPruning, load_pruned_checkpoint
 from lightning_demp.demos import MLPClassifier
 from lightning_demp.surgery import layer_widths
 
-CALLBACK_ARGS = {"regularizer": "positive_l2", "reg_max": 0.05, "noise_std": 1e-3, "schedule": "one_cycle",
-                 "verbose": False}
+CALLBACK_ARGS = {
+    "regularizer": "positive_l2",
+    "reg_max": 0.05,
+    "noise_std": 1e-3,
+    "schedule": "one_cycle",
+    "verbose": False,
+}
 
 
 class Crash(Exception):
@@ -34,8 +39,15 @@ class CrashAtEpoch(Callback):
 def fit(tmp_path, model, max_epochs, ckpt_path=None, extra_callbacks=()):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
     callback = DemonPruning(**CALLBACK_ARGS)
-    trainer = Trainer(max_epochs=max_epochs, callbacks=[callback, checkpoint, *extra_callbacks], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", deterministic=True)
+    trainer = Trainer(
+        max_epochs=max_epochs,
+        callbacks=[callback, checkpoint, *extra_callbacks],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        deterministic=True,
+    )
     trainer.fit(model, datamodule=RandomDataModule(shuffle=False), ckpt_path=ckpt_path)
     return trainer, callback
 
@@ -81,8 +93,9 @@ def test_resume_restores_the_schedules_where_they_were(tmp_path):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             seen.setdefault("first_step", trainer.global_step)
 
-    _, callback = fit(tmp_path, small_mlp(), max_epochs=3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
-                      extra_callbacks=[Record()])
+    _, callback = fit(
+        tmp_path, small_mlp(), max_epochs=3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), extra_callbacks=[Record()]
+    )
     assert seen["first_step"] == trainer.global_step == 12
     assert callback._reg_schedule.span_steps == round(0.9 * 18)
     assert callback._last_reg_strength == pytest.approx(callback._reg_schedule.value(17))
@@ -92,9 +105,12 @@ def test_resume_restores_the_schedules_where_they_were(tmp_path):
 def test_validate_test_and_predict_from_a_pruned_checkpoint_with_the_callback_attached(tmp_path, entry):
     fit(tmp_path, planted_mlp(), max_epochs=1)
     model = small_mlp()
-    trainer = Trainer(callbacks=[DemonPruning(**CALLBACK_ARGS)], logger=False, enable_progress_bar=False,
-                      accelerator="cpu")
-    result = getattr(trainer, entry)(model, datamodule=RandomDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer = Trainer(
+        callbacks=[DemonPruning(**CALLBACK_ARGS)], logger=False, enable_progress_bar=False, accelerator="cpu"
+    )
+    result = getattr(trainer, entry)(
+        model, datamodule=RandomDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     assert result
     assert layer_widths(model)["net.0"] < 12
 

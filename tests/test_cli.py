@@ -34,8 +34,15 @@ def test_cli_fits_one_epoch_from_a_yaml_config_with_the_callback_configured(tmp_
 
 def test_cli_rejects_a_bad_callback_value_naming_the_argument(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs" / "digits_mlp.yaml"), "--trainer.callbacks.init_args.schedule=cubic",
-              f"--trainer.default_root_dir={tmp_path}"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / "digits_mlp.yaml"),
+                "--trainer.callbacks.init_args.schedule=cubic",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
     assert "schedule" in capsys.readouterr().err
 
 
@@ -44,7 +51,9 @@ def test_embedded_default_config_is_shipped_and_matches_the_repo_copy():
 
 
 def test_module_entry_point_prints_help():
-    result = subprocess.run([sys.executable, "-m", "lightning_demp", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_demp", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0
     assert "fit" in result.stdout
 
@@ -53,7 +62,18 @@ def test_print_config_shows_every_callback_argument(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs" / "digits_mlp.yaml"), "--print_config"])
     out = capsys.readouterr().out
-    for name in ("regularizer", "reg_max", "schedule", "schedule_span", "noise_std", "prune_every_n_epochs",
-                 "dead_threshold", "check_batches", "min_units", "exclude", "seed"):
+    for name in (
+        "regularizer",
+        "reg_max",
+        "schedule",
+        "schedule_span",
+        "noise_std",
+        "prune_every_n_epochs",
+        "dead_threshold",
+        "check_batches",
+        "min_units",
+        "exclude",
+        "seed",
+    ):
         assert f"{name}:" in out
     assert DemonPruning.__name__ in out

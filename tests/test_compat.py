@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.lightning import RandomDataModule, planted_mlp, train_with_callback
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
-from helpers.lightning import RandomDataModule, planted_mlp, train_with_callback
 from lightning_demp import DemonPruning
 from lightning_demp._strategy import check_supported
 from lightning_demp.demos import MLPClassifier
@@ -33,15 +33,21 @@ def assert_pruned(model, callback):
     ids=["bf16-mixed", "grad-accumulation", "clip-norm", "clip-value"],
 )
 def test_trainer_features(tmp_path, trainer_kwargs):
-    _, model, callback = train_with_callback(tmp_path, model=planted_mlp(), max_epochs=2, trainer_kwargs=trainer_kwargs,
-                                             **FAST)
+    _, model, callback = train_with_callback(
+        tmp_path, model=planted_mlp(), max_epochs=2, trainer_kwargs=trainer_kwargs, **FAST
+    )
     assert_pruned(model, callback)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed needs a GPU")
 def test_fp16_mixed_on_gpu(tmp_path):
-    _, model, callback = train_with_callback(tmp_path, model=planted_mlp(), max_epochs=2,
-                                             trainer_kwargs={"precision": "16-mixed", "accelerator": "gpu"}, **FAST)
+    _, model, callback = train_with_callback(
+        tmp_path,
+        model=planted_mlp(),
+        max_epochs=2,
+        trainer_kwargs={"precision": "16-mixed", "accelerator": "gpu"},
+        **FAST,
+    )
     assert_pruned(model, callback)
 
 
@@ -53,8 +59,9 @@ class TwoGroupsAndSchedulers(MLPClassifier):
     def configure_optimizers(self):
         decay = [p for n, p in self.named_parameters() if n.endswith("weight")]
         no_decay = [p for n, p in self.named_parameters() if n.endswith("bias")]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=1e-2)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2
+        )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.interval}}
 
@@ -71,7 +78,11 @@ def test_parameter_groups_and_lr_schedulers_keep_working(tmp_path, interval):
     assert trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
     steps = trainer.global_step if interval == "step" else trainer.current_epoch
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.9**steps)
-    assert all(n.endswith("weight") for n, p in model.named_parameters() if any(p is q for q in optimizer.param_groups[0]["params"]))
+    assert all(
+        n.endswith("weight")
+        for n, p in model.named_parameters()
+        if any(p is q for q in optimizer.param_groups[0]["params"])
+    )
 
 
 def test_compiled_module_recompiles_after_a_removal(tmp_path):
@@ -87,8 +98,15 @@ def test_compiled_module_recompiles_after_a_removal(tmp_path):
 def test_several_fit_calls_on_one_trainer_and_callback(tmp_path):
     model = planted_mlp()
     callback = DemonPruning(verbose=False, **FAST)
-    trainer = Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=RandomDataModule())
     first = dict(callback.kept_units)
     trainer.fit_loop.max_epochs = 2
@@ -100,8 +118,9 @@ def test_several_fit_calls_on_one_trainer_and_callback(tmp_path):
 
 def test_fast_dev_run(tmp_path):
     model = planted_mlp()
-    trainer = Trainer(fast_dev_run=True, callbacks=[DemonPruning(verbose=False, **FAST)], accelerator="cpu",
-                      enable_progress_bar=False)
+    trainer = Trainer(
+        fast_dev_run=True, callbacks=[DemonPruning(verbose=False, **FAST)], accelerator="cpu", enable_progress_bar=False
+    )
     trainer.fit(model, datamodule=RandomDataModule())
     assert model.net[0].out_features == 10
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.lightning import AssertRanksAgree, RandomDataModule, planted_mlp
 from lightning.pytorch import Trainer
 
-from helpers.lightning import AssertRanksAgree, RandomDataModule, planted_mlp
 from lightning_demp import DemonPruning
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
@@ -22,10 +22,19 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 def test_ddp_spawn_keeps_ranks_identical_after_every_removal_and_returns_the_pruned_model(tmp_path):
     model = planted_mlp()
     trainer = Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False),
-                   AssertRanksAgree()],
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[
+            DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False),
+            AssertRanksAgree(),
+        ],
     )
     trainer.fit(model, datamodule=RandomDataModule())  # an assertion failing in a worker fails here
     assert model.net[0].out_features <= 10  # the main process holds the pruned weights
@@ -37,18 +46,29 @@ def test_ddp_spawn_refuses_a_module_that_cannot_take_pruned_shapes_before_traini
     model = planted_mlp()
     object.__setattr__(model, "_demp_resize_on_load", False)
     model._load_state_dict_pre_hooks.clear()
-    trainer = Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False,
-                      callbacks=[DemonPruning(regularizer="positive_l2", verbose=False)])
+    trainer = Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[DemonPruning(regularizer="positive_l2", verbose=False)],
+    )
     with pytest.raises(Exception, match="Call `lightning_demp.enable_resize_on_load"):  # raised in the workers
         trainer.fit(model, datamodule=RandomDataModule())
 
 
 def test_ddp_subprocess_launcher_keeps_ranks_identical(tmp_path):
     output = tmp_path / "report.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(output)], capture_output=True, text=True, timeout=300,
-                            env=env, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(output)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert output.exists(), result.stderr[-3000:]
     report = json.loads(output.read_text())
     rank0, rank1 = report["per_rank"]
@@ -61,9 +81,18 @@ def test_ddp_subprocess_launcher_keeps_ranks_identical(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_ddp_on_gpus_keeps_ranks_identical(tmp_path):
     model = planted_mlp()
-    trainer = Trainer(strategy="ddp_spawn", accelerator="gpu", devices=2, max_epochs=2, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False,
-                      callbacks=[DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False),
-                                 AssertRanksAgree()])
+    trainer = Trainer(
+        strategy="ddp_spawn",
+        accelerator="gpu",
+        devices=2,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[
+            DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False),
+            AssertRanksAgree(),
+        ],
+    )
     trainer.fit(model, datamodule=RandomDataModule())
     assert model.net[0].out_features <= 10

@@ -46,7 +46,9 @@ def small_mlp(**kwargs: Any) -> MLPClassifier:
     return MLPClassifier(**options)
 
 
-def train_with_callback(tmp_path: Any, model: Any = None, max_epochs: int = 2, trainer_kwargs: Any = None, **callback_kwargs: Any):
+def train_with_callback(
+    tmp_path: Any, model: Any = None, max_epochs: int = 2, trainer_kwargs: Any = None, **callback_kwargs: Any
+):
     """Fit ``model`` (a small MLP by default) with ``DemonPruning(**callback_kwargs)``; return (trainer, model, callback)."""
     callback_kwargs.setdefault("regularizer", "positive_l2")
     callback_kwargs.setdefault("verbose", False)
@@ -101,8 +103,9 @@ class AssertRanksAgree(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
         widths = [float(p.shape[0]) for p in pl_module.parameters()]
-        local = torch.tensor([*widths, model_checksum(pl_module), optimizer_checksum(trainer.optimizers[0])],
-                             dtype=torch.float64)
+        local = torch.tensor(
+            [*widths, model_checksum(pl_module), optimizer_checksum(trainer.optimizers[0])], dtype=torch.float64
+        )
         gathered = trainer.strategy.all_gather(local)
         assert gathered.shape[0] == trainer.world_size
         assert torch.equal(gathered[0], gathered[1]), f"ranks differ at epoch {trainer.current_epoch}: {gathered}"

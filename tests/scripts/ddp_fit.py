@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+import torch
+from helpers.lightning import AssertRanksAgree, RandomDataModule, model_checksum, planted_mlp
+from lightning.pytorch import Trainer, seed_everything
 
-from helpers.lightning import AssertRanksAgree, RandomDataModule, model_checksum, planted_mlp  # noqa: E402
-from lightning_demp import DemonPruning  # noqa: E402
+from lightning_demp import DemonPruning
 
 
 def main() -> None:
@@ -24,18 +24,33 @@ def main() -> None:
     model = planted_mlp()
     callback = DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False)
     agree = AssertRanksAgree()
-    trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, callbacks=[callback, agree],
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=3,
+        callbacks=[callback, agree],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=RandomDataModule())
     widths = torch.tensor([model.net[0].out_features, model.net[2].out_features], dtype=torch.float64)
-    gathered = trainer.strategy.all_gather(torch.cat([widths, torch.tensor([model_checksum(model)], dtype=torch.float64)]))
+    gathered = trainer.strategy.all_gather(
+        torch.cat([widths, torch.tensor([model_checksum(model)], dtype=torch.float64)])
+    )
     if trainer.is_global_zero:
-        Path(sys.argv[1]).write_text(json.dumps({
-            "per_rank": gathered.tolist(),
-            "checked_epochs": agree.checked_epochs,
-            "kept_units": callback.kept_units,
-            "events": len(callback.events),
-        }))
+        Path(sys.argv[1]).write_text(
+            json.dumps(
+                {
+                    "per_rank": gathered.tolist(),
+                    "checked_epochs": agree.checked_epochs,
+                    "kept_units": callback.kept_units,
+                    "events": len(callback.events),
+                }
+            )
+        )
     torch.distributed.destroy_process_group()
 
 
