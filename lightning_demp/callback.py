@@ -297,6 +297,16 @@ class DemonPruning(Callback):
             pl_module.log("demp/noise_std", self._last_noise_std, on_step=True, on_epoch=False)
 
     @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._monitor is not None:
+            self._monitor.paused = True  # validation forwards never enter a removal decision
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._monitor is not None:
+            self._monitor.paused = False
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.should_prune(trainer):
             self._removal_event(trainer, pl_module)

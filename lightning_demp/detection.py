@@ -120,6 +120,7 @@ class ActivationMonitor:
         self.readers = dict(readers)
         self.activity: dict[str, UnitActivity] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.paused = False  # when True, attached hooks record nothing (e.g. during validation)
         self.reset()
 
     def reset(self) -> None:
@@ -159,7 +160,7 @@ class ActivationMonitor:
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], Tensor):
+            if not self.paused and args and isinstance(args[0], Tensor):
                 self.activity[name].update(args[0])
 
         return hook

@@ -109,6 +109,9 @@ class PrunableGraph:
         self.model = model
         self.exclude = list(exclude)
         was_training = {module: module.training for module in model.modules()}
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for param in frozen:  # Torch-Pruning traces autograd: a frozen layer would be invisible to it
+            param.requires_grad_(True)
         try:
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -123,6 +126,8 @@ class PrunableGraph:
         finally:
             for module, training in was_training.items():
                 module.training = training
+            for param in frozen:
+                param.requires_grad_(False)
         self._names = {module: name for name, module in model.named_modules()}
         self._output_layers = self._find_output_layers()
 
@@ -152,6 +157,19 @@ class PrunableGraph:
         by_name = dict(self.model.named_modules())
         return {by_name[name] for names in matches.values() for name in names}
 
+    def _modules_sharing_parameters(self) -> dict[nn.Module, str]:
+        """Modules holding a parameter that another module also holds (tied weights), with the other's name."""
+        owners: dict[int, list[nn.Module]] = {}
+        for module in self.model.modules():
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), []).append(module)
+        shared: dict[nn.Module, str] = {}
+        for modules in owners.values():
+            for module in modules if len(modules) > 1 else ():
+                other = next(m for m in modules if m is not module)
+                shared[module] = self._names.get(other, type(other).__name__)
+        return shared
+
     def readers(self) -> dict[str, nn.Module]:
         """Every Linear/Conv layer that reads a unit of some group, by name."""
         modules = dict(self.model.named_modules())
@@ -160,6 +178,7 @@ class PrunableGraph:
     def groups(self) -> list[UnitGroup]:
         """Describe every group of coupled units, blocked or not, in the model's current shape."""
         excluded = self._excluded_modules()
+        shared = self._modules_sharing_parameters()
         graph = self._graph
         result = []
         for tp_group in graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES):
@@ -187,6 +206,8 @@ class PrunableGraph:
                 if dep.target.type not in _SUPPORTED_MODULE_TYPES:
                     reasons.append(f"it is coupled with `{name}` ({type(module).__name__}), which mixes units")
                     continue
+                if module in shared:
+                    reasons.append(f"`{name}` shares parameters with `{shared[module]}`")
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
                 if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
                     reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")

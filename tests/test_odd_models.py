@@ -1,0 +1,109 @@
+"""Odd models either keep working (outputs preserved) or are refused with a reason."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from helpers.models import kill_bn_units_, kill_linear_units_, make_alive_, randomize_bn_
+from test_surgery import remove_dead_
+from torch import nn
+
+from lightning_demp.surgery import PrunableGraph, layer_widths
+
+
+class TiedWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(8, 8)
+        self.decoder = nn.Linear(8, 8)
+        self.decoder.weight = self.encoder.weight
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.decoder(F.relu(self.encoder(x)))))
+
+
+def test_groups_touching_tied_weights_are_blocked_with_a_reason():
+    groups = {g.name: g for g in PrunableGraph(TiedWeights(), torch.randn(2, 8)).groups()}
+    assert "shares parameters" in groups["encoder"].blocked
+    assert "shares parameters" in groups["decoder"].blocked
+
+
+class ReusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.shared = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.shared(F.relu(self.fc1(x))))
+        return self.head(F.relu(self.shared(h)))
+
+
+def test_a_module_called_twice_is_pruned_only_where_dead_in_both_calls():
+    model = make_alive_(ReusedLayer())
+    with torch.no_grad():
+        model.shared.weight.abs_()
+    kill_linear_units_(model.fc1, [2])  # read by `shared` in the first call only: alive in the second call
+    x = torch.randn(64, 5)
+    model.eval()
+    before = model(x)
+    remove_dead_(model, x)
+    torch.testing.assert_close(model(x), before)
+
+
+def test_a_unit_dead_in_every_call_of_a_reused_module_is_removed():
+    model = make_alive_(ReusedLayer())
+    kill_linear_units_(model.fc1, [2])
+    kill_linear_units_(model.shared, [2])  # unit 2 is 0 at both inputs of `shared`
+    x = torch.randn(64, 5)
+    model.eval()
+    before = model(x)
+    removed = remove_dead_(model, x)
+    torch.testing.assert_close(model(x), before)
+    assert sum(removed.values()) >= 1
+    assert model.shared.in_features == model.shared.out_features == 7
+
+
+class DepthwiseNet(nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.dw = nn.Conv1d(8, 8, 3, padding=1, groups=groups)
+        self.dw_bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.dw_bn(self.dw(x)))
+        return self.head(x.mean(-1))
+
+
+def test_depthwise_convolutions_are_pruned_with_their_input_channels():
+    model = DepthwiseNet(groups=8)
+    randomize_bn_(model)
+    kill_bn_units_(model.bn, [1])
+    kill_bn_units_(model.dw_bn, [1])  # the channel is dead before and after the depthwise conv
+    x = torch.randn(32, 2, 10)
+    model.eval()
+    before = model(x)
+    remove_dead_(model, x)
+    torch.testing.assert_close(model(x), before)
+    assert layer_widths(model)["dw"] == 7
+
+
+def test_grouped_convolutions_are_refused_with_a_reason():
+    groups = {g.name: g for g in PrunableGraph(DepthwiseNet(groups=2), torch.randn(2, 2, 10)).groups()}
+    assert any("grouped convolution" in (g.blocked or "") for g in groups.values())
+
+
+def test_parameters_frozen_by_the_user_are_removed_like_others_and_stay_frozen():
+    model = make_alive_(ReusedLayer())
+    model.fc1.requires_grad_(False)
+    kill_linear_units_(model.fc1, [0])
+    kill_linear_units_(model.shared, [0])
+    remove_dead_(model, torch.randn(32, 5))
+    assert not model.fc1.weight.requires_grad
+    assert model.fc1.out_features == 7
