@@ -12,6 +12,7 @@ the union of every rank's data.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -159,11 +160,12 @@ class ActivationMonitor:
             self.detach()
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not self.paused and args and isinstance(args[0], Tensor):
-                self.activity[name].update(args[0])
+        # A partial of a method, not a closure: a model with hooks attached still pickles and deep-copies.
+        return functools.partial(self._record, name)
 
-        return hook
+    def _record(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self.paused and args and isinstance(args[0], Tensor):
+            self.activity[name].update(args[0])
 
     def compute(self) -> dict[str, dict[str, Tensor]]:
         """Reduce (across processes when distributed) and return every reader's statistics."""
