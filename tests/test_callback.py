@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from helpers.lightning import RandomDataModule, small_mlp, train_with_callback
-from helpers.models import kill_linear_units_, make_alive_
 from lightning.pytorch import Trainer
 
+from helpers.lightning import RandomDataModule, small_mlp, train_with_callback
+from helpers.models import kill_linear_units_, make_alive_
 from lightning_demp import DemonPruning
 from lightning_demp.schedules import OneCycleSchedule
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from helpers.lightning import RandomDataModule, model_checksum, optimizer_checksum, planted_mlp, small_mlp
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from helpers.lightning import RandomDataModule, model_checksum, optimizer_checksum, planted_mlp, small_mlp
 from lightning_demp import DemonPruning, load_pruned_checkpoint
 from lightning_demp.demos import MLPClassifier
 from lightning_demp.surgery import layer_widths

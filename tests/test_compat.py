@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.lightning import RandomDataModule, planted_mlp, train_with_callback
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
+from helpers.lightning import RandomDataModule, planted_mlp, train_with_callback
 from lightning_demp import DemonPruning
 from lightning_demp._strategy import check_supported
 from lightning_demp.demos import MLPClassifier

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.lightning import AssertRanksAgree, RandomDataModule, planted_mlp
 from lightning.pytorch import Trainer
 
+from helpers.lightning import AssertRanksAgree, RandomDataModule, planted_mlp
 from lightning_demp import DemonPruning
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")

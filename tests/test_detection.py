@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from helpers.models import (
     MLP,
     ConvBN,
@@ -15,8 +17,6 @@ from helpers.models import (
     make_alive_,
     randomize_bn_,
 )
-from torch import nn
-
 from lightning_demp.detection import ActivationMonitor, UnitActivity, dead_check, find_dead_units, unit_activity
 from lightning_demp.surgery import PrunableGraph
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from helpers.models import kill_bn_units_, kill_linear_units_, make_alive_, randomize_bn_
 from test_surgery import remove_dead_
 from torch import nn
 
+from helpers.models import kill_bn_units_, kill_linear_units_, make_alive_, randomize_bn_
 from lightning_demp.surgery import PrunableGraph, layer_widths
 
 

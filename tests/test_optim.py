@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from helpers.models import MLP, kill_linear_units_, make_alive_
 from torch import nn
 
+from helpers.models import MLP, kill_linear_units_, make_alive_
 from lightning_demp.optim import ParamRemap, remap_optimizer_
 from lightning_demp.surgery import PrunableGraph
 

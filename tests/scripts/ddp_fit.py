@@ -13,9 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from helpers.lightning import AssertRanksAgree, RandomDataModule, model_checksum, planted_mlp
 from lightning.pytorch import Trainer, seed_everything
 
+from helpers.lightning import AssertRanksAgree, RandomDataModule, model_checksum, planted_mlp
 from lightning_demp import DemonPruning
 
 
