@@ -10,6 +10,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -32,6 +33,7 @@ from lightning_demp.regularization import (
     norm_scales,
     penalized_params,
 )
+from lightning_demp.report import print_summary
 from lightning_demp.schedules import SCHEDULE_NAMES, Schedule, ScheduleName, make_schedule
 from lightning_demp.surgery import (
     PrunableGraph,
@@ -108,6 +110,8 @@ class DemonPruning(Callback):
         exclude: Module names or glob patterns whose output units are never removed.
         seed: Seed of the noise generator (combined with the step, so every process draws the same noise).
         verbose: Print a one-line message at each removal and a summary table when fit ends.
+        plot: When fit ends, save ``demp_units.png`` (live units per layer over training, λ/σ beneath) in the run's
+            log directory and send it to loggers that take figures (TensorBoard). Needs matplotlib.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -140,6 +144,7 @@ class DemonPruning(Callback):
         exclude: list[str] | None = None,
         seed: int = 0,
         verbose: bool = True,
+        plot: bool = True,
     ) -> None:
         super().__init__()
         self.regularizer: RegularizerName = _check_choice("regularizer", regularizer, REGULARIZER_NAMES)  # type: ignore[assignment]
@@ -161,6 +166,9 @@ class DemonPruning(Callback):
         if not isinstance(verbose, bool):
             raise TypeError(f"Expected `verbose` to be a bool, got {type(verbose).__name__} {verbose!r}.")
         self.verbose = verbose
+        if not isinstance(plot, bool):
+            raise TypeError(f"Expected `plot` to be a bool, got {type(plot).__name__} {plot!r}.")
+        self.plot = plot
 
         # Persistent state (plain types, saved in checkpoints).
         self.initial_widths: dict[str, int] = {}  # group name -> units at the start of the run
@@ -168,6 +176,7 @@ class DemonPruning(Callback):
         self.initial_params: int | None = None
         self.initial_flops: float | None = None
         self.events: list[dict[str, Any]] = []  # one record per removal event
+        self.plot_path: str | None = None
         self.last_check_step: int = -1
 
         # Runtime state (rebuilt in every process, never pickled).
@@ -182,6 +191,7 @@ class DemonPruning(Callback):
         self._load_hook: Any = None
         self._current_flops: float | None = None
         self._train_batch_size: int | None = None
+        self._total_steps: int | None = None
         self._fit_start_time: float | None = None
         self._last_reg_strength = 0.0
         self._last_noise_std = 0.0
@@ -237,7 +247,8 @@ class DemonPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        span_steps = max(1, round(self.schedule_span * _total_steps(trainer)))
+        self._total_steps = _total_steps(trainer)
+        span_steps = max(1, round(self.schedule_span * self._total_steps))
         self._reg_schedule = make_schedule(self.schedule, self.reg_max, span_steps)
         self._noise_schedule = make_schedule(self.schedule, self.noise_std, span_steps)
         self._fit_start_time = time.perf_counter()
@@ -317,10 +328,11 @@ class DemonPruning(Callback):
         if self._graph is not None and self.last_check_step != trainer.global_step:
             self._removal_event(trainer, pl_module)  # training stopped early: the paper's final check
             self._log_size(trainer, pl_module, use_module_log=False)
-        if self.verbose and trainer.is_global_zero and self._graph is not None:
-            from lightning_demp.report import print_summary
-
-            print_summary(self, trainer, pl_module)
+        if trainer.is_global_zero and self._graph is not None:
+            if self.plot:
+                self._save_plot(trainer)
+            if self.verbose:
+                print_summary(self, trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -347,6 +359,15 @@ class DemonPruning(Callback):
             "initial_flops": self.initial_flops,
             "events": [dict(event) for event in self.events],
             "last_check_step": self.last_check_step,
+            "schedule": None
+            if self._reg_schedule is None
+            else {
+                "name": self.schedule,
+                "reg_max": self.reg_max,
+                "noise_std": self.noise_std,
+                "span_steps": self._reg_schedule.span_steps,
+                "total_steps": self._total_steps,
+            },
         }
 
     @override
@@ -481,6 +502,9 @@ class DemonPruning(Callback):
                 "step": trainer.global_step,
                 "epoch": trainer.current_epoch,
                 "removed": {name: len(idxs) for name, idxs in plan.items()},
+                "widths": {name: len(kept) for name, kept in self.kept_units.items()},
+                "params": count_parameters(pl_module),
+                "flops_kept": self.flops_kept_fraction(),
                 "seconds": time.perf_counter() - start,
             }
         )
@@ -489,6 +513,27 @@ class DemonPruning(Callback):
                 f"DemonPruning: removed {removed_count} units from {len(plan)} layers: "
                 f"{self.units_kept_fraction():.0%} of units, {self.flops_kept_fraction():.0%} of FLOPs kept."
             )
+
+    def _save_plot(self, trainer: pl.Trainer) -> None:
+        try:
+            from lightning_demp.plots import plot_run
+
+            figure = plot_run(self.state_dict())
+        except ImportError:
+            rank_zero_info("DemonPruning: install matplotlib to get the units-over-training plot.")
+            return
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "demp_units.png"
+        figure.savefig(path, dpi=120)
+        self.plot_path = str(path)
+        for logger in trainer.loggers:
+            add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+            if callable(add_figure):
+                add_figure("demp/units", figure, global_step=trainer.global_step)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
 
     def units_kept_fraction(self) -> float:
         """Fraction of the prunable units still present."""

@@ -1,0 +1,90 @@
+"""Pictures of a DemP run: live units per layer over training, with the λ/σ schedules beneath.
+
+The figure is drawn from the callback's ``state_dict()`` (the same plain dict stored in checkpoints), so a run can
+be plotted at the end of training or later from a saved checkpoint with :func:`plot_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_demp.schedules import make_schedule
+
+
+def units_over_steps(state: Mapping[str, Any]) -> tuple[list[int], dict[str, list[int]]]:
+    """Steps of the removal events (starting at 0) and, per layer, the units kept after each.
+
+    Example:
+        >>> state = {"initial_widths": {"fc1": 8}, "events": [{"step": 10, "widths": {"fc1": 5}}]}
+        >>> units_over_steps(state)
+        ([0, 10], {'fc1': [8, 5]})
+    """
+    steps = [0]
+    widths = {name: [int(width)] for name, width in state["initial_widths"].items()}
+    for event in state["events"]:
+        steps.append(int(event["step"]))
+        for name, series in widths.items():
+            series.append(int(event.get("widths", {}).get(name, series[-1])))
+    return steps, widths
+
+
+def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
+    """Draw live units per layer (top) and λ_t/σ_t (bottom); save as PNG when ``path`` is given.
+
+    Args:
+        state: ``DemonPruning.state_dict()``, or the ``"DemonPruning"`` entry of a checkpoint's ``"callbacks"``.
+        path: Where to write the PNG.
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, widths = units_over_steps(state)
+    schedule = state.get("schedule") or {}
+    total = int(schedule.get("total_steps") or max(steps[-1], 1))
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1.4])
+    for name, series in widths.items():
+        top.step([*steps, total], [*series, series[-1]], where="post", label=name)
+    top.set_ylabel("live units")
+    top.set_title("DemonPruning: live units per layer")
+    top.legend(fontsize="small", loc="upper right")
+    top.grid(alpha=0.3)
+    if schedule:
+        xs = torch.linspace(0, total, 200).round().long().tolist()
+        span = int(schedule["span_steps"])
+        reg = make_schedule(schedule["name"], float(schedule["reg_max"]), span)
+        noise = make_schedule(schedule["name"], float(schedule["noise_std"]), span)
+        bottom.plot(xs, [reg.value(x) for x in xs], color="tab:red", label="λ (regularization)")
+        bottom.set_ylabel("λ_t", color="tab:red")
+        twin = bottom.twinx()
+        twin.plot(xs, [noise.value(x) for x in xs], color="tab:blue", linestyle="--", label="σ (noise)")
+        twin.set_ylabel("σ_t", color="tab:blue")
+    for step in steps[1:]:
+        bottom.axvline(step, color="grey", alpha=0.3, linewidth=0.8)
+    bottom.set_xlabel("optimizer step")
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_checkpoint(checkpoint_path: str | Path, png_path: str | Path) -> Any:
+    """Plot a saved run from a Lightning checkpoint written with DemonPruning attached.
+
+    Example::
+
+        plot_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt", "demp_units.png")
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    states = [value for key, value in checkpoint.get("callbacks", {}).items() if "DemonPruning" in key]
+    if not states:
+        raise ValueError(f"No DemonPruning state in `{checkpoint_path}`: was the callback attached when it was saved?")
+    return plot_run(states[0], png_path)

@@ -1,0 +1,86 @@
+"""Plots of a run and the logger integration (CSV and TensorBoard): keys grouped under demp/, image sent."""
+
+from __future__ import annotations
+
+import matplotlib.image
+import pytest
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from helpers.lightning import RandomDataModule, planted_mlp
+from lightning_demp import DemonPruning
+from lightning_demp.plots import plot_checkpoint, plot_run, units_over_steps
+
+
+def fit_with_logger(tmp_path, logger, **kwargs):
+    callback = DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False, **kwargs)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = Trainer(
+        max_epochs=3,
+        callbacks=[callback, checkpoint],
+        logger=logger,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        log_every_n_steps=1,
+    )
+    trainer.fit(planted_mlp(), datamodule=RandomDataModule())
+    return trainer, callback
+
+
+def test_plot_file_is_written_in_the_log_dir_and_shows_every_layer_and_event(tmp_path):
+    trainer, callback = fit_with_logger(tmp_path, CSVLogger(tmp_path))
+    png = tmp_path / "lightning_logs" / "version_0" / "demp_units.png"
+    assert callback.plot_path == str(png)
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 300 and image.shape[1] > 500
+
+    figure = plot_run(callback.state_dict())
+    top, bottom = figure.axes[:2]
+    assert [text.get_text() for text in top.get_legend().get_texts()] == ["net.0", "net.2"]
+    steps, widths = units_over_steps(callback.state_dict())
+    assert steps == [0, *(event["step"] for event in callback.events)]
+    assert widths["net.0"][0] == 12 and widths["net.0"][-1] == len(callback.kept_units["net.0"])
+    line = top.get_lines()[0]
+    assert list(line.get_xdata())[-1] == trainer.global_step  # drawn to the end of training
+    assert bottom.get_lines()[0].get_label() == "λ (regularization)"
+
+
+def test_a_saved_run_is_plotted_from_its_checkpoint(tmp_path):
+    fit_with_logger(tmp_path, False)
+    figure = plot_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 0
+    assert len(figure.axes[0].get_lines()) == 2
+
+
+def test_tensorboard_gets_the_metrics_under_demp_and_the_figure(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, _ = fit_with_logger(tmp_path, TensorBoardLogger(tmp_path))
+    accumulator = EventAccumulator(trainer.logger.log_dir)
+    accumulator.Reload()
+    scalars = set(accumulator.Tags()["scalars"])
+    assert {
+        "demp/reg_strength",
+        "demp/noise_std",
+        "demp/units/net.0",
+        "demp/params_removed_frac",
+        "demp/flops_kept_frac",
+        "demp/units_kept_frac",
+    } <= scalars
+    assert "demp/units" in accumulator.Tags()["images"]
+
+
+def test_plot_can_be_turned_off_and_is_validated(tmp_path):
+    _, callback = fit_with_logger(tmp_path, CSVLogger(tmp_path), plot=False)
+    assert callback.plot_path is None
+    assert not (tmp_path / "lightning_logs" / "version_0" / "demp_units.png").exists()
+    with pytest.raises(TypeError, match="Expected `plot` to be a bool"):
+        DemonPruning(plot="yes")
+
+
+def test_progress_bar_shows_kept_units_and_flops_only(tmp_path):
+    trainer, _ = fit_with_logger(tmp_path, False)
+    bar = trainer.progress_bar_metrics
+    assert {"demp/units_kept_frac", "demp/flops_kept_frac"} <= set(bar)
+    assert not any(key.startswith("demp/units/") for key in bar)
