@@ -40,6 +40,10 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _override(spec: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    return {**spec, "init_args": {**spec.get("init_args", {}), **(overrides or {})}}
+
+
 def run_config(
     config: dict[str, Any],
     *,
@@ -47,20 +51,31 @@ def run_config(
     with_demp: bool,
     max_epochs: int | None = None,
     callback_overrides: dict[str, Any] | None = None,
+    extra_callbacks: Any = None,
+    keep: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    data_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fit the config's model on its data, with or without its DemonPruning callback; return the figures."""
+    """Fit the config's model on its data, with or without its DemonPruning callback; return the figures.
+
+    ``extra_callbacks(model, epochs)`` returns more callbacks (the peers). ``keep``, when given, receives the
+    trained model and the DemonPruning callback.
+    """
     seed_everything(seed, workers=True)
-    model = instantiate(config["model"])
-    data = instantiate(config["data"])
+    model = instantiate(_override(config["model"], model_overrides))
+    data = instantiate(_override(config["data"], data_overrides))
+    epochs = max_epochs or config["trainer"]["max_epochs"]
     example = model.example_input_array
     params_before, flops_before = count_parameters(model), count_flops_per_sample(model, example)
     callbacks = []
     if with_demp:
         spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
-        args = {**spec.get("init_args", {}), "seed": seed, "verbose": False, **(callback_overrides or {})}
+        args = {**spec.get("init_args", {}), "seed": seed, "verbose": False, "plot": False, **(callback_overrides or {})}
         callbacks.append(DemonPruning(**args))
+    if extra_callbacks is not None:
+        callbacks.extend(extra_callbacks(model, epochs))
     trainer = Trainer(
-        max_epochs=max_epochs or config["trainer"]["max_epochs"],
+        max_epochs=epochs,
         accelerator="cpu",
         devices=1,
         callbacks=callbacks,
@@ -84,9 +99,13 @@ def run_config(
         "flops_removed": 1 - flops_after / flops_before,
         "fit_seconds": fit_seconds,
     }
-    if callbacks:
+    result["zeroed"] = sum(int((p == 0).sum()) for p in model.parameters()) / params_before
+    if with_demp:
         result["units_removed"] = 1 - callbacks[0].units_kept_fraction()
         result["widths"] = {name: len(kept) for name, kept in callbacks[0].kept_units.items()}
+        result["events"] = callbacks[0].events
+    if keep is not None:
+        keep["model"], keep["callback"] = model, callbacks[0] if with_demp else None
     return result
 
 

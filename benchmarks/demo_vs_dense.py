@@ -40,13 +40,18 @@ def main() -> None:
     runs = []
     for seed in seeds:  # interleaved: dense and DemP of one seed back to back
         for with_demp in (False, True):
-            run = run_config(config, seed=seed, with_demp=with_demp, max_epochs=epochs)
+            keep: dict = {}
+            run = run_config(config, seed=seed, with_demp=with_demp, max_epochs=epochs, keep=keep)
             print(run, flush=True)
             runs.append(run)
+            if with_demp and seed == seeds[0] and not args.quick:  # the picture in the README
+                from lightning_demp.plots import plot_run
+
+                plot_run(keep["callback"].state_dict(), RESULTS / "demo_units.png")
     dense = [r for r in runs if not r["demp"]]
     demp = [r for r in runs if r["demp"]]
     payload = {"config": str(args.config.relative_to(REPO)), "quick": args.quick, "machine": machine(), "runs": runs}
-    suffix = "_quick" if args.quick else ""
+    suffix = "_quick" if args.quick else "" if seeds == [0, 1, 2] else "_seeds" + "".join(map(str, seeds))
     write_json(f"demo_vs_dense{suffix}.json", payload)
     table = [
         "| run | test acc | params removed | FLOPs removed | units removed | fit time (s) |",

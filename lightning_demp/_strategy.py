@@ -16,7 +16,7 @@ from torch import Tensor
 def check_supported(strategy: Strategy) -> None:
     """Raise a ``RuntimeError`` naming ``strategy`` when it shards parameters or is unknown.
 
-    Example:
+    Examples:
         >>> check_supported(SingleDeviceStrategy(device=torch.device("cpu")))
     """
     if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
@@ -58,3 +58,15 @@ def rewrap_after_surgery(trainer: Trainer) -> None:
     if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
         strategy.model = strategy.lightning_module
         strategy.configure_ddp()
+
+
+def average_batchnorm_statistics(trainer: Trainer, module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over processes (each rank recalibrated on its own batches)."""
+    if trainer.world_size <= 1:
+        return
+    for norm in module.modules():
+        if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        for statistic in (norm.running_mean, norm.running_var):
+            if statistic is not None:
+                statistic.copy_(trainer.strategy.reduce(statistic.clone(), reduce_op="mean"))

@@ -14,7 +14,7 @@ from lightning_demp.detection import eval_mode
 def count_parameters(module: nn.Module) -> int:
     """Number of parameter entries of ``module``.
 
-    Example:
+    Examples:
         >>> count_parameters(nn.Linear(3, 2))
         8
     """
@@ -47,7 +47,7 @@ def batch_size_of(inputs: Any) -> int:
 def count_flops_per_sample(module: nn.Module, inputs: Any) -> float:
     """Forward FLOPs per sample, counted by torch's ``FlopCounterMode`` in eval mode.
 
-    Example:
+    Examples:
         >>> count_flops_per_sample(nn.Linear(3, 2), torch.randn(4, 3))
         12.0
     """

@@ -22,7 +22,9 @@ from typing_extensions import override
 
 from lightning_demp import _strategy
 from lightning_demp.accounting import batch_size_of, call_with, count_flops_per_sample, count_parameters
+from lightning_demp.batchnorm import recalibrate_batchnorm_
 from lightning_demp.detection import ActivationMonitor, dead_check, find_dead_units, unit_activity
+from lightning_demp.monitoring import risky_monitors, schedule_phase
 from lightning_demp.optim import remap_optimizer_
 from lightning_demp.regularization import (
     REGULARIZER_NAMES,
@@ -70,6 +72,12 @@ def _check_int(name: str, value: Any, *, low: int) -> int:
     return value
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be a bool, got {type(value).__name__} {value!r}.")
+    return value
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str):
         raise TypeError(f"Expected `{name}` to be one of {tuple(choices)}, got {type(value).__name__} {value!r}.")
@@ -81,8 +89,8 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 class DemonPruning(Callback):
     r"""Demon's Pruning (DemP): promote neuron death while training, and remove dead units physically.
 
-    Every optimizer step, the regularizer's gradient at strength :math:`\lambda_t` is added before the step, and
-    after it :math:`\sigma_t \cdot N(0, 1)` noise is added to the parameter entries that received a gradient (live
+    Every optimizer step, the regularizer's gradient at strength `\lambda_t` is added before the step, and
+    after it `\sigma_t \cdot N(0, 1)` noise is added to the parameter entries that received a gradient (live
     units). Every ``prune_every_n_epochs`` epochs, and once more when training ends, units that deliver nothing to
     any layer reading them are removed from every coupled layer (BatchNorm, residual links and flatten included);
     the optimizer keeps training what remains, with its state sliced, not reset. The output layer is never pruned.
@@ -110,6 +118,10 @@ class DemonPruning(Callback):
         exclude: Module names or glob patterns whose output units are never removed.
         seed: Seed of the noise generator (combined with the step, so every process draws the same noise).
         verbose: Print a one-line message at each removal and a summary table when fit ends.
+        recalibrate_bn: While the schedule runs, and after each removal, re-estimate BatchNorm running statistics on
+            the epoch's recent training batches (train mode, no gradients, no optimizer step) before validation, so
+            that validation metrics stay trustworthy when BatchNorm scales are pushed toward zero.
+        recalibration_batches: How many of the epoch's most recent training batches a recalibration uses.
         plot: When fit ends, save ``demp_units.png`` (live units per layer over training, λ/σ beneath) in the run's
             log directory and send it to loggers that take figures (TensorBoard). Needs matplotlib.
 
@@ -117,14 +129,13 @@ class DemonPruning(Callback):
         TypeError: An argument has the wrong type.
         ValueError: An argument is out of range or not one of the allowed names.
 
-    Example::
-
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> from lightning_demp import DemonPruning
         >>> callback = DemonPruning(regularizer="positive_l2", reg_max=1.0, noise_std=5e-5, prune_every_n_epochs=5)
         >>> trainer = Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False)
 
-    .. note::
+    Note:
         Under DDP the statistics are reduced across processes before any decision, the plan is broadcast from rank
         0, noise is drawn identically on every rank, and the DDP wrapper is rebuilt after each removal.
     """
@@ -144,6 +155,8 @@ class DemonPruning(Callback):
         exclude: list[str] | None = None,
         seed: int = 0,
         verbose: bool = True,
+        recalibrate_bn: bool = True,
+        recalibration_batches: int = 4,
         plot: bool = True,
     ) -> None:
         super().__init__()
@@ -163,12 +176,10 @@ class DemonPruning(Callback):
             raise TypeError(f"Expected `exclude` to be a list of str, got {exclude!r}.")
         self.exclude = list(exclude)
         self.seed = _check_int("seed", seed, low=0)
-        if not isinstance(verbose, bool):
-            raise TypeError(f"Expected `verbose` to be a bool, got {type(verbose).__name__} {verbose!r}.")
-        self.verbose = verbose
-        if not isinstance(plot, bool):
-            raise TypeError(f"Expected `plot` to be a bool, got {type(plot).__name__} {plot!r}.")
-        self.plot = plot
+        self.verbose = _check_bool("verbose", verbose)
+        self.recalibrate_bn = _check_bool("recalibrate_bn", recalibrate_bn)
+        self.recalibration_batches = _check_int("recalibration_batches", recalibration_batches, low=1)
+        self.plot = _check_bool("plot", plot)
 
         # Persistent state (plain types, saved in checkpoints).
         self.initial_widths: dict[str, int] = {}  # group name -> units at the start of the run
@@ -177,7 +188,9 @@ class DemonPruning(Callback):
         self.initial_flops: float | None = None
         self.events: list[dict[str, Any]] = []  # one record per removal event
         self.plot_path: str | None = None
+        self.recalibrations = 0  # BatchNorm recalibrations done in this process
         self.last_check_step: int = -1
+        self.last_removed_count: int = 0
 
         # Runtime state (rebuilt in every process, never pickled).
         self._graph: PrunableGraph | None = None
@@ -192,6 +205,7 @@ class DemonPruning(Callback):
         self._current_flops: float | None = None
         self._train_batch_size: int | None = None
         self._total_steps: int | None = None
+        self._loaded_schedule: dict[str, Any] | None = None
         self._fit_start_time: float | None = None
         self._last_reg_strength = 0.0
         self._last_noise_std = 0.0
@@ -255,6 +269,19 @@ class DemonPruning(Callback):
         self._install_step_hooks(trainer)
         if pl_module.example_input_array is not None:
             self._prepare(pl_module, pl_module.example_input_array)
+        self._warn_about_monitors(trainer, span_steps)
+
+    def _warn_about_monitors(self, trainer: pl.Trainer, span_steps: int) -> None:
+        if self.reg_max == 0 and self.noise_std == 0:
+            return
+        steps_per_epoch = max(1, self._total_steps // max(1, trainer.max_epochs or 1)) if self._total_steps else 1
+        risky = risky_monitors(trainer, span_steps / steps_per_epoch)
+        if risky:
+            rank_zero_warn(
+                "`DemonPruning`: " + "; ".join(risky) + ". Validation metrics dip while units die and BatchNorm "
+                "statistics move; monitor them once `demp/settled` is 1 (see the docs' monitoring recipe), or raise "
+                "the patience past the schedule."
+            )
 
     @override
     def on_train_batch_start(
@@ -311,6 +338,8 @@ class DemonPruning(Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._monitor is not None:
             self._monitor.paused = True  # validation forwards never enter a removal decision
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self.schedule_active(trainer.global_step):
+            self._recalibrate(trainer, pl_module)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -322,6 +351,13 @@ class DemonPruning(Callback):
         if self.should_prune(trainer):
             self._removal_event(trainer, pl_module)
         self._log_size(trainer, pl_module, use_module_log=True)
+        if self._reg_schedule is not None:
+            pl_module.log("demp/schedule_phase", float(schedule_phase(self._reg_schedule, trainer.global_step)))
+            pl_module.log("demp/settled", float(self.is_settled(trainer.global_step)))
+
+    def is_settled(self, step: int) -> bool:
+        """The schedule is over and the last check removed nothing: validation metrics describe the final network."""
+        return not self.schedule_active(step) and self.last_removed_count == 0 and self.last_check_step >= 0
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -359,25 +395,32 @@ class DemonPruning(Callback):
             "initial_flops": self.initial_flops,
             "events": [dict(event) for event in self.events],
             "last_check_step": self.last_check_step,
-            "schedule": None
-            if self._reg_schedule is None
-            else {
-                "name": self.schedule,
-                "reg_max": self.reg_max,
-                "noise_std": self.noise_std,
-                "span_steps": self._reg_schedule.span_steps,
-                "total_steps": self._total_steps,
-            },
+            "last_removed_count": self.last_removed_count,
+            "schedule": self._schedule_record(),
+        }
+
+    def _schedule_record(self) -> dict[str, Any] | None:
+        """The schedule as plain values (for plots of a saved run); the loaded one until fit lays out its own."""
+        if self._reg_schedule is None:
+            return self._loaded_schedule
+        return {
+            "name": self.schedule,
+            "reg_max": self.reg_max,
+            "noise_std": self.noise_std,
+            "span_steps": self._reg_schedule.span_steps,
+            "total_steps": self._total_steps,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_schedule = state_dict.get("schedule")
         self.initial_widths = dict(state_dict.get("initial_widths", {}))
         self.kept_units = {name: list(kept) for name, kept in state_dict.get("kept_units", {}).items()}
         self.initial_params = state_dict.get("initial_params")
         self.initial_flops = state_dict.get("initial_flops")
         self.events = [dict(event) for event in state_dict.get("events", [])]
         self.last_check_step = int(state_dict.get("last_check_step", -1))
+        self.last_removed_count = int(state_dict.get("last_removed_count", 0))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -393,7 +436,7 @@ class DemonPruning(Callback):
         self._example_input = example_input
         self._graph = PrunableGraph(pl_module, example_input, exclude=self.exclude)
         self._monitor = ActivationMonitor(self._graph.readers())
-        self._current_flops = count_flops_per_sample(pl_module, example_input)
+        self._current_flops = count_flops_per_sample(pl_module, _first_samples(example_input, 1))
         groups = [group for group in self._graph.groups() if group.blocked is None]
         for group in groups:
             self.initial_widths.setdefault(group.name, group.num_units)
@@ -442,9 +485,7 @@ class DemonPruning(Callback):
         # The paper's eval pass; also the fallback when training stopped before the observed forwards.
         if not self._recent_batches:
             return None
-        stats = dead_check(pl_module, self._monitor, list(self._recent_batches), self._forward_module)
-        self._recent_batches.clear()
-        return stats
+        return dead_check(pl_module, self._monitor, list(self._recent_batches), self._forward_module)
 
     def plan_removal(self, groups: Sequence[UnitGroup], stats: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """Decide which units to remove from the reduced statistics (identical on every process)."""
@@ -481,6 +522,7 @@ class DemonPruning(Callback):
             return
         groups = self._graph.groups()
         plan = _strategy.broadcast_plan(trainer, self.plan_removal(groups, stats))
+        self.last_removed_count = sum(len(idxs) for idxs in plan.values())
         if not plan:
             return
         start = time.perf_counter()
@@ -494,8 +536,9 @@ class DemonPruning(Callback):
             removed = set(idxs.tolist())
             self.kept_units[name] = [unit for i, unit in enumerate(self.kept_units[name]) if i not in removed]
         self._monitor = ActivationMonitor(self._graph.readers())
-        self._current_flops = count_flops_per_sample(pl_module, self._example_input)
+        self._current_flops = count_flops_per_sample(pl_module, _first_samples(self._example_input, 1))
         _set_flops_per_batch(pl_module, self._current_flops, self._train_batch_size)
+        self._recalibrate(trainer, pl_module)
         removed_count = sum(len(idxs) for idxs in plan.values())
         self.events.append(
             {
@@ -534,6 +577,18 @@ class DemonPruning(Callback):
         import matplotlib.pyplot as plt
 
         plt.close(figure)
+
+    def schedule_active(self, step: int) -> bool:
+        """Whether λ_t/σ_t are still inside their span at ``step``."""
+        return self._reg_schedule is not None and step < self._reg_schedule.span_steps
+
+    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.recalibrate_bn or not self._recent_batches:
+            return
+        batches = list(self._recent_batches)[-self.recalibration_batches :]
+        if recalibrate_batchnorm_(pl_module, batches, self._forward_module):
+            _strategy.average_batchnorm_statistics(trainer, pl_module)
+            self.recalibrations += 1
 
     def units_kept_fraction(self) -> float:
         """Fraction of the prunable units still present."""

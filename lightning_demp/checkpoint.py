@@ -18,7 +18,7 @@ def load_pruned_checkpoint(model: nn.Module, checkpoint_path: str | Path, map_lo
     ``torch.load(..., weights_only=True)``: nothing in a DemP checkpoint needs pickle. Accepts a Lightning
     checkpoint (``{"state_dict": ...}``) or a plain state dict.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> pruned = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> path = os.path.join(tempfile.mkdtemp(), "pruned.ckpt")

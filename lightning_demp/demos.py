@@ -1,8 +1,8 @@
 """Demo models and data that need no download: MNIST-1D (generated offline) and scikit-learn's digits.
 
-Models: :class:`MLPClassifier` and :class:`ResidualCNNClassifier` (the 1-D residual CNN with BatchNorm used in
-``feasibility.md``). Data: :class:`MNIST1DDataModule` (the ``mnist1d`` package's generator, 4000/1000 split) and
-:class:`DigitsDataModule` (8×8 digits flattened to 64 features).
+Models: `MLPClassifier` and `ResidualCNNClassifier` (the 1-D residual CNN with BatchNorm used in
+``feasibility.md``). Data: `MNIST1DDataModule` (the ``mnist1d`` package's generator, 4000/1000 split) and
+`DigitsDataModule` (8×8 digits flattened to 64 features).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class DemoClassifier(pl.LightningModule):
 class MLPClassifier(DemoClassifier):
     """A ReLU MLP: ``input_dim → hidden_sizes… → num_classes``.
 
-    Example:
+    Examples:
         >>> model = MLPClassifier(input_dim=40, hidden_sizes=[32, 16])
         >>> model(torch.randn(2, 40)).shape
         torch.Size([2, 10])
@@ -176,7 +176,7 @@ class ResidualCNNBackbone(nn.Module):
 class ResidualCNNClassifier(DemoClassifier):
     """The demo's 1-D residual CNN with BatchNorm (150,218 parameters at ``width=64``).
 
-    Example:
+    Examples:
         >>> model = ResidualCNNClassifier(width=8)
         >>> model(torch.randn(2, 40)).shape
         torch.Size([2, 10])

@@ -5,7 +5,7 @@ nothing from it: ``|value| <= threshold`` for every sample and position over the
 (``paper.md`` §1.2). Observing at the reader's input sees what the reader really gets, after functional
 activations (``F.relu`` in ``forward``), pooling and residual sums.
 
-The statistics live in a torchmetrics :class:`~torchmetrics.Metric`, so ``compute()`` reduces them across
+The statistics live in a torchmetrics `Metric`, so ``compute()`` reduces them across
 processes (maximum of ``|x|`` is reduced with ``max``), and the dead test on the reduced value equals the test on
 the union of every rank's data.
 """
@@ -28,15 +28,16 @@ log = logging.getLogger(__name__)
 class UnitActivity(Metric):
     """Per-feature activity at the input of one reader layer.
 
-    States: ``max_abs`` (largest ``|x|`` seen per feature), ``sum_abs`` (sum of ``|x|`` per feature), the number of
-    observed samples and the number of non-finite entries. Non-finite inputs do not enter ``max_abs``; they are
-    counted so that a caller can refuse to decide on them.
+    States: ``max_abs`` (largest ``|x|`` seen per feature, reduced across processes with ``max``) and the number of
+    observed samples. A non-finite input makes ``max_abs`` non-finite for its feature (NaN and inf propagate), which
+    never counts as dead; ``compute()`` reports how many features are affected so that a caller can refuse to decide.
+    The update is two passes over the input (``abs``, ``amax``) and no copy of its layout.
 
     Args:
         num_features: Number of input features (Linear) or channels (Conv) of the reader.
         feature_dim: Dimension of the input holding the features: ``-1`` for Linear, ``1`` for Conv.
 
-    Example:
+    Examples:
         >>> activity = UnitActivity(num_features=3, feature_dim=-1)
         >>> activity.update(torch.tensor([[0.0, 1.0, -2.0], [0.0, 0.5, 0.0]]))
         >>> activity.compute()["max_abs"]
@@ -45,42 +46,36 @@ class UnitActivity(Metric):
 
     full_state_update = False
     max_abs: Tensor
-    sum_abs: Tensor
     num_samples: Tensor
-    num_nonfinite: Tensor
 
     def __init__(self, num_features: int, feature_dim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.feature_dim = feature_dim
         self.add_state("max_abs", default=torch.zeros(num_features), dist_reduce_fx="max")
-        self.add_state("sum_abs", default=torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_samples", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("num_nonfinite", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, inputs: Tensor) -> None:
         """Accumulate one reader input (any shape, features on ``feature_dim``)."""
-        values = inputs.detach().movedim(self.feature_dim, -1).reshape(-1, inputs.shape[self.feature_dim])
-        finite = torch.isfinite(values)
-        self.num_nonfinite += (~finite).sum()
-        magnitude = values.abs().float().masked_fill(~finite, 0.0)
-        self.max_abs = torch.maximum(self.max_abs, magnitude.amax(dim=0))
-        self.sum_abs += magnitude.sum(dim=0, dtype=torch.float64)
-        self.num_samples += inputs.shape[0] if inputs.dim() > 1 else 1
+        values = inputs.detach()
+        feature_dim = self.feature_dim % values.dim()
+        dims = [d for d in range(values.dim()) if d != feature_dim]
+        batch_max = values.abs().amax(dim=dims) if dims else values.abs()
+        self.max_abs = torch.maximum(self.max_abs, batch_max.float())
+        self.num_samples += values.shape[0] if values.dim() > 1 else 1
 
     def compute(self) -> dict[str, Tensor]:
         """Return the reduced states as a dict."""
         return {
             "max_abs": self.max_abs,
-            "sum_abs": self.sum_abs,
             "num_samples": self.num_samples,
-            "num_nonfinite": self.num_nonfinite,
+            "num_nonfinite": (~torch.isfinite(self.max_abs)).sum(),
         }
 
 
 def reader_feature_dim(module: nn.Module) -> int:
     """Return the feature dimension of the input of a reader layer (``-1`` for Linear, ``1`` for Conv).
 
-    Example:
+    Examples:
         >>> reader_feature_dim(nn.Linear(2, 3)), reader_feature_dim(nn.Conv1d(2, 3, 1))
         (-1, 1)
     """
@@ -101,14 +96,14 @@ def reader_num_features(module: nn.Module) -> int:
 
 
 class ActivationMonitor:
-    """Forward pre-hooks that feed each reader's input into its :class:`UnitActivity`.
+    """Forward pre-hooks that feed each reader's input into its `UnitActivity`.
 
-    Hooks exist only inside :meth:`observe`; they are removed on exit, also when an exception is raised.
+    Hooks exist only inside `observe`; they are removed on exit, also when an exception is raised.
 
     Args:
         readers: Reader modules by name (Linear or Conv layers).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
         >>> monitor = ActivationMonitor({"2": model[2]})
         >>> with monitor.observe():
@@ -201,9 +196,9 @@ def dead_check(
         forward: ``forward(model, batch)`` runs the model on one batch.
 
     Returns:
-        The reduced statistics per reader (see :meth:`ActivationMonitor.compute`).
+        The reduced statistics per reader (see `ActivationMonitor.compute`).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
         >>> monitor = ActivationMonitor({"2": model[2]})
         >>> stats = dead_check(model, monitor, [torch.randn(8, 2)], lambda m, b: m(b))
@@ -231,7 +226,7 @@ def unit_activity(
     Returns:
         For each unit, the largest ``|value|`` any reader received from it (0 when no reader saw it).
 
-    Example:
+    Examples:
         >>> reader = (torch.tensor([0.0, 3.0, 0.0, 0.0]), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]))
         >>> unit_activity(2, [reader])
         tensor([3., 0.])
@@ -246,7 +241,7 @@ def unit_activity(
 def find_dead_units(activity: Tensor, threshold: float = 0.0) -> Tensor:
     """Return the indices of units whose activity is at most ``threshold``.
 
-    Example:
+    Examples:
         >>> find_dead_units(torch.tensor([0.0, 2.0, 1e-9]), threshold=1e-6)
         tensor([0, 2])
     """

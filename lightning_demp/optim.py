@@ -1,6 +1,6 @@
 """Optimizer continuity across a structural removal.
 
-Surgery replaces ``nn.Parameter`` objects with smaller ones. :func:`remap_optimizer_` edits an optimizer in place
+Surgery replaces ``nn.Parameter`` objects with smaller ones. `remap_optimizer_` edits an optimizer in place
 so it trains the new parameters: ``param_groups`` are rebound, every state tensor shaped like the old parameter
 (Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``, ...) is sliced to the kept indices, scalar state
 such as ``step`` is kept, and no entry is left for a parameter that no longer exists. Because the optimizer object
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 class ParamRemap:
     """One parameter replaced by a slice of itself: ``new == old.index_select(dim, kept)``.
 
-    Example:
+    Examples:
         >>> old = nn.Parameter(torch.arange(6.0).reshape(3, 2))
         >>> new = nn.Parameter(old.detach()[[0, 2]])
         >>> ParamRemap(old, new, dim=0, kept=torch.tensor([0, 2])).dim
@@ -54,7 +54,7 @@ def _collapse(remaps: Sequence[ParamRemap]) -> list[_Chain]:
 def slice_like(value: object, reference_shape: torch.Size, slices: Iterable[tuple[int, Tensor]]) -> object:
     """Slice ``value`` as its parameter was sliced, when it is a tensor shaped like the parameter.
 
-    Example:
+    Examples:
         >>> slice_like(torch.arange(4.0), torch.Size([4]), [(0, torch.tensor([1, 3]))])
         tensor([1., 3.])
         >>> slice_like(torch.tensor(7.0), torch.Size([4]), [(0, torch.tensor([1, 3]))])
@@ -77,7 +77,7 @@ def remap_optimizer_(optimizer: torch.optim.Optimizer, remaps: Sequence[ParamRem
     Returns:
         The number of parameters rebound in this optimizer.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(2, 3)
         >>> optimizer = torch.optim.Adam(layer.parameters())
         >>> layer(torch.randn(4, 2)).sum().backward()

@@ -1,7 +1,7 @@
 """Pictures of a DemP run: live units per layer over training, with the λ/σ schedules beneath.
 
 The figure is drawn from the callback's ``state_dict()`` (the same plain dict stored in checkpoints), so a run can
-be plotted at the end of training or later from a saved checkpoint with :func:`plot_checkpoint`.
+be plotted at the end of training or later from a saved checkpoint with `plot_checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lightning_demp.schedules import make_schedule
 def units_over_steps(state: Mapping[str, Any]) -> tuple[list[int], dict[str, list[int]]]:
     """Steps of the removal events (starting at 0) and, per layer, the units kept after each.
 
-    Example:
+    Examples:
         >>> state = {"initial_widths": {"fc1": 8}, "events": [{"step": 10, "widths": {"fc1": 5}}]}
         >>> units_over_steps(state)
         ([0, 10], {'fc1': [8, 5]})
@@ -79,9 +79,14 @@ def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
 def plot_checkpoint(checkpoint_path: str | Path, png_path: str | Path) -> Any:
     """Plot a saved run from a Lightning checkpoint written with DemonPruning attached.
 
-    Example::
-
-        plot_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt", "demp_units.png")
+    Examples:
+        >>> import os, tempfile
+        >>> state = {"initial_widths": {"fc1": 8}, "events": [{"step": 10, "widths": {"fc1": 5}}], "schedule": None}
+        >>> folder = tempfile.mkdtemp()
+        >>> torch.save({"callbacks": {"DemonPruning": state}}, os.path.join(folder, "last.ckpt"))
+        >>> figure = plot_checkpoint(os.path.join(folder, "last.ckpt"), os.path.join(folder, "units.png"))
+        >>> os.path.getsize(os.path.join(folder, "units.png")) > 0
+        True
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     states = [value for key, value in checkpoint.get("callbacks", {}).items() if "DemonPruning" in key]

@@ -28,7 +28,7 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 def norm_scales(module: nn.Module) -> list[nn.Parameter]:
     """Return the scale (``weight``) of every affine BatchNorm, LayerNorm and GroupNorm layer.
 
-    Example:
+    Examples:
         >>> len(norm_scales(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.LayerNorm(3))))
         2
     """
@@ -44,7 +44,7 @@ def penalized_params(
     parameter group the user set to ``weight_decay=0`` on purpose (while the optimizer's default or another group
     decays): a common way to keep biases and norms free of decay, which we respect.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(2, 3)
         >>> optimizer = torch.optim.AdamW([{"params": [layer.weight]}, {"params": [layer.bias], "weight_decay": 0.0}])
         >>> [p.shape for p in penalized_params(optimizer, layer, "l2")]
@@ -68,7 +68,7 @@ def penalized_params(
 def penalty_grads(params: Sequence[Tensor], regularizer: RegularizerName) -> list[Tensor]:
     """Return ``∇R(θ)`` for each parameter (strength 1).
 
-    Example:
+    Examples:
         >>> penalty_grads([torch.tensor([-1.0, 0.5])], "positive_l2")
         [tensor([0.0000, 0.5000])]
     """
@@ -85,7 +85,7 @@ def penalty_grads(params: Sequence[Tensor], regularizer: RegularizerName) -> lis
 def add_penalty_grad_(params: Sequence[nn.Parameter], regularizer: RegularizerName, strength: float) -> None:
     """Add ``strength·∇R(θ)`` to each ``.grad`` in place (creating it when the step left it ``None``).
 
-    Example:
+    Examples:
         >>> weight = nn.Parameter(torch.tensor([2.0, -2.0]))
         >>> weight.grad = torch.zeros(2)
         >>> add_penalty_grad_([weight], "l2", strength=0.5)
@@ -110,7 +110,7 @@ def live_masks(params: Iterable[nn.Parameter]) -> list[tuple[nn.Parameter, Tenso
 def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded from ``(seed, step)``: the same draws on every process.
 
-    Example:
+    Examples:
         >>> a = torch.randn(2, generator=noise_generator(0, 5, torch.device("cpu")))
         >>> b = torch.randn(2, generator=noise_generator(0, 5, torch.device("cpu")))
         >>> torch.equal(a, b)
@@ -124,7 +124,7 @@ def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generat
 def inject_noise_(masked_params: Sequence[tuple[nn.Parameter, Tensor]], std: float, seed: int, step: int) -> None:
     """Add ``std·N(0, 1)`` to the masked entries of each parameter, in place, reproducibly from ``(seed, step)``.
 
-    Example:
+    Examples:
         >>> weight = nn.Parameter(torch.zeros(4))
         >>> inject_noise_([(weight, torch.tensor([True, False, True, False]))], std=1.0, seed=0, step=0)
         >>> (weight[1].item(), weight[3].item()), bool(weight[0] != 0)

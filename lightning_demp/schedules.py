@@ -1,7 +1,7 @@
 """Strength schedules for the regularization λ_t and the noise σ_t.
 
 Each schedule is a small frozen dataclass: a pure function of the step, so it needs no state on resume and
-pickles into a checkpoint. The paper's schedule is :class:`OneCycleSchedule`, optax's
+pickles into a checkpoint. The paper's schedule is `OneCycleSchedule`, optax's
 ``cosine_onecycle_schedule`` with its defaults (``paper.md`` §1.4).
 """
 
@@ -45,7 +45,7 @@ class OneCycleSchedule:
 
     After ``span_steps`` the final value is held, as in optax.
 
-    Example:
+    Examples:
         >>> schedule = OneCycleSchedule(peak=1.0, span_steps=100)
         >>> round(schedule.value(0), 4), schedule.value(30), round(schedule.value(100) * 25e4, 4)
         (0.04, 1.0, 1.0)
@@ -73,7 +73,7 @@ class OneCycleSchedule:
 class ConstantSchedule:
     """``peak`` during the span, 0 after it.
 
-    Example:
+    Examples:
         >>> ConstantSchedule(peak=0.5, span_steps=10).value(9), ConstantSchedule(peak=0.5, span_steps=10).value(10)
         (0.5, 0.0)
     """
@@ -90,7 +90,7 @@ class ConstantSchedule:
 class LinearWarmupSchedule:
     """Linear rise from 0 to ``peak`` over ``pct_start·span``, then ``peak`` until the span ends, then 0.
 
-    Example:
+    Examples:
         >>> schedule = LinearWarmupSchedule(peak=1.0, span_steps=100)
         >>> schedule.value(0), schedule.value(15), schedule.value(50), schedule.value(100)
         (0.0, 0.5, 1.0, 0.0)
@@ -112,7 +112,7 @@ class LinearWarmupSchedule:
 class CosineDecaySchedule:
     """Cosine decay from ``peak`` to 0 over the span, 0 after it.
 
-    Example:
+    Examples:
         >>> schedule = CosineDecaySchedule(peak=1.0, span_steps=100)
         >>> schedule.value(0), schedule.value(50), schedule.value(100)
         (1.0, 0.5, 0.0)
@@ -129,9 +129,9 @@ class CosineDecaySchedule:
 
 
 def make_schedule(name: str, peak: float, span_steps: int) -> Schedule:
-    """Build the schedule called ``name`` (one of :data:`SCHEDULE_NAMES`).
+    """Build the schedule called ``name`` (one of `SCHEDULE_NAMES`).
 
-    Example:
+    Examples:
         >>> make_schedule("cosine_decay", peak=2.0, span_steps=4).value(0)
         2.0
     """

@@ -1,11 +1,11 @@
 """Dependency-aware structural removal; the only module that imports Torch-Pruning.
 
-:class:`PrunableGraph` traces a model once with Torch-Pruning's ``DependencyGraph`` and describes every group of
-coupled units as a :class:`UnitGroup`: the producers whose outputs carry the units (Linear/Conv out-features and
+`PrunableGraph` traces a model once with Torch-Pruning's ``DependencyGraph`` and describes every group of
+coupled units as a `UnitGroup`: the producers whose outputs carry the units (Linear/Conv out-features and
 channels, with their BatchNorm), and the *readers*, the Linear/Conv layers whose input receives them, with the
 mapping from each reader feature back to the unit it carries (through flatten, concatenation and residual sums).
-:meth:`PrunableGraph.remove_units_` removes units physically and returns :class:`~lightning_demp.optim.ParamRemap`
-records for the optimizer. :func:`resize_like_` shrinks a fresh model to the shapes of a saved state dict.
+`PrunableGraph.remove_units_` removes units physically and returns `ParamRemap`
+records for the optimizer. `resize_like_` shrinks a fresh model to the shapes of a saved state dict.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class UnitGroup:
         name: Name of the root producer (a Linear or Conv layer); units are its output features or channels.
         num_units: Current number of units.
         members: Names of every module the removal touches.
-        readers: Where the units are read (see :class:`ReaderSlice`).
+        readers: Where the units are read (see `ReaderSlice`).
         blocked: Why the group is never pruned, or ``None`` when it can be.
     """
 
@@ -74,7 +74,7 @@ def _layer_width(module: nn.Module) -> int | None:
 def match_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[str]]:
     """Return, for each glob pattern, the names of the modules of ``model`` it matches.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
         >>> match_modules(model, ["0", "2*", "head"])
         {'0': ['0'], '2*': ['2'], 'head': []}
@@ -95,7 +95,7 @@ class PrunableGraph:
     Raises:
         TracingError: When tracing fails; the original error is attached as ``__cause__``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> graph = PrunableGraph(model, torch.randn(2, 4))
         >>> [(group.name, group.num_units, group.blocked is None) for group in graph.groups()]
@@ -120,8 +120,8 @@ class PrunableGraph:
         except Exception as error:
             raise TracingError(
                 f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
-                f"({type(error).__name__}: {error}). Make the forward traceable by autograd, or add the failing "
-                "layers to `exclude`."
+                f"({type(error).__name__}: {error}). Make `forward` run on `example_input_array` and traceable by "
+                "autograd (tensor outputs, no Python branches on tensor values)."
             ) from error
         finally:
             for module, training in was_training.items():
@@ -237,7 +237,7 @@ class PrunableGraph:
             plan: For each group (by root name), the unit indices to remove (in the group's current numbering).
 
         Returns:
-            One :class:`ParamRemap` per replaced parameter slice, in the order they happened.
+            One `ParamRemap` per replaced parameter slice, in the order they happened.
         """
         modules = dict(self.model.named_modules())
         remaps: list[ParamRemap] = []
@@ -293,7 +293,7 @@ def _describe_slices(old: Tensor, new: Tensor, prunings: list[tuple[bool, list[i
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every Linear/Conv layer, by name.
 
-    Example:
+    Examples:
         >>> layer_widths(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
         {'0': 8, '2': 2}
     """
@@ -314,7 +314,7 @@ def resize_like_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = 
     Returns:
         The names of the resized modules.
 
-    Example:
+    Examples:
         >>> pruned = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
         >>> fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> resize_like_(fresh, pruned.state_dict())
@@ -361,12 +361,12 @@ def enable_resize_on_load(module: nn.Module) -> torch.utils.hooks.RemovableHandl
 
     Call it in your LightningModule's ``__init__`` to make ``LightningModule.load_from_checkpoint`` work on pruned
     checkpoints, and to run under ``strategy="ddp_spawn"`` (whose main process reloads the trained weights into the
-    original, full-size module). :class:`~lightning_demp.DemonPruning` calls it in ``setup`` otherwise.
+    original, full-size module). `DemonPruning` calls it in ``setup`` otherwise.
 
     Returns:
         The hook's handle when it was registered now, ``None`` when it already was.
 
-    Example:
+    Examples:
         >>> pruned = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> _ = enable_resize_on_load(fresh)
@@ -383,13 +383,13 @@ def enable_resize_on_load(module: nn.Module) -> torch.utils.hooks.RemovableHandl
 
 
 def disable_resize_on_load(module: nn.Module, handle: torch.utils.hooks.RemovableHandle) -> None:
-    """Remove a hook registered by :func:`enable_resize_on_load`."""
+    """Remove a hook registered by `enable_resize_on_load`."""
     handle.remove()
     object.__setattr__(module, _RESIZE_FLAG, False)
 
 
 def resize_on_load_enabled(module: nn.Module) -> bool:
-    """Whether :func:`enable_resize_on_load` was called on ``module`` (also on a pickled copy of it)."""
+    """Whether `enable_resize_on_load` was called on ``module`` (also on a pickled copy of it)."""
     return bool(getattr(module, _RESIZE_FLAG, False))
 
 

@@ -7,5 +7,4 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,docs]'

@@ -44,6 +44,8 @@ BAD_ARGUMENTS = [
     ({"exclude": "fc1"}, TypeError, r"Expected `exclude` to be a list of str, got 'fc1'"),
     ({"seed": -3}, ValueError, r"Expected `seed` to be an int >= 0, got -3"),
     ({"verbose": "yes"}, TypeError, r"Expected `verbose` to be a bool, got str 'yes'"),
+    ({"recalibrate_bn": 1}, TypeError, r"Expected `recalibrate_bn` to be a bool, got int 1"),
+    ({"recalibration_batches": 0}, ValueError, r"Expected `recalibration_batches` to be an int >= 1, got 0"),
 ]
 
 

@@ -1,0 +1,114 @@
+"""Death dynamics on MNIST-1D, as in the paper: how many units die with λ, learning rate, batch size, Adam vs.
+SGD, and with noise alone.
+
+The MLP of ``configs/mnist1d_mlp.yaml`` (two ReLU layers of 256) trains with DemonPruning (one-sided L2,
+``positive_l2``); the fraction of units removed at the end is the fraction that died and stayed dead. One factor
+varies per plot, the others stay at the config's values. Writes ``benchmarks/results/death.json``, ``death.md``
+and one PNG per factor (``death_<factor>.png``).
+
+    python benchmarks/death.py           # 2 seeds, 20 epochs (about 10 min on 2 CPU cores)
+    python benchmarks/death.py --quick   # 1 seed, 4 epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, load_config, machine, run_config, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "mnist1d_mlp.yaml"
+
+# factor -> (x label, [(x value, model overrides, data overrides, callback overrides)])
+FACTORS: dict[str, tuple[str, list[tuple[float, dict[str, Any], dict[str, Any], dict[str, Any]]]]] = {
+    "reg": (
+        "λ_max (positive_l2)",
+        [(lam, {}, {}, {"reg_max": lam, "noise_std": 0.0}) for lam in (0.0, 0.01, 0.03, 0.1, 0.3)],
+    ),
+    "lr": (
+        "learning rate (Adam)",
+        [(lr, {"lr": lr}, {}, {"reg_max": 0.01, "noise_std": 0.0}) for lr in (1e-3, 3e-3, 1e-2, 3e-2)],
+    ),
+    "batch": ("batch size", [(b, {}, {"batch_size": b}, {"reg_max": 0.01, "noise_std": 0.0}) for b in (32, 128, 512)]),
+    "optimizer": (
+        "optimizer (0 = Adam, 1 = SGD momentum)",
+        [
+            (0, {"optimizer": "adam"}, {}, {"reg_max": 0.01, "noise_std": 0.0}),
+            (1, {"optimizer": "sgd", "lr": 0.03}, {}, {"reg_max": 0.01, "noise_std": 0.0}),
+        ],
+    ),
+    "noise": (
+        "σ_max (noise alone, λ = 0)",
+        [(s, {}, {}, {"reg_max": 0.0, "noise_std": s}) for s in (0.0, 1e-3, 3e-3, 1e-2)],
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=20)
+    args = parser.parse_args()
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    epochs = 4 if args.quick else args.epochs
+    config = load_config(CONFIG)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for factor, (_, points) in FACTORS.items():
+        for x, model_overrides, data_overrides, callback_overrides in points:
+            runs = [
+                run_config(
+                    config,
+                    seed=seed,
+                    with_demp=True,
+                    max_epochs=epochs,
+                    model_overrides=model_overrides,
+                    data_overrides=data_overrides,
+                    callback_overrides={"prune_every_n_epochs": 2, **callback_overrides},
+                )
+                for seed in seeds
+            ]
+            row = {
+                "x": x,
+                "units_removed": statistics.mean(r["units_removed"] for r in runs),
+                "units_removed_per_seed": [r["units_removed"] for r in runs],
+                "test_acc": statistics.mean(r["test_acc"] for r in runs),
+            }
+            results.setdefault(factor, []).append(row)
+            print(factor, row, flush=True)
+    suffix = "_quick" if args.quick else ""
+    write_json(f"death{suffix}.json", {"epochs": epochs, "seeds": seeds, "machine": machine(), "results": results})
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"# Death dynamics: MNIST-1D MLP ({len(seeds)} seeds, {epochs} epochs)", ""]
+    for factor, rows in results.items():
+        label = FACTORS[factor][0]
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot([r["x"] for r in rows], [100 * r["units_removed"] for r in rows], "o-", color="tab:red")
+        if factor in ("reg", "lr", "noise") and all(r["x"] > 0 for r in rows):
+            axis.set_xscale("log")
+        axis.set_xlabel(label)
+        axis.set_ylabel("units dead and removed (%)")
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(RESULTS / f"death_{factor}{suffix}.png", dpi=110)
+        plt.close(figure)
+        lines += [f"## {label}", "", "| value | units removed (%) | test acc (%) |", "|---|---|---|"]
+        lines += [f"| {r['x']} | {100 * r['units_removed']:.1f} | {100 * r['test_acc']:.1f} |" for r in rows]
+        lines.append("")
+    lines.append(f"Machine: {machine()}")
+    (RESULTS / f"death{suffix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Accuracy vs. sparsity frontier on MNIST-1D: DemP against dense training and the peers.
+
+Every method trains the same model with the same optimizer, learning-rate schedule, batch size and number of
+epochs (the config's), over several seeds:
+
+* dense (no pruning);
+* DemP, sweeping ``reg_max`` (and noise on/off);
+* Lightning's ``ModelPruning`` (L1 structured over output units, each epoch, to DemP's unit sparsity);
+* Torch-Pruning magnitude pruning during training (optimizer rebuilt after each step), two ratios;
+* Torch-Pruning's BN-scale pruner (network slimming) — CNN only (the MLP has no BatchNorm).
+
+Writes ``benchmarks/results/frontier_<model>.json``, ``.md`` (table) and ``.png`` (accuracy vs. the fraction of
+parameters and of FLOPs removed).
+
+    python benchmarks/frontier.py --model cnn           # 3 seeds, 30 epochs (about 25 min on 2 CPU cores)
+    python benchmarks/frontier.py --model mlp
+    python benchmarks/frontier.py --model cnn --quick   # 1 seed, 4 epochs, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, load_config, machine, run_config, write_json
+from peers import TorchPruningDuringTraining, model_pruning
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"cnn": REPO / "configs" / "mnist1d_cnn.yaml", "mlp": REPO / "configs" / "mnist1d_mlp.yaml"}
+# DemP sweeps: (label, callback overrides)
+SWEEPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "cnn": [
+        ("DemP λ=0.01", {"reg_max": 0.01}),
+        ("DemP λ=0.03", {"reg_max": 0.03}),
+        ("DemP λ=0.03 no noise", {"reg_max": 0.03, "noise_std": 0.0}),
+        ("DemP λ=0.1", {"reg_max": 0.1}),
+    ],
+    "mlp": [
+        ("DemP λ=0.01", {"reg_max": 0.01}),
+        ("DemP λ=0.03", {"reg_max": 0.03}),
+        ("DemP λ=0.03 no noise", {"reg_max": 0.03, "noise_std": 0.0}),
+        ("DemP λ=0.1", {"reg_max": 0.1}),
+    ],
+}
+REFERENCE = {"cnn": "DemP λ=0.03", "mlp": "DemP λ=0.03"}  # ModelPruning matches this point's unit sparsity
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"method": label, "seeds": len(runs)}
+    for key in ("test_acc", "params_removed", "flops_removed", "zeroed", "fit_seconds"):
+        summary[key], summary[key + "_std"] = mean_std([run[key] for run in runs])
+    return summary
+
+
+def plot(summaries: list[dict[str, Any]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    families = {
+        "dense": "black",
+        "DemP": "tab:red",
+        "ModelPruning": "tab:green",
+        "TP magnitude": "tab:blue",
+        "TP BN-scale": "tab:purple",
+    }
+    for axis, key, xlabel in (
+        (axes[0], "removed_params", "parameters removed"),
+        (axes[1], "flops_removed", "forward FLOPs removed"),
+    ):
+        for summary in summaries:
+            family = next(name for name in families if summary["method"].startswith(name))
+            x = (
+                summary["zeroed"]
+                if key == "removed_params" and family == "ModelPruning"
+                else summary["params_removed" if key == "removed_params" else "flops_removed"]
+            )
+            axis.errorbar(
+                x * 100,
+                summary["test_acc"] * 100,
+                yerr=summary["test_acc_std"] * 100,
+                fmt="o",
+                color=families[family],
+                capsize=3,
+            )
+            axis.annotate(
+                summary["method"].replace(family, "").strip(),
+                (x * 100, summary["test_acc"] * 100),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        axis.set_xlabel(f"{xlabel} (%)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=n) for n, c in families.items()]
+    axes[1].legend(handles=handles, fontsize=8, loc="lower left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="cnn")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 4 epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30)
+    args = parser.parse_args()
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    epochs = 4 if args.quick else args.epochs
+    config = load_config(CONFIGS[args.model])
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def record(label: str, run: dict[str, Any]) -> None:
+        run["method"] = label
+        runs.setdefault(label, []).append(run)
+        print(
+            f"{label} seed {run['seed']}: acc {run['test_acc']:.4f} params removed {run['params_removed']:.3f} "
+            f"flops removed {run['flops_removed']:.3f} zeroed {run['zeroed']:.3f} ({run['fit_seconds']:.0f} s)",
+            flush=True,
+        )
+
+    for seed in seeds:
+        record("dense", run_config(config, seed=seed, with_demp=False, max_epochs=epochs))
+        for label, overrides in SWEEPS[args.model]:
+            record(
+                label, run_config(config, seed=seed, with_demp=True, max_epochs=epochs, callback_overrides=overrides)
+            )
+    unit_sparsity = statistics.mean(run["units_removed"] for run in runs[REFERENCE[args.model]])
+    prune_epochs = max(1, (2 * epochs) // 3)
+    peers: list[tuple[str, Any]] = [
+        (
+            f"ModelPruning L1 ({unit_sparsity:.0%} units)",
+            lambda model, n: [model_pruning(model, unit_sparsity, prune_epochs)],
+        ),
+        ("TP magnitude r=0.5", lambda model, n: [TorchPruningDuringTraining("magnitude", 0.5, prune_epochs)]),
+        ("TP magnitude r=0.8", lambda model, n: [TorchPruningDuringTraining("magnitude", 0.8, prune_epochs)]),
+    ]
+    if args.model == "cnn":
+        peers.append(
+            ("TP BN-scale r=0.5", lambda model, n: [TorchPruningDuringTraining("bn_scale", 0.5, prune_epochs)])
+        )
+    for seed in seeds:
+        for label, factory in peers:
+            record(label, run_config(config, seed=seed, with_demp=False, max_epochs=epochs, extra_callbacks=factory))
+
+    summaries = [summarize(label, label_runs) for label, label_runs in runs.items()]
+    suffix = "_quick" if args.quick else ""
+    name = f"frontier_{args.model}{suffix}"
+    write_json(
+        f"{name}.json",
+        {
+            "model": args.model,
+            "epochs": epochs,
+            "seeds": seeds,
+            "machine": machine(),
+            "summaries": summaries,
+            "runs": runs,
+        },
+    )
+    dense_acc = summaries[0]["test_acc"]
+    lines = [
+        f"# Frontier: {args.model.upper()} on MNIST-1D ({len(seeds)} seeds, {epochs} epochs, same optimizer and LR schedule)",
+        "",
+        "| method | test acc (%) | Δ vs dense (pt) | params removed (%) | FLOPs removed (%) | weights zeroed (%) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s['method']} | {100 * s['test_acc']:.2f} ± {100 * s['test_acc_std']:.2f} | "
+            f"{100 * (s['test_acc'] - dense_acc):+.2f} | {100 * s['params_removed']:.1f} ± {100 * s['params_removed_std']:.1f} | "
+            f"{100 * s['flops_removed']:.1f} | {100 * s['zeroed']:.1f} |"
+        )
+    lines += [
+        "",
+        "ModelPruning keeps dense shapes: it removes no parameter or FLOP physically; its zeroed weights are "
+        "shown in the last column (and used as its x-position in the plot).",
+        "",
+        f"Machine: {machine()}",
+        "",
+    ]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    plot(
+        summaries,
+        f"MNIST-1D {args.model.upper()}: accuracy vs. removal ({len(seeds)} seeds, {epochs} epochs)",
+        RESULTS / f"{name}.png",
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Validation during the schedule, with and without BatchNorm recalibration (the demo CNN on MNIST-1D).
+
+Near the λ peak, eval-mode accuracy can fall far below the train-mode network's (BatchNorm running statistics stop
+describing the network). This runs the default config with ``recalibrate_bn`` on and off, records ``val_acc`` after
+every epoch, and reports the lowest validation accuracy while the schedule is active against the final accuracy,
+and the time spent recalibrating per epoch. Writes ``benchmarks/results/validation_dip.json``, ``.md`` and ``.png``.
+
+    python benchmarks/validation_dip.py           # 2 seeds, 60 epochs (about 8 min on 2 CPU cores)
+    python benchmarks/validation_dip.py --quick   # 1 seed, 10 epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, instantiate, load_config, machine, write_json
+
+import lightning_demp.callback as callback_module
+from lightning_demp import DemonPruning
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "mnist1d_cnn.yaml"
+
+
+class ValAccuracy(Callback):
+    def __init__(self) -> None:
+        self.history: list[tuple[int, float]] = []
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
+            self.history.append((trainer.global_step, float(trainer.callback_metrics["val_acc"])))
+
+
+def run(config: dict[str, Any], seed: int, recalibrate: bool, epochs: int) -> dict[str, Any]:
+    seed_everything(seed)
+    model, data = instantiate(config["model"]), instantiate(config["data"])
+    spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
+    demp = DemonPruning(
+        **{**spec["init_args"], "seed": seed, "verbose": False, "plot": False, "recalibrate_bn": recalibrate}
+    )
+    accuracy = ValAccuracy()
+    spent = [0.0]
+    original = callback_module.recalibrate_batchnorm_
+
+    def timed(*args: Any, **kwargs: Any) -> int:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    callback_module.recalibrate_batchnorm_ = timed  # type: ignore[assignment]
+    try:
+        trainer = Trainer(
+            max_epochs=epochs,
+            callbacks=[demp, accuracy],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        fit_seconds = time.perf_counter() - start
+    finally:
+        callback_module.recalibrate_batchnorm_ = original
+    span = demp._reg_schedule.span_steps if demp._reg_schedule else 0
+    during = [acc for step, acc in accuracy.history if step <= span]
+    return {
+        "seed": seed,
+        "recalibrate_bn": recalibrate,
+        "history": accuracy.history,
+        "span_steps": span,
+        "min_val_acc_during_schedule": min(during),
+        "final_val_acc": accuracy.history[-1][1],
+        "recalibration_seconds": spent[0],
+        "recalibrations": demp.recalibrations,
+        "recalibration_seconds_per_epoch": spent[0] / epochs,
+        "fit_seconds": fit_seconds,
+        "params_removed": 1 - sum(p.numel() for p in model.parameters()) / 150218,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args()
+    config = load_config(CONFIG)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    epochs = 10 if args.quick else config["trainer"]["max_epochs"]
+    runs = [run(config, seed, recalibrate, epochs) for seed in seeds for recalibrate in (False, True)]
+    for r in runs:
+        print({k: v for k, v in r.items() if k != "history"}, flush=True)
+    suffix = "_quick" if args.quick else ""
+    write_json(f"validation_dip{suffix}.json", {"epochs": epochs, "machine": machine(), "runs": runs})
+    lines = [
+        f"# Validation during the schedule: residual CNN, MNIST-1D ({len(seeds)} seeds, {epochs} epochs)",
+        "",
+        "| recalibrate_bn | lowest val acc during schedule (%) | final val acc (%) | gap (pt) | "
+        "recalibration cost per epoch (s) | fit time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting in (False, True):
+        chosen = [r for r in runs if r["recalibrate_bn"] == setting]
+        low = statistics.mean(r["min_val_acc_during_schedule"] for r in chosen)
+        final = statistics.mean(r["final_val_acc"] for r in chosen)
+        per_seed = ", ".join(f"{100 * r['min_val_acc_during_schedule']:.1f}" for r in chosen)
+        lines.append(
+            f"| {setting} | {100 * low:.1f} (per seed: {per_seed}) | "
+            f"{100 * final:.2f} | {100 * (final - low):.1f} | "
+            f"{statistics.mean(r['recalibration_seconds_per_epoch'] for r in chosen):.3f} | "
+            f"{statistics.mean(r['fit_seconds'] for r in chosen):.1f} |"
+        )
+    lines += ["", f"Machine: {machine()}", ""]
+    (RESULTS / f"validation_dip{suffix}.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    for r in runs:
+        steps, accs = zip(*r["history"])
+        axis.plot(
+            steps,
+            [100 * a for a in accs],
+            color="tab:green" if r["recalibrate_bn"] else "tab:grey",
+            alpha=0.8,
+            label=f"recalibrate_bn={r['recalibrate_bn']}, seed {r['seed']}",
+        )
+    axis.axvline(runs[0]["span_steps"], color="black", linestyle=":", label="end of schedule")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("val accuracy (%)")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"validation_dip{suffix}.png", dpi=110)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

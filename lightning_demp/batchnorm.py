@@ -1,0 +1,73 @@
+"""BatchNorm recalibration: re-estimate running statistics from a few training batches.
+
+Near the peak of the regularization schedule, BatchNorm scales are pushed toward zero and the running statistics,
+an exponential average over many steps, stop describing the network: eval-mode accuracy dips although the
+train-mode network is fine (``feasibility.md``). Re-estimating the statistics on a few batches before validation and
+after each removal makes validation during DemP trustworthy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer that tracks running statistics."""
+    return any(isinstance(m, _BATCHNORM) and m.track_running_stats for m in model.modules())
+
+
+def recalibrate_batchnorm_(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]) -> int:
+    """Replace every BatchNorm's running statistics by their average over ``batches``, in place.
+
+    Only BatchNorm layers run in train mode (cumulative average, ``momentum=None``); every other module stays in
+    eval mode (no dropout), no gradient is computed, no parameter changes. Modes and momenta are restored.
+
+    Args:
+        model: The module to recalibrate.
+        batches: Training batches.
+        forward: ``forward(model, batch)`` runs the model on one batch.
+
+    Returns:
+        The number of batches used.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> batches = [torch.randn(64, 3) + 5.0 for _ in range(4)]
+        >>> recalibrate_batchnorm_(model, batches, lambda m, b: m(b))
+        4
+        >>> bool(model[1].running_mean.abs().sum() > 0), model.training
+        (True, True)
+    """
+    norms = [m for m in model.modules() if isinstance(m, _BATCHNORM) and m.track_running_stats]
+    if not norms:
+        return 0
+    modes = {module: module.training for module in model.modules()}
+    momenta = {norm: norm.momentum for norm in norms}
+    saved = {norm: [buffer.clone() for buffer in norm.buffers(recurse=False)] for norm in norms}
+    used = 0
+    try:
+        model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+                used += 1
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+        if used == 0:  # nothing seen: keep the old statistics
+            for norm, buffers in saved.items():
+                for buffer, old in zip(norm.buffers(recurse=False), buffers, strict=True):
+                    buffer.copy_(old)
+    return used
