@@ -45,6 +45,13 @@ from lightning_demp.surgery import (
     match_modules,
     resize_on_load_enabled,
 )
+from lightning_demp.target import (
+    TARGET_METRICS,
+    StrengthController,
+    TargetMetric,
+    least_active_units,
+    planned_sparsity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,12 @@ class DemonPruning(Callback):
         recalibrate_bn: While the schedule runs, and after each removal, re-estimate BatchNorm running statistics on
             the epoch's recent training batches (train mode, no gradients, no optimizer step) before validation, so
             that validation metrics stay trustworthy when BatchNorm scales are pushed toward zero.
+        target_sparsity: A sparsity to reach by the end of the schedule span, in (0, 1): λ_t and σ_t are scaled by a
+            feedback rule at each removal event so that the measured sparsity follows a cubic ramp to it; once it is
+            reached, no more units are removed. ``None`` (default): the paper's behaviour, no target.
+        target_metric: What ``target_sparsity`` measures: removed fraction of ``"params"``, ``"flops"`` or ``"units"``.
+        force_target: At the final check, if the target was not reached, remove the least active remaining units
+            (live ones: not function-preserving) until it is, and say so in the log.
         recalibration_batches: How many of the epoch's most recent training batches a recalibration uses.
         plot: When fit ends, save ``demp_units.png`` (live units per layer over training, λ/σ beneath) in the run's
             log directory and send it to loggers that take figures (TensorBoard). Needs matplotlib.
@@ -157,6 +170,9 @@ class DemonPruning(Callback):
         verbose: bool = True,
         recalibrate_bn: bool = True,
         recalibration_batches: int = 4,
+        target_sparsity: float | None = None,
+        target_metric: TargetMetric = "params",
+        force_target: bool = False,
         plot: bool = True,
     ) -> None:
         super().__init__()
@@ -179,6 +195,15 @@ class DemonPruning(Callback):
         self.verbose = _check_bool("verbose", verbose)
         self.recalibrate_bn = _check_bool("recalibrate_bn", recalibrate_bn)
         self.recalibration_batches = _check_int("recalibration_batches", recalibration_batches, low=1)
+        if target_sparsity is not None:
+            target_sparsity = _check_number(
+                "target_sparsity", target_sparsity, low=0.0, low_inclusive=False, high=0.999
+            )
+        self.target_sparsity = target_sparsity
+        self.target_metric: TargetMetric = _check_choice("target_metric", target_metric, TARGET_METRICS)  # type: ignore[assignment]
+        self.force_target = _check_bool("force_target", force_target)
+        self._controller = StrengthController(target_sparsity) if target_sparsity is not None else None
+        self.strength_scale = 1.0  # multiplies λ_t and σ_t; steered when a target is set
         self.plot = _check_bool("plot", plot)
 
         # Persistent state (plain types, saved in checkpoints).
@@ -310,8 +335,8 @@ class DemonPruning(Callback):
         assert self._reg_schedule is not None
         assert self._noise_schedule is not None
         step = trainer.global_step
-        self._last_reg_strength = self._reg_schedule.value(step)
-        self._last_noise_std = self._noise_schedule.value(step)
+        self._last_reg_strength = self._reg_schedule.value(step) * self.strength_scale
+        self._last_noise_std = self._noise_schedule.value(step) * self.strength_scale
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._pending_noise = (step, self._last_noise_std, live_masks(params)) if self._last_noise_std > 0 else None
         if self._last_reg_strength > 0:
@@ -349,8 +374,10 @@ class DemonPruning(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.should_prune(trainer):
-            self._removal_event(trainer, pl_module)
+            self._removal_event(trainer, pl_module, final=self._is_last_epoch(trainer))
         self._log_size(trainer, pl_module, use_module_log=True)
+        if self.target_sparsity is not None:
+            pl_module.log("demp/strength_scale", self.strength_scale)
         if self._reg_schedule is not None:
             pl_module.log("demp/schedule_phase", float(schedule_phase(self._reg_schedule, trainer.global_step)))
             pl_module.log("demp/settled", float(self.is_settled(trainer.global_step)))
@@ -362,7 +389,7 @@ class DemonPruning(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._graph is not None and self.last_check_step != trainer.global_step:
-            self._removal_event(trainer, pl_module)  # training stopped early: the paper's final check
+            self._removal_event(trainer, pl_module, final=True)  # training stopped early: the paper's final check
             self._log_size(trainer, pl_module, use_module_log=False)
         if trainer.is_global_zero and self._graph is not None:
             if self.plot:
@@ -396,6 +423,7 @@ class DemonPruning(Callback):
             "events": [dict(event) for event in self.events],
             "last_check_step": self.last_check_step,
             "last_removed_count": self.last_removed_count,
+            "strength_scale": self.strength_scale,
             "schedule": self._schedule_record(),
         }
 
@@ -421,6 +449,9 @@ class DemonPruning(Callback):
         self.events = [dict(event) for event in state_dict.get("events", [])]
         self.last_check_step = int(state_dict.get("last_check_step", -1))
         self.last_removed_count = int(state_dict.get("last_removed_count", 0))
+        self.strength_scale = float(state_dict.get("strength_scale", 1.0))
+        if self._controller is not None:
+            self._controller.scale = self.strength_scale
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -513,7 +544,7 @@ class DemonPruning(Callback):
                 plan[group.name] = dead
         return plan
 
-    def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, final: bool = False) -> None:
         self.last_check_step = trainer.global_step
         if self._graph is None or self._monitor is None:
             return
@@ -521,10 +552,23 @@ class DemonPruning(Callback):
         if stats is None:
             return
         groups = self._graph.groups()
-        plan = _strategy.broadcast_plan(trainer, self.plan_removal(groups, stats))
+        target_reached = self.target_sparsity is not None and self.measured_sparsity(pl_module) >= self.target_sparsity
+        plan = {} if target_reached else _strategy.broadcast_plan(trainer, self.plan_removal(groups, stats))
         self.last_removed_count = sum(len(idxs) for idxs in plan.values())
-        if not plan:
-            return
+        if plan:
+            self._apply_plan(trainer, pl_module, plan, reason="dead")
+        if self.target_sparsity is not None and final and self.force_target:
+            self._force_target(trainer, pl_module, stats)
+        if self._controller is not None and self._reg_schedule is not None:
+            progress = trainer.global_step / self._reg_schedule.span_steps
+            planned = planned_sparsity(progress, self._controller.target)
+            self.strength_scale = self._controller.update(self.measured_sparsity(pl_module), planned)
+
+    def _apply_plan(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: dict[str, Tensor], *, reason: str
+    ) -> None:
+        """Surgery, optimizer remap, DDP rewrap and bookkeeping for one plan (identical on every rank)."""
+        assert self._graph is not None
         start = time.perf_counter()
         remaps = self._graph.remove_units_(plan)
         for optimizer in trainer.optimizers:
@@ -544,6 +588,7 @@ class DemonPruning(Callback):
             {
                 "step": trainer.global_step,
                 "epoch": trainer.current_epoch,
+                "reason": reason,
                 "removed": {name: len(idxs) for name, idxs in plan.items()},
                 "widths": {name: len(kept) for name, kept in self.kept_units.items()},
                 "params": count_parameters(pl_module),
@@ -552,9 +597,42 @@ class DemonPruning(Callback):
             }
         )
         if self.verbose:
+            what = "units" if reason == "dead" else "least active live units (force_target)"
             rank_zero_info(
-                f"DemonPruning: removed {removed_count} units from {len(plan)} layers: "
+                f"DemonPruning: removed {removed_count} {what} from {len(plan)} layers: "
                 f"{self.units_kept_fraction():.0%} of units, {self.flops_kept_fraction():.0%} of FLOPs kept."
+            )
+
+    def measured_sparsity(self, pl_module: nn.Module) -> float:
+        """The sparsity ``target_metric`` measures now: the removed fraction of parameters, FLOPs or units."""
+        if self.target_metric == "flops":
+            return 1.0 - self.flops_kept_fraction()
+        if self.target_metric == "units":
+            return 1.0 - self.units_kept_fraction()
+        return 1.0 - count_parameters(pl_module) / self.initial_params if self.initial_params else 0.0
+
+    def _force_target(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: Mapping[str, Mapping[str, Tensor]]
+    ) -> None:
+        """Opt-in last step: remove the least active live units, in small chunks, until the target is met."""
+        assert self._graph is not None
+        assert self.target_sparsity is not None
+        forced = 0
+        while self.measured_sparsity(pl_module) < self.target_sparsity:
+            plan = least_active_units(self._graph.groups(), stats, self.min_units)
+            if not plan:
+                rank_zero_warn("`DemonPruning(force_target=True)`: every group is at `min_units`; target not met.")
+                break
+            plan = _strategy.broadcast_plan(trainer, plan)
+            self._apply_plan(trainer, pl_module, plan, reason="force_target")
+            forced += sum(len(idxs) for idxs in plan.values())
+            assert self._monitor is not None
+            stats = dead_check(pl_module, self._monitor, list(self._recent_batches), self._forward_module)
+        if forced:
+            rank_zero_info(
+                f"DemonPruning: force_target removed {forced} live units (not function-preserving) to reach "
+                f"{self.measured_sparsity(pl_module):.1%} {self.target_metric} sparsity "
+                f"(target {self.target_sparsity:.1%})."
             )
 
     def _save_plot(self, trainer: pl.Trainer) -> None:

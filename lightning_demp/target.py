@@ -1,0 +1,96 @@
+"""Sparsity targets: steer the regularization strength so that removal follows a planned trajectory.
+
+DemP's final size falls out of λ_max, σ_max, the learning rate and the batch size. With a target, the callback
+multiplies λ_t and σ_t by a scale that a feedback rule adjusts at every removal event, so that the measured sparsity
+follows a cubic ramp to the target by the end of the schedule span (the ramp of gradual magnitude pruning).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_demp.detection import unit_activity
+from lightning_demp.surgery import UnitGroup
+
+TargetMetric = Literal["params", "flops", "units"]
+TARGET_METRICS: tuple[str, ...] = ("params", "flops", "units")
+
+
+def planned_sparsity(progress: float, target: float) -> float:
+    """The cubic ramp: ``target·(1 − (1 − progress)³)``, with ``progress`` clipped to [0, 1].
+
+    Examples:
+        >>> planned_sparsity(0.0, 0.8), planned_sparsity(1.0, 0.8), round(planned_sparsity(0.5, 0.8), 3)
+        (0.0, 0.8, 0.7)
+    """
+    progress = min(1.0, max(0.0, progress))
+    return target * (1.0 - (1.0 - progress) ** 3)
+
+
+@dataclass
+class StrengthController:
+    """Multiplicative feedback on the strength scale: behind plan → stronger, ahead → weaker.
+
+    ``scale ← scale · exp(gain · (planned − measured) / target)``, clamped to ``[min_scale, max_scale]``; once the
+    target is reached the scale drops to ``min_scale`` so that no further units are pushed to die.
+
+    Examples:
+        >>> controller = StrengthController(target=0.5)
+        >>> controller.update(measured=0.1, planned=0.3) > 1.0
+        True
+        >>> controller.update(measured=0.5, planned=0.5)
+        0.001
+    """
+
+    target: float
+    gain: float = 3.0
+    scale: float = 1.0
+    min_scale: float = 1e-3
+    max_scale: float = 1e3
+
+    def update(self, measured: float, planned: float) -> float:
+        """Adjust and return the scale after a removal event."""
+        if measured >= self.target:
+            self.scale = self.min_scale
+        else:
+            self.scale *= math.exp(self.gain * (planned - measured) / max(self.target, 1e-6))
+            self.scale = min(self.max_scale, max(self.min_scale, self.scale))
+        return self.scale
+
+
+def least_active_units(
+    groups: Sequence[UnitGroup], stats: Mapping[str, Mapping[str, Tensor]], min_units: int, fraction: float = 0.02
+) -> dict[str, Tensor]:
+    """The ``fraction`` least active removable units over all groups (at least one), as a removal plan.
+
+    Activity is each unit's largest ``|value|`` at its readers, divided by its group's mean so that layers of
+    different scales compare; groups never go below ``min_units``. Used by ``force_target`` only: these units are
+    alive, and removing them changes the network's function.
+
+    Examples:
+        >>> from lightning_demp.surgery import ReaderSlice
+        >>> group = UnitGroup("fc1", 4, readers=[ReaderSlice("fc2", torch.arange(4), torch.arange(4))])
+        >>> least_active_units([group], {"fc2": {"max_abs": torch.tensor([3.0, 0.5, 2.0, 1.0])}}, min_units=1)
+        {'fc1': tensor([1])}
+    """
+    candidates: list[tuple[float, str, int]] = []
+    for group in groups:
+        if group.blocked is not None or not group.readers or any(r.reader not in stats for r in group.readers):
+            continue
+        activity = unit_activity(
+            group.num_units, [(stats[r.reader]["max_abs"], r.feature_idxs, r.unit_idxs) for r in group.readers]
+        )
+        relative = activity / activity.mean().clamp(min=1e-12)
+        order = torch.sort(relative, stable=True).indices[: max(0, group.num_units - min_units)]
+        candidates += [(float(relative[i]), group.name, int(i)) for i in order]
+    candidates.sort()
+    plan: dict[str, list[int]] = {}
+    for _, name, index in candidates[: max(1, int(len(candidates) * fraction))] if candidates else []:
+        plan.setdefault(name, []).append(index)
+    return {name: torch.tensor(sorted(idxs)) for name, idxs in plan.items()}
