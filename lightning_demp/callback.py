@@ -25,7 +25,7 @@ from lightning_demp.accounting import batch_size_of, call_with, count_flops_per_
 from lightning_demp.batchnorm import recalibrate_batchnorm_
 from lightning_demp.detection import ActivationMonitor, dead_check, find_dead_units, unit_activity
 from lightning_demp.monitoring import risky_monitors, schedule_phase
-from lightning_demp.optim import remap_optimizer_
+from lightning_demp.optim import add_param_next_to_, remap_optimizer_
 from lightning_demp.regularization import (
     REGULARIZER_NAMES,
     RegularizerName,
@@ -36,6 +36,7 @@ from lightning_demp.regularization import (
     penalized_params,
 )
 from lightning_demp.report import print_summary
+from lightning_demp.saturation import Fold, constant_units, fold_constant_inputs_, folds_for
 from lightning_demp.schedules import SCHEDULE_NAMES, Schedule, ScheduleName, make_schedule
 from lightning_demp.surgery import (
     PrunableGraph,
@@ -128,6 +129,10 @@ class DemonPruning(Callback):
         recalibrate_bn: While the schedule runs, and after each removal, re-estimate BatchNorm running statistics on
             the epoch's recent training batches (train mode, no gradients, no optimizer step) before validation, so
             that validation metrics stay trustworthy when BatchNorm scales are pushed toward zero.
+        saturation_tolerance: Also remove *saturated* units (for smooth activations: GELU, SiLU, tanh, sigmoid):
+            a unit whose value at every reader varies by at most this much over the observed data. Its constant
+            contribution is folded into each reader's bias (created if missing) or, before a BatchNorm, into its
+            running mean. Readers must be Linear layers or unpadded convolutions. ``None`` (default): dead units only.
         target_sparsity: A sparsity to reach by the end of the schedule span, in (0, 1): λ_t and σ_t are scaled by a
             feedback rule at each removal event so that the measured sparsity follows a cubic ramp to it; once it is
             reached, no more units are removed. ``None`` (default): the paper's behaviour, no target.
@@ -170,6 +175,7 @@ class DemonPruning(Callback):
         verbose: bool = True,
         recalibrate_bn: bool = True,
         recalibration_batches: int = 4,
+        saturation_tolerance: float | None = None,
         target_sparsity: float | None = None,
         target_metric: TargetMetric = "params",
         force_target: bool = False,
@@ -195,6 +201,11 @@ class DemonPruning(Callback):
         self.verbose = _check_bool("verbose", verbose)
         self.recalibrate_bn = _check_bool("recalibrate_bn", recalibrate_bn)
         self.recalibration_batches = _check_int("recalibration_batches", recalibration_batches, low=1)
+        if saturation_tolerance is not None:
+            saturation_tolerance = _check_number(
+                "saturation_tolerance", saturation_tolerance, low=0.0, low_inclusive=True
+            )
+        self.saturation_tolerance = saturation_tolerance
         if target_sparsity is not None:
             target_sparsity = _check_number(
                 "target_sparsity", target_sparsity, low=0.0, low_inclusive=False, high=0.999
@@ -466,7 +477,7 @@ class DemonPruning(Callback):
         """Trace the model, create the activity monitor and record the starting size."""
         self._example_input = example_input
         self._graph = PrunableGraph(pl_module, example_input, exclude=self.exclude)
-        self._monitor = ActivationMonitor(self._graph.readers())
+        self._monitor = self._new_monitor()
         self._current_flops = count_flops_per_sample(pl_module, _first_samples(example_input, 1))
         groups = [group for group in self._graph.groups() if group.blocked is None]
         for group in groups:
@@ -532,6 +543,10 @@ class DemonPruning(Callback):
             readers = [(stats[r.reader]["max_abs"], r.feature_idxs, r.unit_idxs) for r in group.readers]
             activity = unit_activity(group.num_units, readers)
             dead = find_dead_units(activity, self.dead_threshold)
+            if self.saturation_tolerance is not None and self._graph is not None:
+                modules = dict(self._graph.model.named_modules())
+                constant = constant_units(group, stats, modules, self.saturation_tolerance)
+                dead = torch.unique(torch.cat([dead, constant]))
             allowed = max(0, group.num_units - self.min_units)
             if len(dead) > allowed:
                 rank_zero_warn(
@@ -555,6 +570,8 @@ class DemonPruning(Callback):
         target_reached = self.target_sparsity is not None and self.measured_sparsity(pl_module) >= self.target_sparsity
         plan = {} if target_reached else _strategy.broadcast_plan(trainer, self.plan_removal(groups, stats))
         self.last_removed_count = sum(len(idxs) for idxs in plan.values())
+        if plan and self.saturation_tolerance is not None:
+            self._fold_constants(trainer, folds_for(groups, stats, plan))
         if plan:
             self._apply_plan(trainer, pl_module, plan, reason="dead")
         if self.target_sparsity is not None and final and self.force_target:
@@ -579,7 +596,7 @@ class DemonPruning(Callback):
         for name, idxs in plan.items():
             removed = set(idxs.tolist())
             self.kept_units[name] = [unit for i, unit in enumerate(self.kept_units[name]) if i not in removed]
-        self._monitor = ActivationMonitor(self._graph.readers())
+        self._monitor = self._new_monitor()
         self._current_flops = count_flops_per_sample(pl_module, _first_samples(self._example_input, 1))
         _set_flops_per_batch(pl_module, self._current_flops, self._train_batch_size)
         self._recalibrate(trainer, pl_module)
@@ -602,6 +619,21 @@ class DemonPruning(Callback):
                 f"DemonPruning: removed {removed_count} {what} from {len(plan)} layers: "
                 f"{self.units_kept_fraction():.0%} of units, {self.flops_kept_fraction():.0%} of FLOPs kept."
             )
+
+    def _new_monitor(self) -> ActivationMonitor:
+        assert self._graph is not None
+        return ActivationMonitor(self._graph.readers(), track_range=self.saturation_tolerance is not None)
+
+    def _fold_constants(self, trainer: pl.Trainer, folds: Sequence[Fold]) -> None:
+        """Move the constant contribution of saturated units into their readers before they are removed."""
+        assert self._graph is not None
+        modules = dict(self._graph.model.named_modules())
+        for fold in folds:
+            reader = modules[fold.reader]
+            new_bias = fold_constant_inputs_(reader, fold, self._graph.norm_after(fold.reader))
+            if new_bias is not None:
+                for optimizer in trainer.optimizers:
+                    add_param_next_to_(optimizer, reader.weight, new_bias)
 
     def measured_sparsity(self, pl_module: nn.Module) -> float:
         """The sparsity ``target_metric`` measures now: the removed fraction of parameters, FLOPs or units."""

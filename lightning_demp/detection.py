@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -47,12 +48,18 @@ class UnitActivity(Metric):
     full_state_update = False
     max_abs: Tensor
     num_samples: Tensor
+    max_value: Tensor
+    min_value: Tensor
 
-    def __init__(self, num_features: int, feature_dim: int, **kwargs: Any) -> None:
+    def __init__(self, num_features: int, feature_dim: int, track_range: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.feature_dim = feature_dim
+        self.track_range = track_range
         self.add_state("max_abs", default=torch.zeros(num_features), dist_reduce_fx="max")
         self.add_state("num_samples", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        if track_range:  # for saturated units: a feature whose value never changes
+            self.add_state("max_value", default=torch.full((num_features,), -math.inf), dist_reduce_fx="max")
+            self.add_state("min_value", default=torch.full((num_features,), math.inf), dist_reduce_fx="min")
 
     def update(self, inputs: Tensor) -> None:
         """Accumulate one reader input (any shape, features on ``feature_dim``)."""
@@ -62,14 +69,20 @@ class UnitActivity(Metric):
         batch_max = values.abs().amax(dim=dims) if dims else values.abs()
         self.max_abs = torch.maximum(self.max_abs, batch_max.float())
         self.num_samples += values.shape[0] if values.dim() > 1 else 1
+        if self.track_range:
+            self.max_value = torch.maximum(self.max_value, (values.amax(dim=dims) if dims else values).float())
+            self.min_value = torch.minimum(self.min_value, (values.amin(dim=dims) if dims else values).float())
 
     def compute(self) -> dict[str, Tensor]:
         """Return the reduced states as a dict."""
-        return {
+        stats = {
             "max_abs": self.max_abs,
             "num_samples": self.num_samples,
             "num_nonfinite": (~torch.isfinite(self.max_abs)).sum(),
         }
+        if self.track_range:
+            stats["max_value"], stats["min_value"] = self.max_value, self.min_value
+        return stats
 
 
 def reader_feature_dim(module: nn.Module) -> int:
@@ -112,8 +125,9 @@ class ActivationMonitor:
         (4, 0)
     """
 
-    def __init__(self, readers: Mapping[str, nn.Module]) -> None:
+    def __init__(self, readers: Mapping[str, nn.Module], track_range: bool = False) -> None:
         self.readers = dict(readers)
+        self.track_range = track_range
         self.activity: dict[str, UnitActivity] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.paused = False  # when True, attached hooks record nothing (e.g. during validation)
@@ -125,7 +139,9 @@ class ActivationMonitor:
         for name, module in self.readers.items():
             parameter = next(module.parameters(), None)
             device = parameter.device if parameter is not None else torch.device("cpu")
-            self.activity[name] = UnitActivity(reader_num_features(module), reader_feature_dim(module)).to(device)
+            self.activity[name] = UnitActivity(
+                reader_num_features(module), reader_feature_dim(module), track_range=self.track_range
+            ).to(device)
 
     @property
     def is_observing(self) -> bool:
@@ -246,3 +262,23 @@ def find_dead_units(activity: Tensor, threshold: float = 0.0) -> Tensor:
         tensor([0, 2])
     """
     return torch.nonzero(activity <= threshold).flatten()
+
+
+def unit_range(num_units: int, readers: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
+    """For each unit, the largest ``max − min`` of its value at any reader (0 for a constant unit).
+
+    Args:
+        num_units: Number of units of the group.
+        readers: For each reader: per-feature ``max_value`` and ``min_value``, the reader feature indices of the
+            group, and the unit each carries.
+
+    Examples:
+        >>> reader = (torch.tensor([1.0, 0.5]), torch.tensor([1.0, -0.5]), torch.arange(2), torch.arange(2))
+        >>> unit_range(2, [reader])
+        tensor([0., 1.])
+    """
+    spread = torch.zeros(num_units)
+    for max_value, min_value, feature_idxs, root_idxs in readers:
+        values = (max_value.detach().float().cpu() - min_value.detach().float().cpu())[feature_idxs]
+        spread.scatter_reduce_(0, root_idxs, values.nan_to_num(nan=math.inf), reduce="amax")
+    return spread

@@ -113,3 +113,24 @@ def remap_optimizer_(optimizer: torch.optim.Optimizer, remaps: Sequence[ParamRem
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     """Return every parameter an optimizer holds, in group order."""
     return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+def add_param_next_to_(optimizer: torch.optim.Optimizer, reference: Tensor, new: nn.Parameter) -> bool:
+    """Add ``new`` to the parameter group that holds ``reference`` (e.g. a bias created next to its weight).
+
+    Returns:
+        Whether ``reference`` was found in ``optimizer``.
+
+    Examples:
+        >>> layer = nn.Linear(2, 2, bias=False)
+        >>> optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        >>> add_param_next_to_(optimizer, layer.weight, nn.Parameter(torch.zeros(2)))
+        True
+        >>> len(optimizer.param_groups[0]["params"])
+        2
+    """
+    for group in optimizer.param_groups:
+        if any(param is reference for param in group["params"]):
+            group["params"].append(new)
+            return True
+    return False

@@ -170,6 +170,14 @@ class PrunableGraph:
                 shared[module] = self._names.get(other, type(other).__name__)
         return shared
 
+    def norm_after(self, name: str) -> nn.Module | None:
+        """The BatchNorm that directly and only consumes the output of layer ``name``, if any."""
+        node = self._graph.module2node.get(dict(self.model.named_modules())[name])
+        if node is None or len(node.outputs) != 1:
+            return None
+        module = node.outputs[0].module
+        return module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+
     def readers(self) -> dict[str, nn.Module]:
         """Every Linear/Conv layer that reads a unit of some group, by name."""
         modules = dict(self.model.named_modules())

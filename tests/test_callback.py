@@ -45,6 +45,12 @@ BAD_ARGUMENTS = [
     ({"seed": -3}, ValueError, r"Expected `seed` to be an int >= 0, got -3"),
     ({"verbose": "yes"}, TypeError, r"Expected `verbose` to be a bool, got str 'yes'"),
     ({"recalibrate_bn": 1}, TypeError, r"Expected `recalibrate_bn` to be a bool, got int 1"),
+    (
+        {"saturation_tolerance": -1.0},
+        ValueError,
+        r"Expected `saturation_tolerance` to be a number in \[0.0, inf\), got -1.0",
+    ),
+    ({"force_target": "no"}, TypeError, r"Expected `force_target` to be a bool, got str 'no'"),
     ({"recalibration_batches": 0}, ValueError, r"Expected `recalibration_batches` to be an int >= 1, got 0"),
 ]
 

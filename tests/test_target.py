@@ -27,11 +27,17 @@ def test_controller_strengthens_when_behind_weakens_when_ahead_and_stops_at_the_
     assert controller.update(measured=0.55, planned=0.4) == controller.min_scale
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"target_sparsity": 1.0}, r"Expected `target_sparsity` to be a number in \(0.0, 0.999\], got 1.0"),
-    ({"target_sparsity": 0.0}, r"Expected `target_sparsity` to be a number in \(0.0, 0.999\], got 0.0"),
-    ({"target_metric": "weights"}, r"Expected `target_metric` to be one of \('params', 'flops', 'units'\), got 'weights'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_sparsity": 1.0}, r"Expected `target_sparsity` to be a number in \(0.0, 0.999\], got 1.0"),
+        ({"target_sparsity": 0.0}, r"Expected `target_sparsity` to be a number in \(0.0, 0.999\], got 0.0"),
+        (
+            {"target_metric": "weights"},
+            r"Expected `target_metric` to be one of \('params', 'flops', 'units'\), got 'weights'",
+        ),
+    ],
+)
 def test_target_arguments_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DemonPruning(**kwargs)
@@ -40,8 +46,9 @@ def test_target_arguments_are_validated(kwargs, message):
 def test_removal_stops_once_the_target_is_reached(tmp_path):
     model = make_alive_(small_mlp(hidden_sizes=[24, 24]))
     kill_linear_units_(model.net[0], list(range(18)))  # 75 % of the first layer is dead from the start
-    _, model, callback = train_with_callback(tmp_path, model=model, max_epochs=3, reg_max=0.0, noise_std=0.0,
-                                             target_sparsity=0.2, target_metric="units")
+    _, model, callback = train_with_callback(
+        tmp_path, model=model, max_epochs=3, reg_max=0.0, noise_std=0.0, target_sparsity=0.2, target_metric="units"
+    )
     first = callback.events[0]
     assert first["reason"] == "dead"
     assert len(callback.events) == 1  # nothing more after the target was passed by that one event
@@ -53,8 +60,16 @@ def test_force_target_meets_the_target_with_the_least_active_units(tmp_path):
     model = make_alive_(small_mlp(hidden_sizes=[24, 24]))
     with torch.no_grad():
         model.net[0].weight[:4] *= 0.01  # four weak units: the first ones to go
-    _, model, callback = train_with_callback(tmp_path, model=model, max_epochs=2, reg_max=0.0, noise_std=0.0,
-                                             target_sparsity=0.3, target_metric="units", force_target=True)
+    _, model, callback = train_with_callback(
+        tmp_path,
+        model=model,
+        max_epochs=2,
+        reg_max=0.0,
+        noise_std=0.0,
+        target_sparsity=0.3,
+        target_metric="units",
+        force_target=True,
+    )
     measured = callback.measured_sparsity(model)
     assert 0.3 <= measured <= 0.3 + 1 / 48 + 1e-9  # one unit past at most
     assert all(event["reason"] == "force_target" for event in callback.events)
@@ -62,8 +77,9 @@ def test_force_target_meets_the_target_with_the_least_active_units(tmp_path):
 
 
 def test_the_strength_scale_multiplies_the_logged_lambda_and_is_saved(tmp_path):
-    trainer, _, callback = train_with_callback(tmp_path, max_epochs=2, reg_max=0.5, noise_std=0.0,
-                                               schedule="constant", target_sparsity=0.9)
+    trainer, _, callback = train_with_callback(
+        tmp_path, max_epochs=2, reg_max=0.5, noise_std=0.0, schedule="constant", target_sparsity=0.9
+    )
     assert callback.strength_scale != 1.0  # behind plan: steered up
     assert trainer.callback_metrics["demp/strength_scale"].item() == pytest.approx(callback.strength_scale)
     restored = DemonPruning(regularizer="positive_l2", target_sparsity=0.9)
