@@ -285,3 +285,63 @@ class DigitsDataModule(ArrayDataModule):
         split = int(0.8 * len(y))
         mean, std = x[:split].mean(), x[:split].std()
         return (x[:split] - mean) / std, y[:split], (x[split:] - mean) / std, y[split:]
+
+
+class PreNormBlock(nn.Module):
+    """``x + attn(ln1(x))`` then ``x + fc2(gelu(fc1(ln2(x))))``: a pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block to ``[batch, tokens, dim]``."""
+        normed = self.ln1(x)
+        x = x + self.attn(normed, normed, normed, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TransformerClassifier(DemoClassifier):
+    """A small pre-norm transformer for MNIST-1D: patches of the signal are the tokens.
+
+    DemP prunes the MLP hidden units of each block (after GELU; with ``saturation_tolerance`` set, the units stuck
+    near GELU's flat negative side); attention and the residual width are coupled with LayerNorm and left intact.
+
+    Examples:
+        >>> model = TransformerClassifier(dim=16, depth=1, heads=2, hidden=32)
+        >>> model(torch.randn(2, 40)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        input_length: int = 40,
+        patch: int = 4,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        hidden: int = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.patch = patch
+        tokens = input_length // patch
+        self.embed = nn.Linear(patch, dim)
+        self.position = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.blocks = nn.ModuleList(PreNormBlock(dim, heads, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, self.num_classes)
+        nn.init.normal_(self.position, std=0.02)
+        self.example_input_array = torch.zeros(2, input_length)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[batch, length]``; returns logits."""
+        x = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.position
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(dim=1))

@@ -118,3 +118,19 @@ def test_the_callback_removes_saturated_units_and_trains_a_created_bias(tmp_path
     held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters()}
     assert model.net[2].bias in trainer.optimizers[0].state  # it trained after being created
+
+
+def test_transformer_mlp_units_are_pruned_and_attention_and_the_residual_width_are_left_alone():
+    from lightning_demp.demos import TransformerClassifier
+
+    model = TransformerClassifier(dim=16, depth=2, heads=2, hidden=32)
+    block = model.blocks[0]
+    saturate_(block.fc1, [3, 9, 20], [2.0, -10.0, 0.5])  # GELU of a constant: a constant unit
+    x = torch.randn(16, 40)
+    model.eval()
+    before = model(x)
+    removed = remove_constant_(model, x)
+    assert removed == {"blocks.0.fc1": 3}
+    assert block.fc1.out_features == block.fc2.in_features == 29
+    assert block.attn.embed_dim == 16 and model.embed.out_features == 16  # residual width untouched
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
