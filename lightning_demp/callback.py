@@ -402,9 +402,10 @@ class DemonPruning(Callback):
         if self._graph is not None and self.last_check_step != trainer.global_step:
             self._removal_event(trainer, pl_module, final=True)  # training stopped early: the paper's final check
             self._log_size(trainer, pl_module, use_module_log=False)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self._graph is not None:
             if self.plot:
-                self._save_plot(trainer)
+                self._save_plot(trainer, Path(log_dir))
             if self.verbose:
                 print_summary(self, trainer, pl_module)
 
@@ -667,7 +668,7 @@ class DemonPruning(Callback):
                 f"(target {self.target_sparsity:.1%})."
             )
 
-    def _save_plot(self, trainer: pl.Trainer) -> None:
+    def _save_plot(self, trainer: pl.Trainer, directory: Path) -> None:
         try:
             from lightning_demp.plots import plot_run
 
@@ -675,7 +676,6 @@ class DemonPruning(Callback):
         except ImportError:
             rank_zero_info("DemonPruning: install matplotlib to get the units-over-training plot.")
             return
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "demp_units.png"
         figure.savefig(path, dpi=120)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_demp.selection import ChannelSelect
 from lightning_demp.surgery import enable_resize_on_load
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
@@ -135,10 +136,15 @@ class MLPClassifier(DemoClassifier):
 
 
 class ResidualBlock1d(nn.Module):
-    """``relu(x + bn2(conv2(relu(bn1(conv1(x))))))`` with an identity shortcut."""
+    """``relu(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))))))``.
 
-    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+    With ``decoupled=True`` the shortcut is a `ChannelSelect` (the block's input and output channels shrink
+    independently); with ``False`` it is a plain identity (a stream channel goes only if dead wherever it is read).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, decoupled: bool = True) -> None:
         super().__init__()
+        self.shortcut: nn.Module = ChannelSelect(channels) if decoupled else nn.Identity()
         self.conv1 = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn1 = nn.BatchNorm1d(channels)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, bias=False)
@@ -146,20 +152,20 @@ class ResidualBlock1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the block."""
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.relu(self.shortcut(x) + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
 class ResidualCNNBackbone(nn.Module):
     """Stem conv → residual block → stride-2 conv → residual block → global average pool → linear head."""
 
-    def __init__(self, width: int = 64, num_classes: int = 10) -> None:
+    def __init__(self, width: int = 64, num_classes: int = 10, decoupled: bool = True) -> None:
         super().__init__()
         self.stem = nn.Conv1d(1, width, 5, padding=2, bias=False)
         self.stem_bn = nn.BatchNorm1d(width)
-        self.block1 = ResidualBlock1d(width)
+        self.block1 = ResidualBlock1d(width, decoupled=decoupled)
         self.down = nn.Conv1d(width, 2 * width, 3, stride=2, padding=1, bias=False)
         self.down_bn = nn.BatchNorm1d(2 * width)
-        self.block2 = ResidualBlock1d(2 * width)
+        self.block2 = ResidualBlock1d(2 * width, decoupled=decoupled)
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -182,10 +188,10 @@ class ResidualCNNClassifier(DemoClassifier):
         torch.Size([2, 10])
     """
 
-    def __init__(self, width: int = 64, input_length: int = 40, **kwargs: Any) -> None:
+    def __init__(self, width: int = 64, input_length: int = 40, decoupled: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        self.net = ResidualCNNBackbone(width, self.num_classes)
+        self.net = ResidualCNNBackbone(width, self.num_classes, decoupled=decoupled)
         self.example_input_array = torch.zeros(2, input_length)
 
 

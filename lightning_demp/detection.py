@@ -94,7 +94,7 @@ def reader_feature_dim(module: nn.Module) -> int:
     """
     if isinstance(module, nn.Linear):
         return -1
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, nn.modules.conv._ConvNd) or hasattr(module, "in_ids"):  # Conv or ChannelSelect
         return 1
     raise TypeError(f"Expected a Linear or Conv reader, got {type(module).__name__}.")
 
@@ -105,6 +105,9 @@ def reader_num_features(module: nn.Module) -> int:
         return module.in_features
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.in_channels
+    in_ids = getattr(module, "in_ids", None)  # ChannelSelect
+    if isinstance(in_ids, Tensor):
+        return int(in_ids.numel())
     raise TypeError(f"Expected a Linear or Conv reader, got {type(module).__name__}.")
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_demp.demos import DemoClassifier, OptimizerName
+from lightning_demp.selection import ChannelSelect
 
 VGGVariant = Literal["standard", "demp"]
 CIFARLRSchedule = Literal["one_cycle", "constant", "step"]
@@ -75,7 +76,9 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut: nn.Module = nn.Identity()
+        # Identity shortcuts are 0/1 channel selections, so the block's input and output channels shrink
+        # independently (the authors' treatment, paper.md §1.1); an identity while nothing is removed.
+        self.shortcut: nn.Module = ChannelSelect(channels)
         if stride != 1 or in_channels != channels:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)

@@ -10,10 +10,11 @@ records for the optimizer. `resize_like_` shrinks a fresh model to the shapes of
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_demp.optim import ParamRemap
+from lightning_demp.selection import ChannelSelect, ChannelSelectPruner
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,25 @@ class UnitGroup:
     members: list[str] = field(default_factory=list)
     readers: list[ReaderSlice] = field(default_factory=list)
     blocked: str | None = None
+
+
+@contextlib.contextmanager
+def _plain_metric_comparisons() -> Iterator[None]:
+    """Compare torchmetrics metrics by identity while Torch-Pruning builds its graph.
+
+    ``Metric.__eq__``/``__ne__`` build compositional metrics (always truthy). Torch-Pruning compares modules with
+    ``==`` and ``in`` when it registers customized layers, so a LightningModule holding metrics would have every
+    layer treated as ignored.
+    """
+    from torchmetrics import Metric
+
+    saved = Metric.__eq__, Metric.__ne__
+    Metric.__eq__ = object.__eq__  # type: ignore[assignment,method-assign]
+    Metric.__ne__ = object.__ne__  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        Metric.__eq__, Metric.__ne__ = saved  # type: ignore[method-assign]
 
 
 class TracingError(RuntimeError):
@@ -113,10 +134,15 @@ class PrunableGraph:
         for param in frozen:  # Torch-Pruning traces autograd: a frozen layer would be invisible to it
             param.requires_grad_(True)
         try:
-            with torch.enable_grad(), warnings.catch_warnings():
+            with torch.enable_grad(), warnings.catch_warnings(), _plain_metric_comparisons():
                 warnings.simplefilter("ignore")
                 model.eval()  # trace without touching BatchNorm running statistics
-                self._graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+                self._graph = tp.DependencyGraph().build_dependency(
+                    model,
+                    example_inputs=example_inputs,
+                    verbose=False,
+                    customized_pruners={ChannelSelect: ChannelSelectPruner()},
+                )
         except Exception as error:
             raise TracingError(
                 f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
@@ -211,7 +237,8 @@ class PrunableGraph:
                 name = self._names.get(module, type(module).__name__)
                 if name not in group.members:
                     group.members.append(name)
-                if dep.target.type not in _SUPPORTED_MODULE_TYPES:
+                is_select = isinstance(module, ChannelSelect)
+                if dep.target.type not in _SUPPORTED_MODULE_TYPES and not is_select:
                     reasons.append(f"it is coupled with `{name}` ({type(module).__name__}), which mixes units")
                     continue
                 if module in shared:
@@ -223,7 +250,7 @@ class PrunableGraph:
                     reasons.append(f"`{name}` produces the model output")
                 if is_out and module in excluded:
                     reasons.append(f"`{name}` is excluded")
-                if graph.is_in_channel_pruning_fn(dep.handler) and isinstance(module, _LAYER_TYPES):
+                if graph.is_in_channel_pruning_fn(dep.handler) and isinstance(module, (*_LAYER_TYPES, ChannelSelect)):
                     group.readers.append(
                         ReaderSlice(
                             reader=name,

@@ -21,6 +21,7 @@ from lightning_demp.models import (
     cifar_resnet18,
     cifar_vgg16_bn,
 )
+from lightning_demp.selection import ChannelSelect
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def test_resnet18_shape_and_parameter_count():
     assert 11_100_000 <= count(model) <= 11_300_000
     assert count(model) == 11_173_962
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
-    assert isinstance(model.layer1[0].shortcut, nn.Identity)
+    assert isinstance(model.layer1[0].shortcut, ChannelSelect)  # identity shortcuts are selections
     assert isinstance(model.layer2[0].shortcut, nn.Sequential)
     assert cifar_resnet18(num_classes=100).fc.out_features == 100
 
