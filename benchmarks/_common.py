@@ -70,7 +70,13 @@ def run_config(
     callbacks = []
     if with_demp:
         spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
-        args = {**spec.get("init_args", {}), "seed": seed, "verbose": False, "plot": False, **(callback_overrides or {})}
+        args = {
+            **spec.get("init_args", {}),
+            "seed": seed,
+            "verbose": False,
+            "plot": False,
+            **(callback_overrides or {}),
+        }
         callbacks.append(DemonPruning(**args))
     if extra_callbacks is not None:
         callbacks.extend(extra_callbacks(model, epochs))

@@ -46,7 +46,21 @@ SWEEPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("DemP λ=0.1", {"reg_max": 0.1}),
     ],
 }
+# Decoupled residual channels (ChannelSelect shortcuts): the same recipe, a sweep reaching further.
+DECOUPLED_SWEEP: list[tuple[str, dict[str, Any]]] = [
+    ("DemP decoupled λ=0.01", {"reg_max": 0.01}),
+    ("DemP decoupled λ=0.03", {"reg_max": 0.03}),
+    ("DemP decoupled λ=0.05", {"reg_max": 0.05}),
+]
 REFERENCE = {"cnn": "DemP λ=0.03", "mlp": "DemP λ=0.03"}  # ModelPruning matches this point's unit sparsity
+
+
+def dense_accuracy(model: str) -> float:
+    """The dense accuracy of the coupled run (same seeds, epochs and optimizer: a selection is an identity then)."""
+    import json
+
+    summaries = json.loads((RESULTS / f"frontier_{model}.json").read_text())["summaries"]
+    return float(next(s["test_acc"] for s in summaries if s["method"] == "dense"))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -116,6 +130,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument(
+        "--decoupled",
+        action="store_true",
+        help="CNN only: ChannelSelect shortcuts; DemP sweep only (dense and peers as in the coupled run)",
+    )
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 4 if args.quick else args.epochs
@@ -131,12 +150,29 @@ def main() -> None:
             flush=True,
         )
 
+    model_overrides = {"decoupled": args.decoupled} if args.model == "cnn" else {}
+    sweep = DECOUPLED_SWEEP if args.decoupled else SWEEPS[args.model]
     for seed in seeds:
-        record("dense", run_config(config, seed=seed, with_demp=False, max_epochs=epochs))
-        for label, overrides in SWEEPS[args.model]:
+        if not args.decoupled:
             record(
-                label, run_config(config, seed=seed, with_demp=True, max_epochs=epochs, callback_overrides=overrides)
+                "dense",
+                run_config(config, seed=seed, with_demp=False, max_epochs=epochs, model_overrides=model_overrides),
             )
+        for label, overrides in sweep:
+            record(
+                label,
+                run_config(
+                    config,
+                    seed=seed,
+                    with_demp=True,
+                    max_epochs=epochs,
+                    callback_overrides=overrides,
+                    model_overrides=model_overrides,
+                ),
+            )
+    if args.decoupled:
+        finish(args, runs, seeds, epochs, "_decoupled")
+        return
     unit_sparsity = statistics.mean(run["units_removed"] for run in runs[REFERENCE[args.model]])
     prune_epochs = max(1, (2 * epochs) // 3)
     peers: list[tuple[str, Any]] = [
@@ -153,11 +189,26 @@ def main() -> None:
         )
     for seed in seeds:
         for label, factory in peers:
-            record(label, run_config(config, seed=seed, with_demp=False, max_epochs=epochs, extra_callbacks=factory))
+            record(
+                label,
+                run_config(
+                    config,
+                    seed=seed,
+                    with_demp=False,
+                    max_epochs=epochs,
+                    extra_callbacks=factory,
+                    model_overrides=model_overrides,
+                ),
+            )
+    finish(args, runs, seeds, epochs, "")
 
+
+def finish(
+    args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], seeds: list[int], epochs: int, variant: str
+) -> None:
     summaries = [summarize(label, label_runs) for label, label_runs in runs.items()]
     suffix = "_quick" if args.quick else ""
-    name = f"frontier_{args.model}{suffix}"
+    name = f"frontier_{args.model}{variant}{suffix}"
     write_json(
         f"{name}.json",
         {
@@ -169,7 +220,7 @@ def main() -> None:
             "runs": runs,
         },
     )
-    dense_acc = summaries[0]["test_acc"]
+    dense_acc = summaries[0]["test_acc"] if summaries[0]["method"] == "dense" else dense_accuracy(args.model)
     lines = [
         f"# Frontier: {args.model.upper()} on MNIST-1D ({len(seeds)} seeds, {epochs} epochs, same optimizer and LR schedule)",
         "",
