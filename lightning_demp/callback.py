@@ -38,6 +38,7 @@ from lightning_demp.regularization import (
 from lightning_demp.report import print_summary
 from lightning_demp.saturation import Fold, constant_units, fold_constant_inputs_, folds_for
 from lightning_demp.schedules import SCHEDULE_NAMES, Schedule, ScheduleName, make_schedule
+from lightning_demp.selection import decouple_residuals_
 from lightning_demp.surgery import (
     PrunableGraph,
     UnitGroup,
@@ -133,6 +134,10 @@ class DemonPruning(Callback):
             a unit whose value at every reader varies by at most this much over the observed data. Its constant
             contribution is folded into each reader's bias (created if missing) or, before a BatchNorm, into its
             running mean. Readers must be Linear layers or unpadded convolutions. ``None`` (default): dead units only.
+        decouple_residuals: Before training, rewrite plain ``x + f(x)`` residual sums of the model's (torch.fx
+            traceable) submodules into ``select(x) + f(x)`` with a `ChannelSelect`, so that a block's input and
+            output channels are removed independently (the authors' treatment). Outputs are unchanged by the
+            rewrite; needs ``example_input_array``.
         target_sparsity: A sparsity to reach by the end of the schedule span, in (0, 1): λ_t and σ_t are scaled by a
             feedback rule at each removal event so that the measured sparsity follows a cubic ramp to it; once it is
             reached, no more units are removed. ``None`` (default): the paper's behaviour, no target.
@@ -176,6 +181,7 @@ class DemonPruning(Callback):
         recalibrate_bn: bool = True,
         recalibration_batches: int = 4,
         saturation_tolerance: float | None = None,
+        decouple_residuals: bool = False,
         target_sparsity: float | None = None,
         target_metric: TargetMetric = "params",
         force_target: bool = False,
@@ -206,6 +212,7 @@ class DemonPruning(Callback):
                 "saturation_tolerance", saturation_tolerance, low=0.0, low_inclusive=True
             )
         self.saturation_tolerance = saturation_tolerance
+        self.decouple_residuals = _check_bool("decouple_residuals", decouple_residuals)
         if target_sparsity is not None:
             target_sparsity = _check_number(
                 "target_sparsity", target_sparsity, low=0.0, low_inclusive=False, high=0.999
@@ -294,6 +301,13 @@ class DemonPruning(Callback):
                 'the pruned shapes, or use `strategy="ddp"`.'
             )
         self._load_hook = enable_resize_on_load(pl_module) or self._load_hook
+        if self.decouple_residuals:
+            if pl_module.example_input_array is None:
+                raise ValueError(
+                    "`DemonPruning(decouple_residuals=True)` rewrites the model with torch.fx and needs "
+                    f"`example_input_array` on `{type(pl_module).__name__}`; set it in `__init__`."
+                )
+            decouple_residuals_(pl_module, pl_module.example_input_array)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

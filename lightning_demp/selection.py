@@ -9,10 +9,13 @@ the input channel with the same id (zeros when that channel is gone). While noth
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.fx
+import torch.fx.passes.shape_prop
 import torch_pruning as tp
 from torch import Tensor, nn
 
@@ -115,3 +118,132 @@ class ChannelSelectPruner(tp.pruner.function.BasePruningFunc):
     def get_in_channels(self, layer: nn.Module) -> int:
         assert isinstance(layer, ChannelSelect)
         return layer.in_channels
+
+
+class DecouplingError(RuntimeError):
+    """A model could not be rewritten into the selection form."""
+
+
+_ADD_TARGETS = (operator.add, torch.add)
+
+
+def _residual_operand(add: torch.fx.Node) -> torch.fx.Node | None:
+    """For ``a + b`` where one side is computed from the other (``x + f(x)``), return the shortcut side ``x``."""
+    if len(add.args) < 2 or not all(isinstance(a, torch.fx.Node) for a in add.args[:2]):
+        return None
+    left, right = add.args[0], add.args[1]
+    assert isinstance(left, torch.fx.Node)
+    assert isinstance(right, torch.fx.Node)
+    for shortcut, branch in ((left, right), (right, left)):
+        stack, seen = [branch], set()
+        while stack:
+            node = stack.pop()
+            if node is shortcut:
+                return shortcut
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend(n for n in node.all_input_nodes)
+    return None
+
+
+def _rewrite(module: nn.Module, example_inputs: Any) -> tuple[nn.Module, int]:
+    graph_module = torch.fx.symbolic_trace(module)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    torch.fx.passes.shape_prop.ShapeProp(graph_module).propagate(*args)
+    inserted = 0
+    for node in list(graph_module.graph.nodes):
+        is_add = (node.op == "call_function" and node.target in _ADD_TARGETS) or (
+            node.op == "call_method" and node.target == "add"
+        )
+        shortcut = _residual_operand(node) if is_add else None
+        meta = shortcut.meta.get("tensor_meta") if shortcut is not None else None
+        if shortcut is None or meta is None or len(meta.shape) < 2:
+            continue
+        name = f"demp_select_{inserted}"
+        graph_module.add_submodule(name, ChannelSelect(int(meta.shape[1])))
+        with graph_module.graph.inserting_before(node):
+            selected = graph_module.graph.call_module(name, (shortcut,))
+        node.replace_input_with(shortcut, selected)
+        inserted += 1
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module, inserted
+
+
+def decouple_residuals_(module: nn.Module, example_inputs: Any) -> int:
+    """Rewrite the plain ``x + f(x)`` residuals of ``module``'s children into ``select(x) + f(x)``, in place.
+
+    Each child that torch.fx can trace (and whose residual sums it finds) is replaced by a ``GraphModule`` with a
+    `ChannelSelect` on the shortcut side of every residual sum; parameters are shared, so optimizers and outputs are
+    unchanged. Children that cannot be traced are searched recursively.
+
+    Args:
+        module: Usually the LightningModule; its ``forward`` itself is not rewritten, its children are.
+        example_inputs: Inputs of ``module.forward`` (used to find each child's input shapes).
+
+    Returns:
+        How many selections were inserted.
+
+    Raises:
+        DecouplingError: When no child could be traced, with the last tracing error attached.
+
+    Examples:
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return torch.relu(x + self.fc(x))
+        >>> wrapper = nn.Sequential(Block())
+        >>> x = torch.randn(3, 4)
+        >>> before = wrapper(x)
+        >>> decouple_residuals_(wrapper, x)
+        1
+        >>> torch.equal(wrapper(x), before)
+        True
+    """
+    if any(isinstance(child, ChannelSelect) for child in module.modules()):
+        return 0  # already in the selection form (built with selections, or rewritten by an earlier call)
+    inputs: dict[nn.Module, Any] = {}
+    handles = [
+        child.register_forward_pre_hook(lambda m, a: inputs.setdefault(m, a))
+        for child in module.modules()
+        if child is not module
+    ]
+    try:
+        with torch.no_grad():
+            was_training = module.training
+            module.eval()
+            module(*example_inputs) if isinstance(example_inputs, tuple) else module(example_inputs)
+            module.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inserted = 0
+    last_error: Exception | None = None
+
+    def visit(parent: nn.Module) -> None:
+        nonlocal inserted, last_error
+        for name, child in list(parent.named_children()):
+            if child not in inputs or isinstance(child, ChannelSelect) or not any(True for _ in child.children()):
+                continue
+            try:
+                rewritten, count = _rewrite(child, inputs[child])
+            except Exception as error:  # torch.fx raises many types; recurse into the children instead
+                last_error = error
+                visit(child)
+                continue
+            if count:
+                rewritten.train(child.training)
+                setattr(parent, name, rewritten)
+                inserted += count
+
+    visit(module)
+    if inserted == 0 and last_error is not None:
+        raise DecouplingError(
+            f"`decouple_residuals=True` could not trace `{type(module).__name__}` with torch.fx "
+            f"({type(last_error).__name__}: {last_error}). Make its submodules fx-traceable (no Python control flow "
+            "on tensor values), or use a model built with `lightning_demp.selection.ChannelSelect` shortcuts."
+        ) from last_error
+    return inserted

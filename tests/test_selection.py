@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-
-from helpers.models import kill_bn_units_, randomize_bn_
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from test_surgery import remove_dead_
+from torch import nn
 
-from lightning_demp.demos import ResidualCNNBackbone
+from helpers.lightning import RandomDataModule
+from helpers.models import ResidualCNN, kill_bn_units_, randomize_bn_
+from lightning_demp import DemonPruning
+from lightning_demp.demos import DemoClassifier, ResidualCNNBackbone
 from lightning_demp.models import cifar_resnet18
-from lightning_demp.selection import ChannelSelect
+from lightning_demp.selection import ChannelSelect, DecouplingError, decouple_residuals_
 from lightning_demp.surgery import PrunableGraph, layer_widths, resize_like_
 
 
@@ -78,3 +83,86 @@ def test_selection_groups_are_decoupled_in_the_graph():
     groups = {g.name: g for g in PrunableGraph(ResidualCNNBackbone(width=4), torch.randn(2, 1, 8)).groups()}
     assert {r.reader for r in groups["stem"].readers} == {"block1.conv1", "block1.shortcut"}
     assert {r.reader for r in groups["block1.conv2"].readers} == {"down"}
+
+
+class PlainResidualClassifier(DemoClassifier):
+    """A user model with plain ``x + f(x)`` residuals (no selections)."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=4, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
+        self.net = ResidualCNN(width=6)
+        self.example_input_array = torch.zeros(2, 1, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.unsqueeze(1) if x.dim() == 2 else x)
+
+
+def test_decouple_residuals_rewrites_a_plain_model_without_changing_its_outputs():
+    model = PlainResidualClassifier()
+    randomize_bn_(model)
+    x = torch.randn(8, 1, 16)
+    model.eval()
+    before = model(x)
+    assert decouple_residuals_(model, model.example_input_array) == 1
+    assert any(isinstance(m, ChannelSelect) for m in model.modules())
+    assert torch.equal(model(x), before)
+    assert decouple_residuals_(model, model.example_input_array) == 0  # idempotent
+
+
+def test_decoupled_rewrite_then_removal_of_a_channel_dead_at_the_block_input_only():
+    model = PlainResidualClassifier()
+    randomize_bn_(model)
+    decouple_residuals_(model, model.example_input_array)
+    kill_bn_units_(model.net.stem_bn, [2])
+    x = torch.randn(32, 1, 16)
+    model.eval()
+    before = model(x)
+    remove_dead_(model, x)
+    assert model.net.stem.out_channels == 5 and model.net.conv2.out_channels == 6
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.fc(x) if x.sum() > 0 else x  # data-dependent control flow
+
+
+def test_a_model_fx_cannot_trace_is_refused_with_the_reason():
+    with pytest.raises(DecouplingError, match="could not trace `Sequential` with torch.fx"):
+        decouple_residuals_(nn.Sequential(nn.Sequential(Untraceable())), torch.ones(2, 4))
+
+
+def test_the_callback_rewrites_and_a_rewritten_pruned_checkpoint_resumes(tmp_path):
+    model = PlainResidualClassifier()
+    callback = DemonPruning(
+        regularizer="l1_norm_scale", reg_max=0.0, noise_std=0.0, decouple_residuals=True, verbose=False, plot=False
+    )
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = Trainer(
+        max_epochs=1, callbacks=[callback, checkpoint], logger=False, enable_progress_bar=False, accelerator="cpu"
+    )
+    with torch.no_grad():
+        model.net.stem_bn.weight[1] = 0.0
+        model.net.stem_bn.bias[1] = -5.0
+    model.net.stem_bn.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), 0.0))
+    model.net.stem_bn.bias.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), 0.0))
+    trainer.fit(model, datamodule=RandomDataModule(num_features=16, num_classes=4))
+    assert any(isinstance(m, ChannelSelect) for m in model.modules())
+    assert 1 not in callback.kept_units["net.stem"]
+    resumed = PlainResidualClassifier()
+    trainer = Trainer(
+        max_epochs=2,
+        callbacks=[DemonPruning(regularizer="l1_norm_scale", decouple_residuals=True, verbose=False, plot=False)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    trainer.fit(
+        resumed, datamodule=RandomDataModule(num_features=16, num_classes=4), ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    assert resumed.net.stem.out_channels <= model.net.stem.out_channels
