@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 import os
 import platform
 import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,11 @@ def run_config(
         result["units_removed"] = 1 - callbacks[0].units_kept_fraction()
         result["widths"] = {name: len(kept) for name, kept in callbacks[0].kept_units.items()}
         result["events"] = callbacks[0].events
+    print(
+        f"[run] seed {seed} demp={with_demp} {callback_overrides or ''} acc {accuracy:.4f} "
+        f"params removed {result['params_removed']:.3f} ({fit_seconds:.0f} s)",
+        flush=True,
+    )
     if keep is not None:
         keep["model"], keep["callback"] = model, callbacks[0] if with_demp else None
     return result
@@ -125,3 +133,27 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def _single_thread_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def run_configs(tasks: Sequence[dict[str, Any]], jobs: int = 1) -> list[dict[str, Any]]:
+    """Run ``run_config(**task)`` for every task, in order; with ``jobs > 1`` in that many processes of one thread.
+
+    Accuracy benchmarks use this to fill both cores; fit times measured this way are not speed figures (the
+    speed benchmarks run alone, in one process). Task values must pickle: use module-level functions or
+    ``functools.partial`` for ``extra_callbacks``, never lambdas.
+    """
+    if jobs <= 1:
+        return [run_config(**task) for task in tasks]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_single_thread_worker) as pool:
+        futures = [pool.submit(run_config, **task) for task in tasks]
+        return [future.result() for future in futures]
+
+
+def default_jobs() -> int:
+    """Worker processes for accuracy benchmarks: one per core (``BENCH_JOBS`` overrides)."""
+    return int(os.environ.get("BENCH_JOBS", os.cpu_count() or 1))

@@ -14,6 +14,8 @@ parameters and of FLOPs removed).
 
     python benchmarks/frontier.py --model cnn           # 3 seeds, 30 epochs (about 25 min on 2 CPU cores)
     python benchmarks/frontier.py --model mlp
+    python benchmarks/frontier.py --model transformer   # MLP hidden units of the blocks (after GELU)
+    python benchmarks/frontier.py --model cnn --decoupled   # ChannelSelect shortcuts, DemP sweep only
     python benchmarks/frontier.py --model cnn --quick   # 1 seed, 4 epochs, smoke test
 """
 
@@ -22,15 +24,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, load_config, machine, run_config, write_json
-from peers import TorchPruningDuringTraining, model_pruning
+from _common import RESULTS, default_jobs, load_config, machine, run_configs, write_json
+from peers import model_pruning_callbacks, torch_pruning_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"cnn": REPO / "configs" / "mnist1d_cnn.yaml", "mlp": REPO / "configs" / "mnist1d_mlp.yaml"}
+CONFIGS = {
+    "cnn": REPO / "configs" / "mnist1d_cnn.yaml",
+    "mlp": REPO / "configs" / "mnist1d_mlp.yaml",
+    "transformer": REPO / "configs" / "mnist1d_transformer.yaml",
+}
 # DemP sweeps: (label, callback overrides)
 SWEEPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "cnn": [
@@ -45,6 +52,11 @@ SWEEPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("DemP λ=0.03 no noise", {"reg_max": 0.03, "noise_std": 0.0}),
         ("DemP λ=0.1", {"reg_max": 0.1}),
     ],
+    "transformer": [
+        ("DemP λ=0.03", {"reg_max": 0.03}),
+        ("DemP λ=0.1", {"reg_max": 0.1}),
+        ("DemP λ=0.3", {"reg_max": 0.3}),
+    ],
 }
 # Decoupled residual channels (ChannelSelect shortcuts): the same recipe, a sweep reaching further.
 DECOUPLED_SWEEP: list[tuple[str, dict[str, Any]]] = [
@@ -52,7 +64,7 @@ DECOUPLED_SWEEP: list[tuple[str, dict[str, Any]]] = [
     ("DemP decoupled λ=0.03", {"reg_max": 0.03}),
     ("DemP decoupled λ=0.05", {"reg_max": 0.05}),
 ]
-REFERENCE = {"cnn": "DemP λ=0.03", "mlp": "DemP λ=0.03"}  # ModelPruning matches this point's unit sparsity
+REFERENCE = {"cnn": "DemP λ=0.03", "mlp": "DemP λ=0.03", "transformer": "DemP λ=0.1"}  # ModelPruning matches this point's unit sparsity
 
 
 def dense_accuracy(model: str) -> float:
@@ -135,6 +147,7 @@ def main() -> None:
         action="store_true",
         help="CNN only: ChannelSelect shortcuts; DemP sweep only (dense and peers as in the coupled run)",
     )
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel, one thread each")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 4 if args.quick else args.epochs
@@ -152,24 +165,17 @@ def main() -> None:
 
     model_overrides = {"decoupled": args.decoupled} if args.model == "cnn" else {}
     sweep = DECOUPLED_SWEEP if args.decoupled else SWEEPS[args.model]
+    common = {"config": config, "max_epochs": epochs, "model_overrides": model_overrides}
+    labels, tasks = [], []
     for seed in seeds:
         if not args.decoupled:
-            record(
-                "dense",
-                run_config(config, seed=seed, with_demp=False, max_epochs=epochs, model_overrides=model_overrides),
-            )
+            labels.append("dense")
+            tasks.append({**common, "seed": seed, "with_demp": False})
         for label, overrides in sweep:
-            record(
-                label,
-                run_config(
-                    config,
-                    seed=seed,
-                    with_demp=True,
-                    max_epochs=epochs,
-                    callback_overrides=overrides,
-                    model_overrides=model_overrides,
-                ),
-            )
+            labels.append(label)
+            tasks.append({**common, "seed": seed, "with_demp": True, "callback_overrides": overrides})
+    for label, run in zip(labels, run_configs(tasks, args.jobs)):
+        record(label, run)
     if args.decoupled:
         finish(args, runs, seeds, epochs, "_decoupled")
         return
@@ -178,28 +184,25 @@ def main() -> None:
     peers: list[tuple[str, Any]] = [
         (
             f"ModelPruning L1 ({unit_sparsity:.0%} units)",
-            lambda model, n: [model_pruning(model, unit_sparsity, prune_epochs)],
+            partial(model_pruning_callbacks, unit_sparsity=unit_sparsity, prune_epochs=prune_epochs),
         ),
-        ("TP magnitude r=0.5", lambda model, n: [TorchPruningDuringTraining("magnitude", 0.5, prune_epochs)]),
-        ("TP magnitude r=0.8", lambda model, n: [TorchPruningDuringTraining("magnitude", 0.8, prune_epochs)]),
     ]
-    if args.model == "cnn":
-        peers.append(
-            ("TP BN-scale r=0.5", lambda model, n: [TorchPruningDuringTraining("bn_scale", 0.5, prune_epochs)])
-        )
+    methods = {
+        "cnn": [("magnitude", 0.5), ("magnitude", 0.8), ("bn_scale", 0.5)],
+        "mlp": [("magnitude", 0.5), ("magnitude", 0.8)],
+        "transformer": [("magnitude", 0.5)],
+    }[args.model]
+    for method, ratio in methods:
+        name = "TP magnitude" if method == "magnitude" else "TP BN-scale"
+        factory = partial(torch_pruning_callbacks, method=method, pruning_ratio=ratio, prune_epochs=prune_epochs)
+        peers.append((f"{name} r={ratio}", factory))
+    labels, tasks = [], []
     for seed in seeds:
         for label, factory in peers:
-            record(
-                label,
-                run_config(
-                    config,
-                    seed=seed,
-                    with_demp=False,
-                    max_epochs=epochs,
-                    extra_callbacks=factory,
-                    model_overrides=model_overrides,
-                ),
-            )
+            labels.append(label)
+            tasks.append({**common, "seed": seed, "with_demp": False, "extra_callbacks": factory})
+    for label, run in zip(labels, run_configs(tasks, args.jobs)):
+        record(label, run)
     finish(args, runs, seeds, epochs, "")
 
 

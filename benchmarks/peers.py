@@ -23,11 +23,18 @@ from lightning_demp.surgery import PrunableGraph
 
 
 def _prunable_layers(model: LightningModule) -> tuple[list[nn.Module], list[nn.Module]]:
-    """Linear/Conv layers that are not output layers, and the output layers."""
+    """The layers whose output units the peers prune, and the layers they must leave alone.
+
+    Every Linear/Conv but the output layers; for a transformer, only the blocks' MLP hidden layers (``fc1``), the
+    units DemP prunes there (attention and the residual width stay intact for every method).
+    """
     graph = PrunableGraph(model, model.example_input_array)
     modules = dict(model.named_modules())
     heads = [modules[name] for name in graph.output_layers]
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m not in heads]
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        layers = [m for name, m in modules.items() if name.endswith(".fc1")]
+        heads = [m for m in modules.values() if isinstance(m, (nn.Linear, nn.MultiheadAttention)) and m not in layers]
     return layers, heads
 
 
@@ -93,6 +100,20 @@ class TorchPruningDuringTraining(Callback):
         trainer.strategy.setup_optimizers(trainer)  # fresh optimizer on the new parameters
         for config, state in zip(trainer.lr_scheduler_configs, scheduler_states):
             config.scheduler.load_state_dict(state)
+
+
+def model_pruning_callbacks(
+    model: LightningModule, epochs: int, *, unit_sparsity: float, prune_epochs: int
+) -> list[Callback]:
+    """``extra_callbacks`` factory for the benchmarks (picklable through ``functools.partial``)."""
+    return [model_pruning(model, unit_sparsity, prune_epochs)]
+
+
+def torch_pruning_callbacks(
+    model: LightningModule, epochs: int, *, method: str, pruning_ratio: float, prune_epochs: int
+) -> list[Callback]:
+    """``extra_callbacks`` factory for the benchmarks (picklable through ``functools.partial``)."""
+    return [TorchPruningDuringTraining(method, pruning_ratio, prune_epochs)]
 
 
 def zeroed_fraction(model: nn.Module) -> float:

@@ -85,6 +85,9 @@ class UnitActivity(Metric):
         return stats
 
 
+_PER_FEATURE = ("max_abs", "max_value", "min_value")
+
+
 def reader_feature_dim(module: nn.Module) -> int:
     """Return the feature dimension of the input of a reader layer (``-1`` for Linear, ``1`` for Conv).
 
@@ -182,8 +185,16 @@ class ActivationMonitor:
             self.activity[name].update(args[0])
 
     def compute(self) -> dict[str, dict[str, Tensor]]:
-        """Reduce (across processes when distributed) and return every reader's statistics."""
-        return {name: activity.compute() for name, activity in self.activity.items()}
+        """Reduce (across processes when distributed) and return every reader's statistics.
+
+        Per-feature states stay one-dimensional for a reader of one feature (torchmetrics squeezes one-element
+        results to scalars).
+        """
+        stats = {}
+        for name, activity in self.activity.items():
+            computed = activity.compute()
+            stats[name] = {key: value.reshape(-1) if key in _PER_FEATURE else value for key, value in computed.items()}
+        return stats
 
 
 @contextmanager

@@ -126,3 +126,18 @@ def test_unit_activity_folds_reader_features_back_to_units():
         (torch.tensor([0.0, 5.0]), torch.arange(2), torch.tensor([0, 2])),
     ]
     assert unit_activity(3, readers).tolist() == [0.0, 2.0, 5.0]
+
+
+@pytest.mark.parametrize("track_range", [False, True])
+def test_a_layer_down_to_one_unit_is_still_checked(track_range):
+    # torchmetrics squeezes one-element results to scalars; the monitor keeps per-feature states one-dimensional,
+    # so a layer pruned down to a single unit still gets a dead check instead of an IndexError.
+    model = nn.Sequential(nn.Linear(3, 1), nn.ReLU(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # the single hidden unit is dead
+    monitor = ActivationMonitor({"2": model[2]}, track_range=track_range)
+    stats = dead_check(model, monitor, [torch.randn(8, 3)], lambda m, b: m(b))
+    keys = ["max_abs", "max_value", "min_value"] if track_range else ["max_abs"]
+    assert all(stats["2"][key].shape == (1,) for key in keys)
+    activity = unit_activity(1, [(stats["2"]["max_abs"], torch.arange(1), torch.arange(1))])
+    assert find_dead_units(activity).tolist() == [0]

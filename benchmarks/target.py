@@ -1,0 +1,150 @@
+"""Sparsity targets on MNIST-1D: the sparsity reached against the target, and the accuracy at that sparsity against
+the ``reg_max`` sweep of the frontier benchmark.
+
+For the CNN (decoupled residual channels, the demo's default) and the MLP, ``DemonPruning(target_sparsity=t,
+target_metric="params")`` trains with the config's recipe for each target ``t`` and seed, with the same epochs and
+seeds as ``frontier.py``. The accuracy a hand-tuned ``reg_max`` gives at the same sparsity is read off the frontier's
+DemP sweep (``frontier_cnn_decoupled.json``, ``frontier_mlp.json``: run those first) by linear interpolation
+between its two nearest points (the nearest point when the reached sparsity lies outside the sweep, flagged).
+
+Writes ``benchmarks/results/target.json`` and ``target.md``.
+
+    python benchmarks/target.py           # CNN and MLP, targets 0.5 and 0.8, 3 seeds, 30 epochs
+    python benchmarks/target.py --quick   # MLP only, 1 seed, 6 epochs, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, default_jobs, load_config, machine, run_configs, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {
+    "cnn": (REPO / "configs" / "mnist1d_cnn.yaml", "frontier_cnn_decoupled.json", {"decoupled": True}),
+    "mlp": (REPO / "configs" / "mnist1d_mlp.yaml", "frontier_mlp.json", {}),
+}
+
+
+def sweep_accuracy(frontier: dict[str, Any], sparsity: float) -> tuple[float, bool]:
+    """Accuracy of the frontier's DemP ``reg_max`` sweep at ``sparsity`` (interpolated), and whether it extrapolates."""
+    points = sorted(
+        (s["params_removed"], s["test_acc"])
+        for s in frontier["summaries"]
+        if s["method"].startswith("DemP") and "no noise" not in s["method"]
+    )
+    if sparsity <= points[0][0]:
+        return points[0][1], sparsity < points[0][0]
+    if sparsity >= points[-1][0]:
+        return points[-1][1], sparsity > points[-1][0]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= sparsity <= x1:
+            weight = (sparsity - x0) / (x1 - x0) if x1 > x0 else 0.0
+            return y0 + weight * (y1 - y0), False
+    raise AssertionError("unreachable")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cnn", "mlp"])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.8])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--prune-every", type=int, default=2, help="epochs between removal events")
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel, one thread each")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    models = ["mlp"] if args.quick else args.models
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    epochs = 6 if args.quick else args.epochs
+
+    keys, tasks = [], []
+    for model in models:
+        config_path, _, model_overrides = MODELS[model]
+        config = load_config(config_path)
+        for target in args.targets:
+            for seed in seeds:
+                keys.append((model, target))
+                tasks.append(
+                    {
+                        "config": config,
+                        "seed": seed,
+                        "with_demp": True,
+                        "max_epochs": epochs,
+                        "model_overrides": model_overrides,
+                        "callback_overrides": {
+                            "target_sparsity": target,
+                            "target_metric": "params",
+                            "prune_every_n_epochs": args.prune_every,
+                        },
+                    }
+                )
+    runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for key, run in zip(keys, run_configs(tasks, args.jobs)):
+        runs.setdefault(key, []).append(run)
+
+    rows = []
+    for (model, target), model_runs in runs.items():
+        frontier_path = RESULTS / MODELS[model][1]
+        frontier = json.loads(frontier_path.read_text()) if frontier_path.exists() else None
+        reached = [r["params_removed"] for r in model_runs]
+        accuracy = [r["test_acc"] for r in model_runs]
+        mean_reached = statistics.mean(reached)
+        row: dict[str, Any] = {
+            "model": model,
+            "target": target,
+            "reached": mean_reached,
+            "reached_per_seed": reached,
+            "within_3pt": all(abs(value - target) <= 0.03 for value in reached),
+            "test_acc": statistics.mean(accuracy),
+            "test_acc_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+        }
+        if frontier is not None and frontier["epochs"] == epochs:
+            row["sweep_acc"], row["sweep_extrapolated"] = sweep_accuracy(frontier, mean_reached)
+        rows.append(row)
+
+    suffix = "_quick" if args.quick else ""
+    write_json(
+        f"target{suffix}.json",
+        {
+            "epochs": epochs,
+            "seeds": seeds,
+            "prune_every_n_epochs": args.prune_every,
+            "machine": machine(),
+            "rows": rows,
+            "runs": {f"{m}@{t}": r for (m, t), r in runs.items()},
+        },
+    )
+    lines = [
+        f'# Sparsity targets on MNIST-1D ({len(seeds)} seeds, {epochs} epochs, `target_metric="params"`, '
+        f"a removal event every {args.prune_every} epochs)",
+        "",
+        "| model | target (%) | reached (%), mean | per seed (%) | all seeds within ±3 pt | test acc (%) | "
+        "`reg_max` sweep acc at the same sparsity (%) | Δ (pt) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        sweep = row.get("sweep_acc")
+        sweep_text = "n/a (run frontier.py first)" if sweep is None else f"{100 * sweep:.2f}"
+        if row.get("sweep_extrapolated"):
+            sweep_text += " (nearest point: outside the sweep)"
+        delta = "" if sweep is None else f"{100 * (row['test_acc'] - sweep):+.2f}"
+        lines.append(
+            f"| {row['model']} | {100 * row['target']:.0f} | {100 * row['reached']:.1f} | "
+            f"{', '.join(f'{100 * v:.1f}' for v in row['reached_per_seed'])} | {'yes' if row['within_3pt'] else 'no'} | "
+            f"{100 * row['test_acc']:.2f} ± {100 * row['test_acc_std']:.2f} | {sweep_text} | {delta} |"
+        )
+    lines += ["", f"Machine: {machine()}", ""]
+    (RESULTS / f"target{suffix}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
