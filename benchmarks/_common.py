@@ -58,11 +58,13 @@ def run_config(
     keep: dict[str, Any] | None = None,
     model_overrides: dict[str, Any] | None = None,
     data_overrides: dict[str, Any] | None = None,
+    return_callback_state: bool = False,
 ) -> dict[str, Any]:
     """Fit the config's model on its data, with or without its DemonPruning callback; return the figures.
 
     ``extra_callbacks(model, epochs)`` returns more callbacks (the peers). ``keep``, when given, receives the
-    trained model and the DemonPruning callback.
+    trained model and the DemonPruning callback. ``return_callback_state`` adds the callback's ``state_dict()`` under
+    ``"callback_state"`` (what `lightning_demp.plots.plot_run` draws; it crosses process boundaries).
     """
     seed_everything(seed, workers=True)
     model = instantiate(_override(config["model"], model_overrides))
@@ -113,6 +115,8 @@ def run_config(
         result["units_removed"] = 1 - callbacks[0].units_kept_fraction()
         result["widths"] = {name: len(kept) for name, kept in callbacks[0].kept_units.items()}
         result["events"] = callbacks[0].events
+        if return_callback_state:
+            result["callback_state"] = callbacks[0].state_dict()
     print(
         f"[run] seed {seed} demp={with_demp} {callback_overrides or ''} acc {accuracy:.4f} "
         f"params removed {result['params_removed']:.3f} ({fit_seconds:.0f} s)",
@@ -135,7 +139,7 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def _single_thread_worker() -> None:
+def single_thread_worker() -> None:
     torch.set_num_threads(1)
 
 
@@ -149,7 +153,7 @@ def run_configs(tasks: Sequence[dict[str, Any]], jobs: int = 1) -> list[dict[str
     if jobs <= 1:
         return [run_config(**task) for task in tasks]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_single_thread_worker) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=single_thread_worker) as pool:
         futures = [pool.submit(run_config, **task) for task in tasks]
         return [future.result() for future in futures]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, load_config, machine, run_config, write_json
+from _common import RESULTS, default_jobs, load_config, machine, run_configs, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d_mlp.yaml"
@@ -54,33 +54,40 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel, one thread each")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 4 if args.quick else args.epochs
     config = load_config(CONFIG)
-    results: dict[str, list[dict[str, Any]]] = {}
+    keys, tasks = [], []
     for factor, (_, points) in FACTORS.items():
         for x, model_overrides, data_overrides, callback_overrides in points:
-            runs = [
-                run_config(
-                    config,
-                    seed=seed,
-                    with_demp=True,
-                    max_epochs=epochs,
-                    model_overrides=model_overrides,
-                    data_overrides=data_overrides,
-                    callback_overrides={"prune_every_n_epochs": 2, **callback_overrides},
+            for seed in seeds:
+                keys.append((factor, x))
+                tasks.append(
+                    {
+                        "config": config,
+                        "seed": seed,
+                        "with_demp": True,
+                        "max_epochs": epochs,
+                        "model_overrides": model_overrides,
+                        "data_overrides": data_overrides,
+                        "callback_overrides": {"prune_every_n_epochs": 2, **callback_overrides},
+                    }
                 )
-                for seed in seeds
-            ]
-            row = {
-                "x": x,
-                "units_removed": statistics.mean(r["units_removed"] for r in runs),
-                "units_removed_per_seed": [r["units_removed"] for r in runs],
-                "test_acc": statistics.mean(r["test_acc"] for r in runs),
-            }
-            results.setdefault(factor, []).append(row)
-            print(factor, row, flush=True)
+    grouped: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for key, run in zip(keys, run_configs(tasks, args.jobs)):
+        grouped.setdefault(key, []).append(run)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for (factor, x), runs in grouped.items():
+        row = {
+            "x": x,
+            "units_removed": statistics.mean(r["units_removed"] for r in runs),
+            "units_removed_per_seed": [r["units_removed"] for r in runs],
+            "test_acc": statistics.mean(r["test_acc"] for r in runs),
+        }
+        results.setdefault(factor, []).append(row)
+        print(factor, row, flush=True)
     suffix = "_quick" if args.quick else ""
     write_json(f"death{suffix}.json", {"epochs": epochs, "seeds": seeds, "machine": machine(), "results": results})
 

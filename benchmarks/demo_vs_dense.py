@@ -1,7 +1,8 @@
 """The demo's figures: DemP vs. the same training loop without DemP, on the embedded default config.
 
 Runs ``configs/mnist1d_cnn.yaml`` (residual CNN, MNIST-1D generated offline) with and without its DemonPruning
-callback, same seeds, same epochs, same optimizer, interleaved in one process, and writes
+callback, same seeds, same epochs, same optimizer (``--jobs`` runs side by side, one thread each, so fit times are
+not speed figures: ``speed.py`` measures speed), and writes
 ``benchmarks/results/demo_vs_dense.json`` and ``.md``.
 
     python benchmarks/demo_vs_dense.py            # 3 seeds, 60 epochs (about 15 min on 2 CPU cores)
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, load_config, machine, run_config, write_json
+from _common import RESULTS, default_jobs, load_config, machine, run_configs, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,21 +34,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "mnist1d_cnn.yaml")
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel, one thread each")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 10 if args.quick else None
     config = load_config(args.config)
-    runs = []
-    for seed in seeds:  # interleaved: dense and DemP of one seed back to back
-        for with_demp in (False, True):
-            keep: dict = {}
-            run = run_config(config, seed=seed, with_demp=with_demp, max_epochs=epochs, keep=keep)
-            print(run, flush=True)
-            runs.append(run)
-            if with_demp and seed == seeds[0] and not args.quick:  # the picture in the README
-                from lightning_demp.plots import plot_run
+    tasks = [  # dense and DemP of one seed side by side
+        {
+            "config": config,
+            "seed": seed,
+            "with_demp": with_demp,
+            "max_epochs": epochs,
+            "return_callback_state": with_demp and seed == seeds[0],
+        }
+        for seed in seeds
+        for with_demp in (False, True)
+    ]
+    runs = run_configs(tasks, args.jobs)
+    for run in runs:
+        state = run.pop("callback_state", None)
+        if state is not None and not args.quick:  # the picture in the README
+            from lightning_demp.plots import plot_run
 
-                plot_run(keep["callback"].state_dict(), RESULTS / "demo_units.png")
+            plot_run(state, RESULTS / "demo_units.png")
     dense = [r for r in runs if not r["demp"]]
     demp = [r for r in runs if r["demp"]]
     payload = {"config": str(args.config.relative_to(REPO)), "quick": args.quick, "machine": machine(), "runs": runs}

@@ -52,10 +52,10 @@ SWEEPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("DemP λ=0.03 no noise", {"reg_max": 0.03, "noise_std": 0.0}),
         ("DemP λ=0.1", {"reg_max": 0.1}),
     ],
-    "transformer": [
-        ("DemP λ=0.03", {"reg_max": 0.03}),
-        ("DemP λ=0.1", {"reg_max": 0.1}),
-        ("DemP λ=0.3", {"reg_max": 0.3}),
+    "transformer": [  # coupled L2 shrinks a unit's fc1 row until its GELU output is constant: folded and removed
+        ("DemP λ=0.03", {"regularizer": "l2", "reg_max": 0.03, "saturation_tolerance": 1e-3}),
+        ("DemP λ=0.1", {"regularizer": "l2", "reg_max": 0.1, "saturation_tolerance": 1e-3}),
+        ("DemP λ=0.3", {"regularizer": "l2", "reg_max": 0.3, "saturation_tolerance": 1e-3}),
     ],
 }
 # Decoupled residual channels (ChannelSelect shortcuts): the same recipe, a sweep reaching further.
@@ -64,7 +64,11 @@ DECOUPLED_SWEEP: list[tuple[str, dict[str, Any]]] = [
     ("DemP decoupled λ=0.03", {"reg_max": 0.03}),
     ("DemP decoupled λ=0.05", {"reg_max": 0.05}),
 ]
-REFERENCE = {"cnn": "DemP λ=0.03", "mlp": "DemP λ=0.03", "transformer": "DemP λ=0.1"}  # ModelPruning matches this point's unit sparsity
+REFERENCE = {
+    "cnn": "DemP λ=0.03",
+    "mlp": "DemP λ=0.03",
+    "transformer": "DemP λ=0.1",
+}  # ModelPruning matches this point's unit sparsity
 
 
 def dense_accuracy(model: str) -> float:

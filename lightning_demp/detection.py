@@ -32,7 +32,7 @@ class UnitActivity(Metric):
     States: ``max_abs`` (largest ``|x|`` seen per feature, reduced across processes with ``max``) and the number of
     observed samples. A non-finite input makes ``max_abs`` non-finite for its feature (NaN and inf propagate), which
     never counts as dead; ``compute()`` reports how many features are affected so that a caller can refuse to decide.
-    The update is two passes over the input (``abs``, ``amax``) and no copy of its layout.
+    The update is two reductions over the input (``amax``, ``amin``) and no copy of it.
 
     Args:
         num_features: Number of input features (Linear) or channels (Conv) of the reader.
@@ -66,12 +66,15 @@ class UnitActivity(Metric):
         values = inputs.detach()
         feature_dim = self.feature_dim % values.dim()
         dims = [d for d in range(values.dim()) if d != feature_dim]
-        batch_max = values.abs().amax(dim=dims) if dims else values.abs()
-        self.max_abs = torch.maximum(self.max_abs, batch_max.float())
+        # max |x| = max(max x, −min x): two reductions in the input's own layout, no |x| copy (several times faster
+        # than ``abs().amax()`` over a channels-first activation on CPU); NaN and inf propagate.
+        batch_max = (values.amax(dim=dims) if dims else values).float()
+        batch_min = (values.amin(dim=dims) if dims else values).float()
+        self.max_abs = torch.maximum(self.max_abs, torch.maximum(batch_max, -batch_min))
         self.num_samples += values.shape[0] if values.dim() > 1 else 1
         if self.track_range:
-            self.max_value = torch.maximum(self.max_value, (values.amax(dim=dims) if dims else values).float())
-            self.min_value = torch.minimum(self.min_value, (values.amin(dim=dims) if dims else values).float())
+            self.max_value = torch.maximum(self.max_value, batch_max)
+            self.min_value = torch.minimum(self.min_value, batch_min)
 
     def compute(self) -> dict[str, Tensor]:
         """Return the reduced states as a dict."""

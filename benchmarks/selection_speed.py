@@ -1,0 +1,157 @@
+"""What the decoupled residual channels cost: a compact model with `ChannelSelect` shortcuts against a statically
+pruned model of the same widths (CPU).
+
+The demo CNN (``ResidualCNNBackbone``, decoupled) has a random share of the units of every prunable group removed
+through the surgery, so that each block's input and output channel sets differ, as after a decoupled DemP run. The
+*static* model is a deep copy whose every selection is replaced by the cheapest shortcut of the same shapes (a
+channel slice, or zero padding where the output side is wider): the cost a statically pruned network of those
+widths would pay. Both are timed interleaved (median of repeats) for inference at batch 1 and 256 (eval, no grad)
+and for a training step (forward, backward, AdamW) at batch 128.
+
+Writes ``benchmarks/results/selection_speed.json`` and ``.md``.
+
+    python benchmarks/selection_speed.py           # about 2 min on 2 CPU cores
+    python benchmarks/selection_speed.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, write_json
+
+from lightning_demp.demos import ResidualCNNBackbone
+from lightning_demp.selection import ChannelSelect
+from lightning_demp.surgery import PrunableGraph
+
+
+class StaticShortcut(nn.Module):
+    """The cheapest shortcut from ``in_channels`` to ``out_channels``: a slice, or zero padding."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.out_channels <= self.in_channels:
+            return x[:, : self.out_channels]
+        return F.pad(x, (0, 0, 0, self.out_channels - self.in_channels))
+
+
+def pruned_pair(fraction: float, seed: int) -> tuple[nn.Module, nn.Module, dict[str, tuple[int, int]]]:
+    """The compact decoupled model with ``fraction`` of every group's units removed, and its static twin."""
+    torch.manual_seed(seed)
+    model = ResidualCNNBackbone(width=64, decoupled=True)
+    graph = PrunableGraph(model, torch.zeros(2, 40))
+    generator = torch.Generator().manual_seed(seed)
+    plan = {}
+    for group in graph.groups():
+        if group.blocked is None and group.num_units > 1:
+            count = min(group.num_units - 1, round(fraction * group.num_units))
+            plan[group.name] = torch.randperm(group.num_units, generator=generator)[:count].sort().values
+    graph.remove_units_(plan)
+    static = copy.deepcopy(model)
+    sides = {}
+    for name, module in list(static.named_modules()):
+        if isinstance(module, ChannelSelect):
+            parent_name, _, child = name.rpartition(".")
+            parent = static.get_submodule(parent_name) if parent_name else static
+            setattr(parent, child, StaticShortcut(module.in_channels, module.out_channels))
+            sides[name] = (module.in_channels, module.out_channels)
+    return model.eval(), static.eval(), sides
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fraction", type=float, default=0.6, help="share of every group's units removed")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rounds = 3 if args.quick else 7
+    compact, static, sides = pruned_pair(args.fraction, seed=0)
+    x = torch.randn(256, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x).shape, static(x).shape)
+
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def inference(model: nn.Module, batch: Tensor, reps: int) -> float:
+        with torch.no_grad():
+            return median_seconds(lambda: model(batch), reps)
+
+    def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Tensor, target: Tensor) -> float:
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(batch), target).backward()
+            optimizer.step()
+
+        return median_seconds(step, 10 if args.quick else 20)
+
+    train_models = {"compact": copy.deepcopy(compact).train(), "static": copy.deepcopy(static).train()}
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in train_models.items()}
+    batch_128, target_128 = torch.randn(128, 40), torch.randint(0, 10, (128,))
+    for _ in range(rounds):  # interleaved
+        for name, model in (("compact", compact), ("static", static)):
+            results.setdefault("inference batch 1", {}).setdefault(name, []).append(
+                inference(model, x[:1], 100 if args.quick else 300)
+            )
+            results.setdefault("inference batch 256", {}).setdefault(name, []).append(
+                inference(model, x, 10 if args.quick else 30)
+            )
+            results.setdefault("training step batch 128", {}).setdefault(name, []).append(
+                training_step(train_models[name], optimizers[name], batch_128, target_128)
+            )
+
+    rows = []
+    for setting, times in results.items():
+        compact_s, static_s = statistics.median(times["compact"]), statistics.median(times["static"])
+        rows.append({"setting": setting, "compact_s": compact_s, "static_s": static_s, "speed": static_s / compact_s})
+    params = sum(p.numel() for p in compact.parameters())
+    suffix = "_quick" if args.quick else ""
+    write_json(
+        f"selection_speed{suffix}.json",
+        {"machine": machine(), "fraction": args.fraction, "selections": sides, "params": params, "rows": rows},
+    )
+    lines = [
+        "# Decoupled residual channels: compact model vs. a statically pruned model of the same widths (CPU)",
+        "",
+        f"Demo CNN, {100 * args.fraction:.0f} % of every group's units removed at random ({params:,} parameters "
+        f"left); selections (in → out channels): "
+        + ", ".join(f"`{name}` {a} → {b}" for name, (a, b) in sides.items())
+        + f". Median of {rounds} interleaved rounds.",
+        "",
+        "| setting | compact, ChannelSelect (ms) | static, same widths (ms) | compact speed / static speed |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['setting']} | {1e3 * r['compact_s']:.3f} | {1e3 * r['static_s']:.3f} | {r['speed']:.3f} |" for r in rows
+    ]
+    lines += ["", f"Machine: {machine()}", ""]
+    (RESULTS / f"selection_speed{suffix}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
