@@ -25,6 +25,15 @@ def call_with(module: nn.Module, inputs: Any) -> Any:
     """Call ``module`` on ``inputs`` as Lightning does with ``example_input_array``.
 
     A tuple or list is unpacked as positional arguments, a dict as keyword arguments, anything else is passed as is.
+
+    Examples:
+        >>> class Scale(nn.Module):
+        ...     def forward(self, x, factor=1.0):
+        ...         return x * factor
+        >>> call_with(Scale(), (torch.ones(2), 3.0)), call_with(Scale(), {"x": torch.ones(2), "factor": 2.0})
+        (tensor([3., 3.]), tensor([2., 2.]))
+        >>> call_with(Scale(), torch.ones(2))
+        tensor([1., 1.])
     """
     if isinstance(inputs, (tuple, list)):
         return module(*inputs)
@@ -34,7 +43,16 @@ def call_with(module: nn.Module, inputs: Any) -> Any:
 
 
 def batch_size_of(inputs: Any) -> int:
-    """The leading dimension of the first tensor found in ``inputs`` (1 if none)."""
+    """The leading dimension of the first tensor found in ``inputs`` (1 if none).
+
+    Examples:
+        >>> batch_size_of(torch.zeros(5, 3)), batch_size_of({"x": torch.zeros(4, 2)})
+        (5, 4)
+        >>> batch_size_of((2.0, torch.zeros(7)))  # the first tensor, wherever it is
+        7
+        >>> batch_size_of(torch.tensor(1.0)), batch_size_of("no tensor")
+        (1, 1)
+    """
     if isinstance(inputs, Tensor):
         return int(inputs.shape[0]) if inputs.dim() > 0 else 1
     values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()

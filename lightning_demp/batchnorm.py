@@ -18,7 +18,14 @@ _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has a BatchNorm layer that tracks running statistics."""
+    """Whether ``model`` has a BatchNorm layer that tracks running statistics.
+
+    Examples:
+        >>> has_batchnorm(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+        True
+        >>> has_batchnorm(nn.BatchNorm1d(3, track_running_stats=False)), has_batchnorm(nn.Linear(2, 3))
+        (False, False)
+    """
     return any(isinstance(m, _BATCHNORM) and m.track_running_stats for m in model.modules())
 
 

@@ -72,12 +72,17 @@ def load_cifar10_batches(folder: str | Path, names: tuple[str, ...]) -> tuple[Te
         ``(images, labels)``.
 
     Examples:
-        Not run here (it needs the data):
+        A tiny fake batch in the CIFAR format (on the real ``test_batch``: 10,000 images):
 
-        ```python
-        images, labels = load_cifar10_batches("/data/cifar-10-batches-py", ("test_batch",))
-        images.shape, labels.shape  # (torch.Size([10000, 3, 32, 32]), torch.Size([10000]))
-        ```
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> folder = tempfile.mkdtemp()
+        >>> fake = {b"data": np.zeros((2, 3 * 32 * 32), dtype=np.uint8), b"labels": [3, 7]}
+        >>> with open(os.path.join(folder, "test_batch"), "wb") as file:
+        ...     pickle.dump(fake, file)
+        >>> images, labels = load_cifar10_batches(folder, ("test_batch", "test_batch"))
+        >>> images.shape, images.dtype, labels
+        (torch.Size([4, 3, 32, 32]), torch.uint8, tensor([3, 7, 3, 7]))
     """
     images, labels = [], []
     for name in names:
@@ -178,16 +183,26 @@ class CIFAR10DataModule(pl.LightningDataModule):
         FileNotFoundError: At ``setup``, when the batch files are not in ``data_dir``.
 
     Examples:
-        Not run here (it needs the data):
+        On a tiny fake copy of the six batch files (two images each); with the real data, pass its folder and
+        train with e.g. ``Trainer(max_epochs=250).fit(CIFARResNet18Classifier(), datamodule=data)``:
 
-        ```python
-        from lightning.pytorch import Trainer
-        from lightning_demp.cifar import CIFAR10DataModule
-        from lightning_demp.models import CIFARResNet18Classifier
-
-        data = CIFAR10DataModule("/data/cifar-10-batches-py", batch_size=128)
-        Trainer(max_epochs=250).fit(CIFARResNet18Classifier(), datamodule=data)
-        ```
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> folder = tempfile.mkdtemp()
+        >>> for name in (*TRAIN_FILES, TEST_FILE):
+        ...     with open(os.path.join(folder, name), "wb") as file:
+        ...         pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]}, file)
+        >>> data = CIFAR10DataModule(folder, batch_size=4, num_workers=0)
+        >>> data.setup("fit")
+        >>> len(data.train_set), len(data.val_set), data.val_set is data.test_set
+        (10, 2, True)
+        >>> images, labels = next(iter(data.train_dataloader()))
+        >>> images.shape, images.dtype
+        (torch.Size([4, 3, 32, 32]), torch.float32)
+        >>> CIFAR10DataModule("/no/such/folder").prepare_data()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: CIFAR-10 not found in /no/such/folder ... Nothing is downloaded.
     """
 
     def __init__(

@@ -37,6 +37,18 @@ class DemoClassifier(pl.LightningModule):
         weight_decay: Decoupled weight decay (AdamW) or coupled L2 (Adam, SGD).
         optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
         lr_schedule: ``"one_cycle"`` (torch's OneCycleLR stepped per step) or ``"constant"``.
+
+    Examples:
+        >>> class TinyClassifier(DemoClassifier):
+        ...     def __init__(self, **kwargs):
+        ...         super().__init__(**kwargs)
+        ...         self.net = nn.Linear(4, self.num_classes)
+        ...         self.example_input_array = torch.zeros(2, 4)
+        >>> model = TinyClassifier(num_classes=3, optimizer="sgd", lr_schedule="constant")
+        >>> model(torch.randn(2, 4)).shape, type(model.configure_optimizers()).__name__
+        (torch.Size([2, 3]), 'SGD')
+        >>> model.predict_step(torch.randn(5, 4), batch_idx=0).shape
+        torch.Size([5])
     """
 
     def __init__(
@@ -140,6 +152,13 @@ class ResidualBlock1d(nn.Module):
 
     With ``decoupled=True`` the shortcut is a `ChannelSelect` (the block's input and output channels shrink
     independently); with ``False`` it is a plain identity (a stream channel goes only if dead wherever it is read).
+
+    Examples:
+        >>> block = ResidualBlock1d(8)
+        >>> block(torch.randn(2, 8, 40)).shape, type(block.shortcut).__name__
+        (torch.Size([2, 8, 40]), 'ChannelSelect')
+        >>> type(ResidualBlock1d(8, decoupled=False).shortcut).__name__
+        'Identity'
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, decoupled: bool = True) -> None:
@@ -156,7 +175,13 @@ class ResidualBlock1d(nn.Module):
 
 
 class ResidualCNNBackbone(nn.Module):
-    """Stem conv → residual block → stride-2 conv → residual block → global average pool → linear head."""
+    """Stem conv → residual block → stride-2 conv → residual block → global average pool → linear head.
+
+    Examples:
+        >>> backbone = ResidualCNNBackbone(width=8, num_classes=10)
+        >>> backbone(torch.randn(2, 40)).shape, backbone(torch.randn(2, 1, 40)).shape
+        (torch.Size([2, 10]), torch.Size([2, 10]))
+    """
 
     def __init__(self, width: int = 64, num_classes: int = 10, decoupled: bool = True) -> None:
         super().__init__()
@@ -196,7 +221,23 @@ class ResidualCNNClassifier(DemoClassifier):
 
 
 class ArrayDataModule(pl.LightningDataModule):
-    """Serves in-memory arrays: ``(x_train, y_train)`` for fitting, ``(x_test, y_test)`` for validation and test."""
+    """Serves in-memory arrays: ``(x_train, y_train)`` for fitting, ``(x_test, y_test)`` for validation and test.
+
+    Subclasses implement `load_arrays`.
+
+    Examples:
+        >>> class ToyDataModule(ArrayDataModule):
+        ...     def load_arrays(self):
+        ...         x = np.arange(20.0).reshape(10, 2)
+        ...         return x[:8], np.zeros(8), x[8:], np.ones(2)
+        >>> data = ToyDataModule(batch_size=4)
+        >>> data.setup("fit")
+        >>> x, y = next(iter(data.train_dataloader()))
+        >>> x.shape, x.dtype, y.dtype
+        (torch.Size([4, 2]), torch.float32, torch.int64)
+        >>> len(data.val_dataloader().dataset)
+        2
+    """
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, shuffle: bool = True) -> None:
         super().__init__()
@@ -262,6 +303,16 @@ class MNIST1DDataModule(ArrayDataModule):
         seed: Generator seed (the package's default dataset uses 42).
         batch_size: Training batch size.
         num_workers: DataLoader workers.
+
+    Examples:
+        A small draw (the default 5000 samples take longer to generate):
+
+        >>> data = MNIST1DDataModule(num_samples=100, batch_size=16)
+        >>> data.setup("fit")
+        >>> len(data.train_set), len(data.test_set)
+        (80, 20)
+        >>> next(iter(data.train_dataloader()))[0].shape
+        torch.Size([16, 40])
     """
 
     def __init__(self, num_samples: int = 5000, seed: int = 42, batch_size: int = 128, num_workers: int = 0) -> None:
@@ -275,7 +326,16 @@ class MNIST1DDataModule(ArrayDataModule):
 
 
 class DigitsDataModule(ArrayDataModule):
-    """scikit-learn's 8×8 digits (1797 samples shipped with the package), 64 standardised features, 80/20 split."""
+    """scikit-learn's 8×8 digits (1797 samples shipped with the package), 64 standardised features, 80/20 split.
+
+    Examples:
+        >>> data = DigitsDataModule(batch_size=32)
+        >>> data.setup("fit")
+        >>> len(data.train_set), len(data.test_set)
+        (1437, 360)
+        >>> next(iter(data.train_dataloader()))[0].shape
+        torch.Size([32, 64])
+    """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
@@ -294,7 +354,13 @@ class DigitsDataModule(ArrayDataModule):
 
 
 class PreNormBlock(nn.Module):
-    """``x + attn(ln1(x))`` then ``x + fc2(gelu(fc1(ln2(x))))``: a pre-norm transformer block."""
+    """``x + attn(ln1(x))`` then ``x + fc2(gelu(fc1(ln2(x))))``: a pre-norm transformer block.
+
+    Examples:
+        >>> block = PreNormBlock(dim=16, heads=2, hidden=32)
+        >>> block(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
 
     def __init__(self, dim: int, heads: int, hidden: int) -> None:
         super().__init__()

@@ -106,7 +106,12 @@ def reader_feature_dim(module: nn.Module) -> int:
 
 
 def reader_num_features(module: nn.Module) -> int:
-    """Return the number of input features of a Linear or Conv reader."""
+    """Return the number of input features of a Linear or Conv reader.
+
+    Examples:
+        >>> reader_num_features(nn.Linear(2, 3)), reader_num_features(nn.Conv1d(4, 3, 1))
+        (2, 4)
+    """
     if isinstance(module, nn.Linear):
         return module.in_features
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -202,7 +207,17 @@ class ActivationMonitor:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    """Put every submodule in eval mode and restore each one's own flag afterwards.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> _ = model[1].eval()  # a submodule the user keeps in eval mode
+        >>> with eval_mode(model):
+        ...     model.training, model[0].training
+        (False, False)
+        >>> model.training, model[0].training, model[1].training
+        (True, True, False)
+    """
     flags = {module: module.training for module in model.modules()}
     model.eval()
     try:

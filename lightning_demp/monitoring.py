@@ -34,6 +34,15 @@ def risky_monitors(trainer: pl.Trainer, schedule_epochs: float) -> list[str]:
     An ``EarlyStopping`` is risky when its patience (in epochs) is shorter than the schedule; a ``ModelCheckpoint``
     that keeps the best of a monitored metric always is, because the best value may come from an unpruned epoch.
     Metrics under ``demp/`` (such as ``demp/settled``) are never risky.
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> callbacks = [EarlyStopping(monitor="val_loss", patience=3), ModelCheckpoint(monitor="demp/settled")]
+        >>> trainer = Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False)
+        >>> risky_monitors(trainer, schedule_epochs=9)
+        ["EarlyStopping(monitor='val_loss', patience=3) can stop the run within the 9 epochs of the schedule"]
+        >>> risky_monitors(trainer, schedule_epochs=2)
+        []
     """
     if schedule_epochs <= 0:
         return []

@@ -111,7 +111,14 @@ def remap_optimizer_(optimizer: torch.optim.Optimizer, remaps: Sequence[ParamRem
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
-    """Return every parameter an optimizer holds, in group order."""
+    """Return every parameter an optimizer holds, in group order.
+
+    Examples:
+        >>> layer = nn.Linear(2, 3)
+        >>> optimizer = torch.optim.SGD([{"params": [layer.bias]}, {"params": [layer.weight], "lr": 0.01}], lr=0.1)
+        >>> [param.shape for param in optimizer_params(optimizer)]
+        [torch.Size([3]), torch.Size([3, 2])]
+    """
     return [param for group in optimizer.param_groups for param in group["params"]]
 
 

@@ -41,6 +41,21 @@ def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
 
     Returns:
         The matplotlib ``Figure``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import matplotlib.pyplot as plt
+        >>> state = {
+        ...     "initial_widths": {"fc1": 8, "fc2": 6},
+        ...     "events": [{"step": 30, "widths": {"fc1": 5, "fc2": 6}}, {"step": 60, "widths": {"fc1": 3, "fc2": 4}}],
+        ...     "schedule": {"name": "one_cycle", "reg_max": 0.03, "noise_std": 5e-5, "span_steps": 90,
+        ...                  "total_steps": 100},
+        ... }
+        >>> path = os.path.join(tempfile.mkdtemp(), "units.png")
+        >>> figure = plot_run(state, path)
+        >>> len(figure.axes), os.path.getsize(path) > 0  # live units, λ_t and σ_t (on a twin axis)
+        (3, True)
+        >>> plt.close(figure)
     """
     import matplotlib
 

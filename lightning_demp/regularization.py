@@ -103,7 +103,14 @@ def add_penalty_grad_(params: Sequence[nn.Parameter], regularizer: RegularizerNa
 
 
 def live_masks(params: Iterable[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor]]:
-    """Pair each parameter that has a gradient with the mask of its entries whose gradient is non-zero."""
+    """Pair each parameter that has a gradient with the mask of its entries whose gradient is non-zero.
+
+    Examples:
+        >>> weight, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+        >>> weight.grad = torch.tensor([0.0, 2.0, 0.0])  # ``unused`` got no gradient at all
+        >>> [(param is weight, mask.tolist()) for param, mask in live_masks([weight, unused])]
+        [(True, [False, True, False])]
+    """
     return [(p, p.grad != 0) for p in params if p.grad is not None]
 
 

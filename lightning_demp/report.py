@@ -14,7 +14,16 @@ if TYPE_CHECKING:
 
 
 def summary_rows(callback: DemonPruning) -> list[tuple[str, int, int, str]]:
-    """One row per prunable group: name, initial units, kept units, kept fraction."""
+    """One row per prunable group: name, initial units, kept units, kept fraction.
+
+    Examples:
+        >>> from lightning_demp.callback import DemonPruning
+        >>> callback = DemonPruning(verbose=False)
+        >>> callback.initial_widths = {"fc1": 8, "fc2": 4}
+        >>> callback.kept_units = {"fc1": [1, 6], "fc2": [0, 1, 2, 3]}
+        >>> summary_rows(callback)
+        [('fc1', 8, 2, '25%'), ('fc2', 4, 4, '100%')]
+    """
     rows = []
     for name, initial in callback.initial_widths.items():
         kept = len(callback.kept_units.get(name, []))
@@ -23,7 +32,30 @@ def summary_rows(callback: DemonPruning) -> list[tuple[str, int, int, str]]:
 
 
 def summary_text(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-    """Render the summary as plain text (also the fallback when ``rich`` is not installed)."""
+    """Render the summary as plain text (also the fallback when ``rich`` is not installed).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_demp.callback import DemonPruning
+        >>> callback = DemonPruning(verbose=False)
+        >>> callback.initial_widths = {"fc1": 8, "fc2": 4}
+        >>> callback.kept_units = {"fc1": [1, 6], "fc2": [0, 1, 2, 3]}
+        >>> callback.initial_params = 20
+        >>> module = pl.LightningModule()
+        >>> module.layer = nn.Linear(4, 2)  # 10 parameters left of the initial 20
+        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)
+        >>> trainer.callback_metrics["val_acc"] = torch.tensor(0.9)  # as logged by validation
+        >>> print(summary_text(callback, trainer, module))
+        layer                              units    kept  kept %
+        fc1                                    8       2     25%
+        fc2                                    4       4    100%
+        <BLANKLINE>
+        val_acc: 0.9000
+        units kept: 50.0%
+        parameters kept: 10 / 20 (50.0%)
+        forward FLOPs kept: 100.0%
+    """
     lines = [f"{'layer':<32} {'units':>7} {'kept':>7} {'kept %':>7}"]
     lines += [
         f"{name:<32} {initial:>7} {kept:>7} {fraction:>7}" for name, initial, kept, fraction in summary_rows(callback)
@@ -33,7 +65,26 @@ def summary_text(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.Ligh
 
 
 def summary_totals(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, str]:
-    """Totals shown under the table: accuracy metrics, units, parameters, FLOPs, wall time."""
+    """Totals shown under the table: accuracy metrics, units, parameters, FLOPs, wall time.
+
+    The wall time appears once fit has started; FLOPs are 100 % until they were measured.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_demp.callback import DemonPruning
+        >>> callback = DemonPruning(verbose=False)
+        >>> callback.initial_widths = {"fc1": 8, "fc2": 4}
+        >>> callback.kept_units = {"fc1": [1, 6], "fc2": [0, 1, 2, 3]}
+        >>> callback.initial_params = 20
+        >>> module = pl.LightningModule()
+        >>> module.layer = nn.Linear(4, 2)  # 10 parameters left of the initial 20
+        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)
+        >>> trainer.callback_metrics["val_acc"] = torch.tensor(0.9)  # as logged by validation
+        >>> summary_totals(callback, trainer, module)  # doctest: +NORMALIZE_WHITESPACE
+        {'val_acc': '0.9000', 'units kept': '50.0%', 'parameters kept': '10 / 20 (50.0%)',
+         'forward FLOPs kept': '100.0%'}
+    """
     totals: dict[str, str] = {}
     for key, value in trainer.callback_metrics.items():
         if "acc" in key and not key.startswith("demp/"):
@@ -50,7 +101,27 @@ def summary_totals(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.Li
 
 
 def print_summary(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Print the summary with ``rich`` when it is installed, as plain text otherwise."""
+    """Print the summary with ``rich`` when it is installed, as plain text otherwise.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_demp.callback import DemonPruning
+        >>> callback = DemonPruning(verbose=False)
+        >>> callback.initial_widths = {"fc1": 8, "fc2": 4}
+        >>> callback.kept_units = {"fc1": [1, 6], "fc2": [0, 1, 2, 3]}
+        >>> callback.initial_params = 20
+        >>> module = pl.LightningModule()
+        >>> module.layer = nn.Linear(4, 2)  # 10 parameters left of the initial 20
+        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)
+        >>> trainer.callback_metrics["val_acc"] = torch.tensor(0.9)  # as logged by validation
+        >>> import contextlib, io
+        >>> output = io.StringIO()
+        >>> with contextlib.redirect_stdout(output):
+        ...     print_summary(callback, trainer, module)
+        >>> "DemonPruning summary" in output.getvalue(), "parameters kept: 10 / 20 (50.0%)" in output.getvalue()
+        (True, True)
+    """
     try:
         from rich.console import Console
         from rich.table import Table

@@ -22,7 +22,13 @@ from lightning_demp.surgery import UnitGroup
 
 @dataclass(frozen=True)
 class Fold:
-    """Reader ``reader`` receives the constant ``values`` on its input features ``feature_idxs``."""
+    """Reader ``reader`` receives the constant ``values`` on its input features ``feature_idxs``.
+
+    Examples:
+        >>> fold = Fold("fc2", feature_idxs=torch.tensor([1]), values=torch.tensor([0.25]))
+        >>> fold.reader, fold.feature_idxs, fold.values
+        ('fc2', tensor([1]), tensor([0.2500]))
+    """
 
     reader: str
     feature_idxs: Tensor
@@ -71,6 +77,14 @@ def folds_for(
     """The folds that make removing ``plan``'s units exact: each reader gets the constants of its removed features.
 
     A feature whose constant is 0 (a dead unit) needs no fold and is skipped.
+
+    Examples:
+        >>> from lightning_demp.surgery import ReaderSlice
+        >>> group = UnitGroup("fc1", 3, readers=[ReaderSlice("fc2", torch.arange(3), torch.arange(3))])
+        >>> stats = {"fc2": {"max_value": torch.tensor([0.5, 2.0, 0.0]), "min_value": torch.tensor([0.5, -1.0, 0.0])}}
+        >>> folds = folds_for([group], stats, {"fc1": torch.tensor([0, 2])})  # unit 2 is dead: nothing to fold
+        >>> [(fold.reader, fold.feature_idxs, fold.values) for fold in folds]
+        [('fc2', tensor([0]), tensor([0.5000]))]
     """
     folds = []
     for group in groups:

@@ -22,7 +22,14 @@ def _cosine_interpolate(start: float, end: float, fraction: float) -> float:
 
 @runtime_checkable
 class Schedule(Protocol):
-    """A strength that depends only on the optimizer step."""
+    """A strength that depends only on the optimizer step.
+
+    Any object with ``peak``, ``span_steps`` and ``value(step)`` is one (checked structurally).
+
+    Examples:
+        >>> isinstance(OneCycleSchedule(peak=1.0, span_steps=10), Schedule), isinstance("one_cycle", Schedule)
+        (True, False)
+    """
 
     @property
     def peak(self) -> float:

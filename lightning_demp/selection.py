@@ -97,7 +97,14 @@ class ChannelSelect(nn.Module):
 
 
 class ChannelSelectPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning handler: input and output channels of a ``ChannelSelect`` are removed independently."""
+    """Torch-Pruning handler: input and output channels of a ``ChannelSelect`` are removed independently.
+
+    Examples:
+        >>> pruner, select = ChannelSelectPruner(), ChannelSelect(4)
+        >>> _ = pruner.prune_in_channels(select, [1])
+        >>> pruner.get_in_channels(select), pruner.get_out_channels(select)
+        (3, 4)
+    """
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         assert isinstance(layer, ChannelSelect)
@@ -121,7 +128,21 @@ class ChannelSelectPruner(tp.pruner.function.BasePruningFunc):
 
 
 class DecouplingError(RuntimeError):
-    """A model could not be rewritten into the selection form."""
+    """A model could not be rewritten into the selection form.
+
+    Examples:
+        >>> class Branchy(nn.Module):  # branches on a tensor value: torch.fx cannot trace it
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return x + self.fc(x) if x.sum() > 0 else x
+        >>> try:
+        ...     decouple_residuals_(nn.Sequential(Branchy()), torch.ones(1, 2))
+        ... except DecouplingError as error:
+        ...     print(type(error.__cause__).__name__)
+        TraceError
+    """
 
 
 _ADD_TARGETS = (operator.add, torch.add)

@@ -35,7 +35,16 @@ _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass(frozen=True)
 class ReaderSlice:
-    """The features of reader ``reader`` that carry units of a group, and which unit each one carries."""
+    """The features of reader ``reader`` that carry units of a group, and which unit each one carries.
+
+    Examples:
+        Two channels of length 2, flattened into the 4 input features of a Linear layer:
+
+        >>> model = nn.Sequential(nn.Conv1d(1, 2, 1), nn.Flatten(), nn.Linear(4, 1))
+        >>> reader = PrunableGraph(model, torch.randn(1, 1, 2)).groups()[0].readers[0]
+        >>> reader.reader, reader.feature_idxs, reader.unit_idxs
+        ('2', tensor([0, 1, 2, 3]), tensor([0, 0, 1, 1]))
+    """
 
     reader: str
     feature_idxs: Tensor
@@ -52,6 +61,14 @@ class UnitGroup:
         members: Names of every module the removal touches.
         readers: Where the units are read (see `ReaderSlice`).
         blocked: Why the group is never pruned, or ``None`` when it can be.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> hidden, output = PrunableGraph(model, torch.randn(2, 4)).groups()
+        >>> hidden.name, hidden.num_units, hidden.members, hidden.blocked
+        ('0', 3, ['0', '2'], None)
+        >>> output.blocked
+        '`2` produces the model output'
     """
 
     name: str
@@ -81,7 +98,15 @@ def _plain_metric_comparisons() -> Iterator[None]:
 
 
 class TracingError(RuntimeError):
-    """The dependency graph could not be built from the example input."""
+    """The dependency graph could not be built from the example input.
+
+    Examples:
+        >>> try:
+        ...     PrunableGraph(nn.Linear(4, 2), torch.randn(2, 3))  # the input has the wrong width
+        ... except TracingError as error:
+        ...     print(type(error.__cause__).__name__)
+        RuntimeError
+    """
 
 
 def _layer_width(module: nn.Module) -> int | None:
@@ -418,13 +443,35 @@ def enable_resize_on_load(module: nn.Module) -> torch.utils.hooks.RemovableHandl
 
 
 def disable_resize_on_load(module: nn.Module, handle: torch.utils.hooks.RemovableHandle) -> None:
-    """Remove a hook registered by `enable_resize_on_load`."""
+    """Remove a hook registered by `enable_resize_on_load`.
+
+    Examples:
+        >>> fresh = nn.Linear(4, 8)  # a pruned state dict (4 → 3) no longer fits it afterwards
+        >>> handle = enable_resize_on_load(fresh)
+        >>> disable_resize_on_load(fresh, handle)
+        >>> resize_on_load_enabled(fresh)
+        False
+        >>> fresh.load_state_dict(nn.Linear(4, 3).state_dict())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: Error(s) in loading state_dict for Linear:...
+    """
     handle.remove()
     object.__setattr__(module, _RESIZE_FLAG, False)
 
 
 def resize_on_load_enabled(module: nn.Module) -> bool:
-    """Whether `enable_resize_on_load` was called on ``module`` (also on a pickled copy of it)."""
+    """Whether `enable_resize_on_load` was called on ``module`` (also on a pickled copy of it).
+
+    Examples:
+        >>> import pickle
+        >>> model = nn.Linear(4, 2)
+        >>> resize_on_load_enabled(model)
+        False
+        >>> _ = enable_resize_on_load(model)
+        >>> resize_on_load_enabled(model), resize_on_load_enabled(pickle.loads(pickle.dumps(model)))
+        (True, True)
+    """
     return bool(getattr(module, _RESIZE_FLAG, False))
 
 
