@@ -5,6 +5,7 @@ Each hook is a short list of calls into the concept modules; see ``docs/how-it-w
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -52,6 +53,7 @@ from lightning_demp.target import (
     StrengthController,
     TargetMetric,
     least_active_units,
+    limit_plan_to_target,
     planned_sparsity,
 )
 
@@ -584,6 +586,8 @@ class DemonPruning(Callback):
         groups = self._graph.groups()
         target_reached = self.target_sparsity is not None and self.measured_sparsity(pl_module) >= self.target_sparsity
         plan = {} if target_reached else _strategy.broadcast_plan(trainer, self.plan_removal(groups, stats))
+        if plan and self.target_sparsity is not None:  # identical on every rank: same model, same plan
+            plan = limit_plan_to_target(plan, lambda part: self._sparsity_after(pl_module, part), self.target_sparsity)
         self.last_removed_count = sum(len(idxs) for idxs in plan.values())
         if plan and self.saturation_tolerance is not None:
             self._fold_constants(trainer, folds_for(groups, stats, plan))
@@ -657,6 +661,19 @@ class DemonPruning(Callback):
         if self.target_metric == "units":
             return 1.0 - self.units_kept_fraction()
         return 1.0 - count_parameters(pl_module) / self.initial_params if self.initial_params else 0.0
+
+    def _sparsity_after(self, pl_module: pl.LightningModule, plan: Mapping[str, Tensor]) -> float:
+        """The ``target_metric`` sparsity that removing ``plan`` would leave, measured on a copy of the model."""
+        if self.target_metric == "units":
+            initial = sum(self.initial_widths.values())
+            kept = sum(len(units) for units in self.kept_units.values()) - sum(len(idxs) for idxs in plan.values())
+            return 1.0 - kept / initial if initial else 0.0
+        trial = copy.deepcopy(pl_module)
+        PrunableGraph(trial, self._example_input, exclude=self.exclude).remove_units_(plan)
+        if self.target_metric == "flops":
+            flops = count_flops_per_sample(trial, _first_samples(self._example_input, 1))
+            return 1.0 - flops / self.initial_flops if self.initial_flops else 0.0
+        return 1.0 - count_parameters(trial) / self.initial_params if self.initial_params else 0.0
 
     def _force_target(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: Mapping[str, Mapping[str, Tensor]]

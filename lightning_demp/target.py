@@ -8,7 +8,7 @@ follows a cubic ramp to the target by the end of the schedule span (the ramp of 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,3 +94,63 @@ def least_active_units(
     for _, name, index in candidates[: max(1, int(len(candidates) * fraction))] if candidates else []:
         plan.setdefault(name, []).append(index)
     return {name: torch.tensor(sorted(idxs)) for name, idxs in plan.items()}
+
+
+def interleave_plan(plan: Mapping[str, Tensor]) -> list[tuple[str, int]]:
+    """The units of a removal plan in an order that shrinks every group in proportion.
+
+    The ``i``-th of a group's ``n`` planned units comes at position ``(i + 0.5) / n``; ties keep the plan's group
+    order. A prefix of this order takes about the same share of every group's planned units.
+
+    Examples:
+        >>> interleave_plan({"a": torch.tensor([0, 1, 2, 3]), "b": torch.tensor([7, 9])})
+        [('a', 0), ('b', 7), ('a', 1), ('a', 2), ('b', 9), ('a', 3)]
+    """
+    keyed = []
+    for position, (name, idxs) in enumerate(plan.items()):
+        values = sorted(int(i) for i in idxs.tolist())
+        keyed += [((rank + 0.5) / len(values), position, name, index) for rank, index in enumerate(values)]
+    return [(name, index) for _, _, name, index in sorted(keyed)]
+
+
+def limit_plan_to_target(
+    plan: Mapping[str, Tensor], sparsity_after: Callable[[Mapping[str, Tensor]], float], target: float
+) -> dict[str, Tensor]:
+    """The part of ``plan`` that reaches ``target`` without passing it by more than one unit.
+
+    When removing the whole plan stays at or below the target, the whole plan. Otherwise the shortest prefix of
+    `interleave_plan` whose removal reaches the target, found by bisection on ``sparsity_after`` (the sparsity a
+    plan would leave; it must not decrease as a plan grows). The units left out are dead but kept: they cost
+    nothing to the function, and a later event may take them if the target allows.
+
+    Args:
+        plan: Unit indices to remove, by group.
+        sparsity_after: Measures the sparsity after removing a plan (for example on a copy of the model).
+        target: The sparsity not to pass.
+
+    Examples:
+        Each unit is worth 10 % here; the target 25 % is reached by three of the five planned units:
+
+        >>> after = lambda p: 0.1 * sum(len(idxs) for idxs in p.values())
+        >>> limit_plan_to_target({"a": torch.tensor([0, 1, 2]), "b": torch.tensor([4, 5])}, after, 0.25)
+        {'a': tensor([0, 1]), 'b': tensor([4])}
+    """
+    full = {name: idxs for name, idxs in plan.items() if len(idxs)}
+    if not full or sparsity_after(full) <= target:
+        return full
+    order = interleave_plan(full)
+
+    def prefix(count: int) -> dict[str, Tensor]:
+        chosen: dict[str, list[int]] = {}
+        for name, index in order[:count]:
+            chosen.setdefault(name, []).append(index)
+        return {name: torch.tensor(sorted(idxs), dtype=torch.long) for name, idxs in chosen.items()}
+
+    low, high = 1, len(order)  # the full plan passes the target
+    while low < high:
+        middle = (low + high) // 2
+        if sparsity_after(prefix(middle)) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return prefix(high)

@@ -8,7 +8,7 @@ import torch
 from helpers.lightning import small_mlp, train_with_callback
 from helpers.models import kill_linear_units_, make_alive_
 from lightning_demp import DemonPruning
-from lightning_demp.target import StrengthController, planned_sparsity
+from lightning_demp.target import StrengthController, limit_plan_to_target, planned_sparsity
 
 
 def test_ramp_is_cubic_and_reaches_the_target_at_the_end_of_the_span():
@@ -86,3 +86,23 @@ def test_the_strength_scale_multiplies_the_logged_lambda_and_is_saved(tmp_path):
     restored.load_state_dict(callback.state_dict())
     assert restored.strength_scale == callback.strength_scale
     assert restored._controller.scale == callback.strength_scale
+
+
+@pytest.mark.parametrize("metric", ["params", "units"])
+def test_one_event_never_passes_the_target_by_more_than_one_unit(tmp_path, metric):
+    model = make_alive_(small_mlp(hidden_sizes=[24, 24]))
+    kill_linear_units_(model.net[0], list(range(18)))  # 18 dead units: far more than a 20 % target needs
+    _, model, callback = train_with_callback(
+        tmp_path, model=model, max_epochs=2, reg_max=0.0, noise_std=0.0, target_sparsity=0.2, target_metric=metric
+    )
+    reached = callback.measured_sparsity(model)
+    removed = 24 - len(callback.kept_units["net.0"])
+    assert 0 < removed < 18  # only part of the dead units went; the others stay, dead and harmless
+    assert reached >= 0.2
+    worth_of_one_unit = reached / removed  # every unit of `net.0` carries the same parameters
+    assert reached - worth_of_one_unit < 0.2  # one unit fewer would have fallen short
+
+
+def test_limit_plan_to_target_keeps_whole_plans_that_stay_below_the_target():
+    plan = {"a": torch.tensor([1, 3])}
+    assert limit_plan_to_target(plan, lambda p: 0.1, 0.5) == plan
