@@ -141,8 +141,9 @@ class DemonPruning(Callback):
             output channels are removed independently (the authors' treatment). Outputs are unchanged by the
             rewrite; needs ``example_input_array``.
         target_sparsity: A sparsity to reach by the end of the schedule span, in (0, 1): λ_t and σ_t are scaled by a
-            feedback rule at each removal event so that the measured sparsity follows a cubic ramp to it; once it is
-            reached, no more units are removed. ``None`` (default): the paper's behaviour, no target.
+            feedback rule at each removal event so that the measured sparsity follows a cubic ramp to it. An event
+            removes only as many dead units as reach the target (one unit past it at most); once it is reached, no
+            more units are removed. ``None`` (default): the paper's behaviour, no target.
         target_metric: What ``target_sparsity`` measures: removed fraction of ``"params"``, ``"flops"`` or ``"units"``.
         force_target: At the final check, if the target was not reached, remove the least active remaining units
             (live ones: not function-preserving) until it is, and say so in the log.
