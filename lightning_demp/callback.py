@@ -712,6 +712,8 @@ class DemonPruning(Callback):
         path = directory / "demp_units.png"
         figure.savefig(path, dpi=120)
         self.plot_path = str(path)
+        if self.verbose:
+            rank_zero_info(f"DemonPruning: live units per layer over training, plotted in {path}")
         for logger in trainer.loggers:
             add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
             if callable(add_figure):
