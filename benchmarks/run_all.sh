@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Rerun every benchmark in the order the committed results were produced; `--quick` runs each one's smoke mode
+# (its files end in `_quick` and are not committed). Accuracy benchmarks run side by side, one process per core
+# (BENCH_JOBS overrides); the timing benchmarks (selection_speed, speed, removal_cost) run alone, last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+QUICK=${1:-}
+run() { echo "== $*"; start=$(date +%s); "$PY" "$@" $QUICK; echo "== $1 took $(( $(date +%s) - start )) s"; }
+run benchmarks/frontier.py --model cnn
+run benchmarks/frontier.py --model cnn --decoupled
+run benchmarks/frontier.py --model mlp
+run benchmarks/validation_dip.py
+run benchmarks/target.py
+run benchmarks/frontier.py --model transformer --epochs 20
+run benchmarks/demo_vs_dense.py
+run benchmarks/death.py
+run benchmarks/selection_speed.py
+run benchmarks/speed.py
+run benchmarks/removal_cost.py
