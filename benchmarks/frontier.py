@@ -22,6 +22,7 @@ parameters and of FLOPs removed).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from functools import partial
@@ -71,14 +72,6 @@ REFERENCE = {
 }  # ModelPruning matches this point's unit sparsity
 
 
-def dense_accuracy(model: str) -> float:
-    """The dense accuracy of the coupled run (same seeds, epochs and optimizer: a selection is an identity then)."""
-    import json
-
-    summaries = json.loads((RESULTS / f"frontier_{model}.json").read_text())["summaries"]
-    return float(next(s["test_acc"] for s in summaries if s["method"] == "dense"))
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -90,7 +83,8 @@ def summarize(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def plot(summaries: list[dict[str, Any]], title: str, path: Path) -> None:
+def plot(summaries: list[dict[str, Any]], title: str, path: Path, floor: float | None = None) -> None:
+    """Accuracy against parameters and FLOPs removed; points below ``floor`` are drawn on the bottom edge (▼)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,6 +93,7 @@ def plot(summaries: list[dict[str, Any]], title: str, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     families = {
         "dense": "black",
+        "DemP decoupled": "tab:orange",
         "DemP": "tab:red",
         "ModelPruning": "tab:green",
         "TP magnitude": "tab:blue",
@@ -115,21 +110,26 @@ def plot(summaries: list[dict[str, Any]], title: str, path: Path) -> None:
                 if key == "removed_params" and family == "ModelPruning"
                 else summary["params_removed" if key == "removed_params" else "flops_removed"]
             )
+            off_scale = floor is not None and summary["test_acc"] < floor
+            y = floor * 100 if off_scale and floor is not None else summary["test_acc"] * 100
             axis.errorbar(
                 x * 100,
-                summary["test_acc"] * 100,
-                yerr=summary["test_acc_std"] * 100,
-                fmt="o",
+                y,
+                yerr=None if off_scale else summary["test_acc_std"] * 100,
+                fmt="v" if off_scale else "o",
                 color=families[family],
                 capsize=3,
             )
+            label = summary["method"].replace(family, "").strip()
             axis.annotate(
-                summary["method"].replace(family, "").strip(),
-                (x * 100, summary["test_acc"] * 100),
+                f"{label} ({100 * summary['test_acc']:.1f} %)" if off_scale else label,
+                (x * 100, y),
                 fontsize=7,
                 xytext=(3, 3),
                 textcoords="offset points",
             )
+        if floor is not None:
+            axis.set_ylim(floor * 100 - 0.5, 100.2)
         axis.set_xlabel(f"{xlabel} (%)")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
@@ -152,7 +152,12 @@ def main() -> None:
         help="CNN only: ChannelSelect shortcuts; DemP sweep only (dense and peers as in the coupled run)",
     )
     parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel, one thread each")
+    parser.add_argument("--replot", action="store_true", help="redraw the .md and .png from the saved JSON")
     args = parser.parse_args()
+    if args.replot:
+        name = f"frontier_{args.model}{'_decoupled' if args.decoupled else ''}{'_quick' if args.quick else ''}"
+        render(name, json.loads((RESULTS / f"{name}.json").read_text()))
+        return
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 4 if args.quick else args.epochs
     config = load_config(CONFIGS[args.model])
@@ -216,20 +221,42 @@ def finish(
     summaries = [summarize(label, label_runs) for label, label_runs in runs.items()]
     suffix = "_quick" if args.quick else ""
     name = f"frontier_{args.model}{variant}{suffix}"
-    write_json(
-        f"{name}.json",
-        {
-            "model": args.model,
-            "epochs": epochs,
-            "seeds": seeds,
-            "machine": machine(),
-            "summaries": summaries,
-            "runs": runs,
-        },
-    )
-    dense_acc = summaries[0]["test_acc"] if summaries[0]["method"] == "dense" else dense_accuracy(args.model)
+    payload = {
+        "model": args.model,
+        "variant": variant,
+        "epochs": epochs,
+        "seeds": seeds,
+        "jobs": args.jobs,
+        "machine": machine(),
+        "summaries": summaries,
+        "runs": runs,
+    }
+    write_json(f"{name}.json", payload)
+    render(name, payload)
+
+
+def best_within(summaries: list[dict[str, Any]], dense_acc: float, points: float = 1.0) -> dict[str, Any] | None:
+    """The point removing the most parameters at no more than ``points`` below dense accuracy (mean over seeds)."""
+    eligible = [s for s in summaries if s["method"] != "dense" and s["test_acc"] >= dense_acc - points / 100]
+    return max(eligible, key=lambda s: s["params_removed"], default=None)
+
+
+def render(name: str, payload: dict[str, Any]) -> None:
+    """Write ``<name>.md`` and ``<name>.png`` from a frontier payload (also for the decoupled run: with the coupled
+    run's dense, DemP and peer points next to it, from ``frontier_<model>.json``)."""
+    summaries = list(payload["summaries"])
+    seeds, epochs, model = payload["seeds"], payload["epochs"], payload["model"]
+    coupled_path = RESULTS / f"frontier_{model}.json"
+    if "_decoupled" in name and coupled_path.exists():
+        coupled = json.loads(coupled_path.read_text())
+        summaries += [
+            {**s, "method": s["method"] if not s["method"].startswith("DemP") else s["method"] + " (coupled)"}
+            for s in coupled["summaries"]
+        ]
+    dense = next((s for s in summaries if s["method"] == "dense"), None)
+    dense_acc = dense["test_acc"] if dense else float("nan")
     lines = [
-        f"# Frontier: {args.model.upper()} on MNIST-1D ({len(seeds)} seeds, {epochs} epochs, same optimizer and LR schedule)",
+        f"# Frontier: {model.upper()} on MNIST-1D ({len(seeds)} seeds, {epochs} epochs, same optimizer and LR schedule)",
         "",
         "| method | test acc (%) | Δ vs dense (pt) | params removed (%) | FLOPs removed (%) | weights zeroed (%) |",
         "|---|---|---|---|---|---|",
@@ -240,19 +267,39 @@ def finish(
             f"{100 * (s['test_acc'] - dense_acc):+.2f} | {100 * s['params_removed']:.1f} ± {100 * s['params_removed_std']:.1f} | "
             f"{100 * s['flops_removed']:.1f} | {100 * s['zeroed']:.1f} |"
         )
+    lines += ["", "Most parameters removed at no more than 1 point below dense (mean accuracy over the seeds):", ""]
+    families = ["DemP decoupled", "DemP", "TP magnitude", "TP BN-scale"]
+    for family in families:
+        members = [
+            s
+            for s in summaries
+            if s["method"].startswith(family) and not (family == "DemP" and s["method"].startswith("DemP decoupled"))
+        ]
+        best = best_within(members, dense_acc) if members else None
+        if members:
+            lines.append(
+                f"- {family}: "
+                + (
+                    f"{100 * best['params_removed']:.1f} % of parameters ({best['method']}, {100 * best['test_acc']:.2f} %)"
+                    if best
+                    else "no point within 1 point of dense"
+                )
+            )
     lines += [
         "",
         "ModelPruning keeps dense shapes: it removes no parameter or FLOP physically; its zeroed weights are "
         "shown in the last column (and used as its x-position in the plot).",
         "",
-        f"Machine: {machine()}",
+        f"Runs: {payload.get('jobs', 1)} side by side, one thread each (fit times in the JSON are not speed figures). "
+        f"Machine: {payload['machine']}",
         "",
     ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     plot(
         summaries,
-        f"MNIST-1D {args.model.upper()}: accuracy vs. removal ({len(seeds)} seeds, {epochs} epochs)",
+        f"MNIST-1D {model.upper()}: accuracy vs. removal ({len(seeds)} seeds, {epochs} epochs)",
         RESULTS / f"{name}.png",
+        floor=dense_acc - 0.08 if dense else None,
     )
     print("\n".join(lines))
 
