@@ -37,8 +37,11 @@ def planned_sparsity(progress: float, target: float) -> float:
 class StrengthController:
     """Multiplicative feedback on the strength scale: behind plan → stronger, ahead → weaker.
 
-    ``scale ← scale · exp(gain · (planned − measured) / target)``, clamped to ``[min_scale, max_scale]``; once the
-    target is reached the scale drops to ``min_scale`` so that no further units are pushed to die.
+    ``scale ← scale · exp(gain · (planned − measured) / target)``, one event's factor bounded to
+    ``[1 / max_step, max_step]`` and the scale clamped to ``[min_scale, max_scale]``; once the target is reached the
+    scale drops to ``min_scale`` so that no further units are pushed to die. Units die some epochs after the strength
+    rises, so an unbounded controller winds up while it waits for them and then kills the network; the bounds keep
+    λ within ``max_scale`` times the configured ``reg_max``.
 
     Examples:
         >>> controller = StrengthController(target=0.5)
@@ -52,14 +55,16 @@ class StrengthController:
     gain: float = 3.0
     scale: float = 1.0
     min_scale: float = 1e-3
-    max_scale: float = 1e3
+    max_scale: float = 4.0
+    max_step: float = 1.5
 
     def update(self, measured: float, planned: float) -> float:
         """Adjust and return the scale after a removal event."""
         if measured >= self.target:
             self.scale = self.min_scale
         else:
-            self.scale *= math.exp(self.gain * (planned - measured) / max(self.target, 1e-6))
+            step = math.exp(self.gain * (planned - measured) / max(self.target, 1e-6))
+            self.scale *= min(self.max_step, max(1.0 / self.max_step, step))
             self.scale = min(self.max_scale, max(self.min_scale, self.scale))
         return self.scale
 

@@ -106,3 +106,12 @@ def test_one_event_never_passes_the_target_by_more_than_one_unit(tmp_path, metri
 def test_limit_plan_to_target_keeps_whole_plans_that_stay_below_the_target():
     plan = {"a": torch.tensor([1, 3])}
     assert limit_plan_to_target(plan, lambda p: 0.1, 0.5) == plan
+
+
+def test_the_strength_rises_by_bounded_steps_while_units_are_slow_to_die():
+    # Death lags the strength by some epochs: an unbounded controller winds up meanwhile and kills the network.
+    controller = StrengthController(target=0.8)
+    scales = [controller.update(measured=0.0, planned=planned) for planned in (0.2, 0.4, 0.5, 0.6, 0.7, 0.75)]
+    steps = [after / before for before, after in zip([1.0, *scales], scales)]
+    assert all(step <= controller.max_step + 1e-9 for step in steps)
+    assert max(scales) == pytest.approx(controller.max_scale)  # held at the cap: λ at most 4x `reg_max`
