@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 CheckMode = Literal["eval_pass", "train_forwards"]
 _CHECK_MODES = ("eval_pass", "train_forwards")
+PenalizeScope = Literal["all", "prunable"]
+_PENALIZE_SCOPES = ("all", "prunable")
 _STATE_VERSION = 1
 
 
@@ -148,6 +150,10 @@ class DemonPruning(Callback):
         force_target: At the final check, if the target was not reached, remove the least active remaining units
             (live ones: not function-preserving) until it is, and say so in the log.
         recalibration_batches: How many of the epoch's most recent training batches a recalibration uses.
+        penalize: Which parameters the regularizer acts on. ``"all"`` (default, the paper): every parameter it
+            applies to. ``"prunable"``: only the layers whose units can be removed (the producer of every group that
+            is not blocked, and its BatchNorm), so that the rest of the network (attention, embeddings, the output
+            layer) trains unregularized: the way to use DemP on a transformer's MLP units.
         plot: When fit ends, save ``demp_units.png`` (live units per layer over training, λ/σ beneath) in the run's
             log directory and send it to loggers that take figures (TensorBoard). Needs matplotlib.
 
@@ -189,6 +195,7 @@ class DemonPruning(Callback):
         target_metric: TargetMetric = "params",
         force_target: bool = False,
         plot: bool = True,
+        penalize: PenalizeScope = "all",
     ) -> None:
         super().__init__()
         self.regularizer: RegularizerName = _check_choice("regularizer", regularizer, REGULARIZER_NAMES)  # type: ignore[assignment]
@@ -226,6 +233,8 @@ class DemonPruning(Callback):
         self._controller = StrengthController(target_sparsity) if target_sparsity is not None else None
         self.strength_scale = 1.0  # multiplies λ_t and σ_t; steered when a target is set
         self.plot = _check_bool("plot", plot)
+        self.penalize: PenalizeScope = _check_choice("penalize", penalize, _PENALIZE_SCOPES)  # type: ignore[assignment]
+        self._prunable_param_ids: set[int] = set()
 
         # Persistent state (plain types, saved in checkpoints).
         self.initial_widths: dict[str, int] = {}  # group name -> units at the start of the run
@@ -368,9 +377,10 @@ class DemonPruning(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._pending_noise = (step, self._last_noise_std, live_masks(params)) if self._last_noise_std > 0 else None
         if self._last_reg_strength > 0:
-            add_penalty_grad_(
-                penalized_params(optimizer, pl_module, self.regularizer), self.regularizer, self._last_reg_strength
-            )
+            penalized = penalized_params(optimizer, pl_module, self.regularizer)
+            if self.penalize == "prunable":
+                penalized = [p for p in penalized if id(p) in self._prunable_param_ids]
+            add_penalty_grad_(penalized, self.regularizer, self._last_reg_strength)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._pending_noise is None:
@@ -506,6 +516,22 @@ class DemonPruning(Callback):
         if self.initial_flops is None:
             self.initial_flops = self._current_flops
         _set_flops_per_batch(pl_module, self._current_flops, None)
+        self._prunable_param_ids = self._find_prunable_param_ids(groups)
+
+    def _find_prunable_param_ids(self, groups: Sequence[UnitGroup]) -> set[int]:
+        """Ids of the parameters of each unblocked group's producer and its BatchNorm (``penalize="prunable"``).
+
+        Ids, not parameters: the surgery replaces parameters, so this is recomputed after every removal.
+        """
+        assert self._graph is not None
+        modules = dict(self._graph.model.named_modules())
+        ids: set[int] = set()
+        for group in groups:
+            if group.blocked is not None:
+                continue
+            layers = [modules[group.name], self._graph.norm_after(group.name)]
+            ids.update(id(p) for layer in layers if layer is not None for p in layer.parameters(recurse=False))
+        return ids
 
     def _install_step_hooks(self, trainer: pl.Trainer) -> None:
         self._release_step_hooks()
@@ -617,6 +643,7 @@ class DemonPruning(Callback):
             removed = set(idxs.tolist())
             self.kept_units[name] = [unit for i, unit in enumerate(self.kept_units[name]) if i not in removed]
         self._monitor = self._new_monitor()
+        self._prunable_param_ids = self._find_prunable_param_ids(self._graph.groups())
         self._current_flops = count_flops_per_sample(pl_module, _first_samples(self._example_input, 1))
         _set_flops_per_batch(pl_module, self._current_flops, self._train_batch_size)
         self._recalibrate(trainer, pl_module)

@@ -81,3 +81,56 @@ def test_noise_is_not_scaled_by_anything_but_its_std():
     param.grad = torch.ones(10000)
     inject_noise_(live_masks([param]), std=2.0, seed=0, step=0)
     assert param.detach().std().item() == pytest.approx(2.0, rel=0.05)
+
+
+def test_penalize_prunable_leaves_the_output_layer_unregularized(tmp_path):
+    from lightning.pytorch import Callback, Trainer
+
+    from helpers.lightning import RandomDataModule, small_mlp
+    from lightning_demp import DemonPruning
+
+    class FirstGrads(Callback):  # runs after DemonPruning's hook: sees the loss gradient plus the penalty
+        grads: dict[str, torch.Tensor] | None = None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if self.grads is None:
+                self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def first_grads(reg_max, penalize):
+        torch.manual_seed(0)
+        recorder = FirstGrads()
+        pruning = DemonPruning(
+            regularizer="l2",
+            reg_max=reg_max,
+            noise_std=0.0,
+            schedule="constant",
+            penalize=penalize,
+            verbose=False,
+            plot=False,
+        )
+        Trainer(
+            max_steps=1,
+            callbacks=[pruning, recorder],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        ).fit(small_mlp(), datamodule=RandomDataModule())
+        return recorder.grads
+
+    plain, everything, prunable = first_grads(0.0, "all"), first_grads(1.0, "all"), first_grads(1.0, "prunable")
+    penalty_all = {name: (everything[name] - plain[name]).abs().sum().item() for name in plain}
+    penalty_prunable = {name: (prunable[name] - plain[name]).abs().sum().item() for name in plain}
+    assert all(value > 0 for value in penalty_all.values())  # "all": every parameter, the output layer too
+    assert penalty_prunable["net.4.weight"] == 0 and penalty_prunable["net.4.bias"] == 0  # the output layer is free
+    assert all(penalty_prunable[f"net.{i}.{kind}"] > 0 for i in (0, 2) for kind in ("weight", "bias"))
+
+
+def test_penalize_is_validated():
+    from lightning_demp import DemonPruning
+
+    with pytest.raises(ValueError, match=r"Expected `penalize` to be one of \('all', 'prunable'\), got 'some'"):
+        DemonPruning(penalize="some")
