@@ -153,7 +153,7 @@ class DemonPruning(Callback):
         penalize: Which parameters the regularizer acts on. ``"all"`` (default, the paper): every parameter it
             applies to. ``"prunable"``: only the layers whose units can be removed (the producer of every group that
             is not blocked, and its BatchNorm), so that the rest of the network (attention, embeddings, the output
-            layer) trains unregularized: the way to use DemP on a transformer's MLP units.
+            layer) trains unregularized.
         plot: When fit ends, save ``demp_units.png`` (live units per layer over training, λ/σ beneath) in the run's
             log directory and send it to loggers that take figures (TensorBoard). Needs matplotlib.
 
