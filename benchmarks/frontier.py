@@ -153,6 +153,9 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel, one thread each")
     parser.add_argument("--replot", action="store_true", help="redraw the .md and .png from the saved JSON")
+    parser.add_argument(
+        "--add-reg-max", type=float, nargs="+", help="add DemP points at these reg_max values to the saved run"
+    )
     args = parser.parse_args()
     if args.replot:
         name = f"frontier_{args.model}{'_decoupled' if args.decoupled else ''}{'_quick' if args.quick else ''}"
@@ -174,6 +177,9 @@ def main() -> None:
 
     model_overrides = {"decoupled": args.decoupled} if args.model == "cnn" else {}
     sweep = DECOUPLED_SWEEP if args.decoupled else SWEEPS[args.model]
+    if args.add_reg_max:  # more DemP points, merged into the committed results of the same run
+        extend(args, config, model_overrides, epochs)
+        return
     common = {"config": config, "max_epochs": epochs, "model_overrides": model_overrides}
     labels, tasks = [], []
     for seed in seeds:
@@ -213,6 +219,37 @@ def main() -> None:
     for label, run in zip(labels, run_configs(tasks, args.jobs)):
         record(label, run)
     finish(args, runs, seeds, epochs, "")
+
+
+def extend(args: argparse.Namespace, config: dict[str, Any], model_overrides: dict[str, Any], epochs: int) -> None:
+    """Add DemP points at ``--add-reg-max`` values to ``frontier_<model>[_decoupled].json`` (same seeds and epochs)."""
+    name = f"frontier_{args.model}{'_decoupled' if args.decoupled else ''}"
+    payload = json.loads((RESULTS / f"{name}.json").read_text())
+    base = (DECOUPLED_SWEEP if args.decoupled else SWEEPS[args.model])[0][1]
+    prefix = "DemP decoupled" if args.decoupled else "DemP"
+    labels, tasks = [], []
+    for seed in payload["seeds"]:
+        for reg_max in args.add_reg_max:
+            labels.append(f"{prefix} λ={reg_max:g}")
+            tasks.append(
+                {
+                    "config": config,
+                    "max_epochs": payload["epochs"],
+                    "model_overrides": model_overrides,
+                    "seed": seed,
+                    "with_demp": True,
+                    "callback_overrides": {**base, "reg_max": reg_max},
+                }
+            )
+    for label, run in zip(labels, run_configs(tasks, args.jobs)):
+        run["method"] = label
+        payload["runs"].setdefault(label, []).append(run)
+    payload["summaries"] = sorted(
+        (summarize(label, label_runs) for label, label_runs in payload["runs"].items()),
+        key=lambda s: (not s["method"].startswith("dense"), not s["method"].startswith("DemP"), s["params_removed"]),
+    )
+    write_json(f"{name}.json", payload)
+    render(name, payload)
 
 
 def finish(
