@@ -128,12 +128,17 @@ def main() -> None:
     # 2. Inference: compact vs. dense vs. ModelPruning's masked model (same zeroed unit fraction, dense shapes).
     compact = keep["model"].net
     dense = instantiate(config["model"]).net
-    masked = copy.deepcopy(dense)
     unit_fraction = 1 - keep["callback"].units_kept_fraction()
-    for module in masked.modules():
-        if isinstance(module, (nn.Conv1d, nn.Linear)) and module is not masked.head:
-            torch.nn.utils.prune.ln_structured(module, "weight", amount=unit_fraction, n=1, dim=0)
-    permanent = copy.deepcopy(masked)
+
+    def masked_copy(model: nn.Module) -> nn.Module:  # a masked module's weight is not a leaf: copy, then mask
+        copied = copy.deepcopy(model)
+        for module in copied.modules():
+            if isinstance(module, (nn.Conv1d, nn.Linear)) and module is not copied.head:
+                torch.nn.utils.prune.ln_structured(module, "weight", amount=unit_fraction, n=1, dim=0)
+        return copied
+
+    masked = masked_copy(dense)
+    permanent = masked_copy(dense)  # the same masks (L1 norms of the same weights), then made permanent
     for module in permanent.modules():
         if hasattr(module, "weight_orig"):
             torch.nn.utils.prune.remove(module, "weight")
