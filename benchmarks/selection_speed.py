@@ -5,7 +5,7 @@ The demo CNN (``ResidualCNNBackbone``, decoupled) has a random share of the unit
 through the surgery, so that each block's input and output channel sets differ, as after a decoupled DemP run. The
 *static* model is a deep copy whose every selection is replaced by the cheapest shortcut of the same shapes (a
 channel slice, or zero padding where the output side is wider): the cost a statically pruned network of those
-widths would pay. Both are timed interleaved (median of repeats) for inference at batch 1 and 256 (eval, no grad)
+widths would pay. Both are timed in alternating single calls (median of the per-pair ratios) for inference at batch 1 and 256 (eval, no grad)
 and for a training step (forward, backward, AdamW) at batch 128.
 
 Writes ``benchmarks/results/selection_speed.json`` and ``.md``.
@@ -72,62 +72,63 @@ def pruned_pair(fraction: float, seed: int) -> tuple[nn.Module, nn.Module, dict[
     return model.eval(), static.eval(), sides
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--fraction", type=float, default=0.6, help="share of every group's units removed")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rounds = 3 if args.quick else 7
     compact, static, sides = pruned_pair(args.fraction, seed=0)
     x = torch.randn(256, 40)
     with torch.no_grad():
         torch.testing.assert_close(compact(x).shape, static(x).shape)
 
-    results: dict[str, dict[str, list[float]]] = {}
+    def paired(run_compact: Callable[[], object], run_static: Callable[[], object], pairs: int) -> dict[str, float]:
+        """Alternate single calls of each; medians of each and of the per-pair ratio (slow drifts cancel)."""
+        for _ in range(5):
+            run_compact(), run_static()
+        compact_s, static_s, ratios = [], [], []
+        for index in range(pairs):
+            order = (run_compact, run_static) if index % 2 == 0 else (run_static, run_compact)
+            seconds = {}
+            for run in order:
+                start = time.perf_counter()
+                run()
+                seconds[run] = time.perf_counter() - start
+            compact_s.append(seconds[run_compact])
+            static_s.append(seconds[run_static])
+            ratios.append(seconds[run_static] / seconds[run_compact])
+        return {
+            "compact_s": statistics.median(compact_s),
+            "static_s": statistics.median(static_s),
+            "speed": statistics.median(ratios),
+        }
 
-    def inference(model: nn.Module, batch: Tensor, reps: int) -> float:
-        with torch.no_grad():
-            return median_seconds(lambda: model(batch), reps)
-
-    def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Tensor, target: Tensor) -> float:
+    def step_of(
+        model: nn.Module, optimizer: torch.optim.Optimizer, batch: Tensor, target: Tensor
+    ) -> Callable[[], None]:
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(batch), target).backward()
             optimizer.step()
 
-        return median_seconds(step, 10 if args.quick else 20)
+        return step
 
     train_models = {"compact": copy.deepcopy(compact).train(), "static": copy.deepcopy(static).train()}
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in train_models.items()}
     batch_128, target_128 = torch.randn(128, 40), torch.randint(0, 10, (128,))
-    for _ in range(rounds):  # interleaved
-        for name, model in (("compact", compact), ("static", static)):
-            results.setdefault("inference batch 1", {}).setdefault(name, []).append(
-                inference(model, x[:1], 100 if args.quick else 300)
-            )
-            results.setdefault("inference batch 256", {}).setdefault(name, []).append(
-                inference(model, x, 10 if args.quick else 30)
-            )
-            results.setdefault("training step batch 128", {}).setdefault(name, []).append(
-                training_step(train_models[name], optimizers[name], batch_128, target_128)
-            )
+    scale = 1 if args.quick else 4
+    results: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        results["inference batch 1"] = paired(lambda: compact(x[:1]), lambda: static(x[:1]), 250 * scale)
+        results["inference batch 256"] = paired(lambda: compact(x), lambda: static(x), 50 * scale)
+    results["training step batch 128"] = paired(
+        step_of(train_models["compact"], optimizers["compact"], batch_128, target_128),
+        step_of(train_models["static"], optimizers["static"], batch_128, target_128),
+        25 * scale,
+    )
 
-    rows = []
-    for setting, times in results.items():
-        compact_s, static_s = statistics.median(times["compact"]), statistics.median(times["static"])
-        rows.append({"setting": setting, "compact_s": compact_s, "static_s": static_s, "speed": static_s / compact_s})
+    rows = [{"setting": setting, **values} for setting, values in results.items()]
     params = sum(p.numel() for p in compact.parameters())
     suffix = "_quick" if args.quick else ""
     write_json(
@@ -140,7 +141,8 @@ def main() -> None:
         f"Demo CNN, {100 * args.fraction:.0f} % of every group's units removed at random ({params:,} parameters "
         f"left); selections (in → out channels): "
         + ", ".join(f"`{name}` {a} → {b}" for name, (a, b) in sides.items())
-        + f". Median of {rounds} interleaved rounds.",
+        + ". Single calls of the two models alternate (the order flips every pair); the table gives the median time of "
+        "each and the median of the per-pair speed ratio.",
         "",
         "| setting | compact, ChannelSelect (ms) | static, same widths (ms) | compact speed / static speed |",
         "|---|---|---|---|",

@@ -61,6 +61,7 @@ class ChannelSelect(nn.Module):
         match = self.out_ids[:, None] == self.in_ids[None, :]
         self.register_buffer("source", match.to(torch.uint8).argmax(dim=1), persistent=False)
         self.register_buffer("present", match.any(dim=1), persistent=False)
+        self.register_buffer("absent", torch.nonzero(~self.present).flatten(), persistent=False)
         self.identity = self.in_channels == self.out_channels and bool(torch.equal(self.in_ids, self.out_ids))
         self.complete = bool(self.present.all())
 
@@ -78,11 +79,19 @@ class ChannelSelect(nn.Module):
         """Route input channels (dimension 1) to output channels by id."""
         if self.identity:
             return x.view_as(x)  # a node of its own in the autograd graph, so Torch-Pruning can trace it
-        selected = x.index_select(1, self.source)
+        if x.dim() > 2 and x.shape[0] >= 8:
+            # Gather whole rows of the trailing dimensions: about twice as fast on CPU as ``index_select`` on dim 1,
+            # which copies one short run per (sample, channel).
+            batch, channels = x.shape[0], x.shape[1]
+            rows = torch.arange(batch, device=x.device)[:, None] * channels + self.source[None, :]
+            flat = x.reshape(batch * channels, -1).index_select(0, rows.flatten())
+            selected = flat.view(batch, self.out_channels, *x.shape[2:])
+        else:
+            selected = x.index_select(1, self.source)
         if self.complete:
             return selected
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return selected * self.present.view(shape).to(selected.dtype)
+        # zero the outputs whose channel is gone: writes only those channels (``selected`` is a fresh tensor)
+        return selected.index_fill_(1, self.absent, 0.0)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in ("in_ids", "out_ids"):

@@ -166,3 +166,16 @@ def test_the_callback_rewrites_and_a_rewritten_pruned_checkpoint_resumes(tmp_pat
         resumed, datamodule=RandomDataModule(num_features=16, num_classes=4), ckpt_path=str(tmp_path / "last.ckpt")
     )
     assert resumed.net.stem.out_channels <= model.net.stem.out_channels
+
+
+def test_a_selection_routes_channels_by_id_the_same_at_every_batch_size():
+    select = ChannelSelect(10)
+    select.keep_inputs_(torch.tensor([0, 2, 3, 5, 7, 9]))
+    select.keep_outputs_(torch.tensor([1, 2, 3, 4, 5, 9]))  # outputs 1 and 4 have no input left: zeros
+    x = torch.randn(16, 6, 7)
+    expected = torch.zeros(16, 6, 7)
+    for out_position, channel in enumerate(select.out_ids.tolist()):
+        if channel in select.in_ids.tolist():
+            expected[:, out_position] = x[:, select.in_ids.tolist().index(channel)]
+    assert torch.equal(select(x), expected)  # the batched row gather
+    assert torch.equal(torch.cat([select(x[i : i + 1]) for i in range(16)]), expected)  # index_select, batch 1
