@@ -40,6 +40,7 @@ class ChannelSelect(nn.Module):
     out_ids: Tensor
     source: Tensor
     present: Tensor
+    absent: Tensor
 
     def __init__(self, channels: int) -> None:
         super().__init__()
