@@ -223,7 +223,7 @@ def main() -> None:
 
 def extend(args: argparse.Namespace, config: dict[str, Any], model_overrides: dict[str, Any], epochs: int) -> None:
     """Add DemP points at ``--add-reg-max`` values to ``frontier_<model>[_decoupled].json`` (same seeds and epochs)."""
-    name = f"frontier_{args.model}{'_decoupled' if args.decoupled else ''}"
+    name = f"frontier_{args.model}{'_decoupled' if args.decoupled else ''}{'_quick' if args.quick else ''}"
     payload = json.loads((RESULTS / f"{name}.json").read_text())
     base = (DECOUPLED_SWEEP if args.decoupled else SWEEPS[args.model])[0][1]
     prefix = "DemP decoupled" if args.decoupled else "DemP"

@@ -11,8 +11,11 @@ run() { echo "== $*"; start=$(date +%s); "$PY" "$@" $QUICK; echo "== $1 took $((
 run benchmarks/frontier.py --model cnn
 run benchmarks/frontier.py --model cnn --decoupled
 run benchmarks/frontier.py --model mlp
+run benchmarks/frontier.py --model mlp --add-reg-max 0.15 0.3 1.0
+run benchmarks/frontier.py --model cnn --decoupled --add-reg-max 0.002 0.07 0.1
 run benchmarks/validation_dip.py
 run benchmarks/target.py
+run benchmarks/target.py --models mlp --targets 0.8 --force-target --append
 run benchmarks/frontier.py --model transformer --epochs 20
 run benchmarks/demo_vs_dense.py
 run benchmarks/death.py
