@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -139,23 +139,28 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def single_thread_worker() -> None:
+def _single_thread_worker() -> None:
     torch.set_num_threads(1)
 
 
-def run_configs(tasks: Sequence[dict[str, Any]], jobs: int = 1) -> list[dict[str, Any]]:
-    """Run ``run_config(**task)`` for every task, in order; with ``jobs > 1`` in that many processes of one thread.
+def run_parallel(function: Callable[..., Any], calls: Sequence[dict[str, Any]], jobs: int = 1) -> list[Any]:
+    """``function(**call)`` for every call, in order; with ``jobs > 1`` in that many processes of one thread.
 
     Accuracy benchmarks use this to fill both cores; fit times measured this way are not speed figures (the
-    speed benchmarks run alone, in one process). Task values must pickle: use module-level functions or
-    ``functools.partial`` for ``extra_callbacks``, never lambdas.
+    speed benchmarks run alone, in one process). ``function`` and the call values must pickle: module-level
+    functions or ``functools.partial`` of them, never lambdas.
     """
     if jobs <= 1:
-        return [run_config(**task) for task in tasks]
+        return [function(**call) for call in calls]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=single_thread_worker) as pool:
-        futures = [pool.submit(run_config, **task) for task in tasks]
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_single_thread_worker) as pool:
+        futures = [pool.submit(function, **call) for call in calls]
         return [future.result() for future in futures]
+
+
+def run_configs(tasks: Sequence[dict[str, Any]], jobs: int = 1) -> list[dict[str, Any]]:
+    """`run_config` for every task (its keyword arguments), through `run_parallel`."""
+    return run_parallel(run_config, tasks, jobs)
 
 
 def default_jobs() -> int:

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, instantiate, load_config, machine, single_thread_worker, write_json
+from _common import RESULTS, default_jobs, instantiate, load_config, machine, run_parallel, write_json
 
 import lightning_demp.callback as callback_module
 from lightning_demp import DemonPruning
@@ -106,13 +104,12 @@ def main() -> None:
     config = load_config(CONFIG)
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 10 if args.quick else config["trainer"]["max_epochs"]
-    settings = [(config, seed, recalibrate, epochs) for seed in seeds for recalibrate in (False, True)]
-    if args.jobs > 1:  # side by side, one thread each: the per-epoch recalibration cost is then a 1-thread figure
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=single_thread_worker) as pool:
-            runs = list(pool.map(run, *zip(*settings)))
-    else:
-        runs = [run(*setting) for setting in settings]
+    calls = [
+        {"config": config, "seed": seed, "recalibrate": recalibrate, "epochs": epochs}
+        for seed in seeds
+        for recalibrate in (False, True)
+    ]
+    runs = run_parallel(run, calls, args.jobs)  # with jobs > 1 the recalibration cost is a one-thread figure
     for r in runs:
         print({k: v for k, v in r.items() if k != "history"}, flush=True)
     suffix = "_quick" if args.quick else ""

@@ -516,17 +516,20 @@ class DemonPruning(Callback):
         if self.initial_flops is None:
             self.initial_flops = self._current_flops
         _set_flops_per_batch(pl_module, self._current_flops, None)
-        self._prunable_param_ids = self._find_prunable_param_ids(groups)
+        self._prunable_param_ids = self._find_prunable_param_ids()
 
-    def _find_prunable_param_ids(self, groups: Sequence[UnitGroup]) -> set[int]:
-        """Ids of the parameters of each unblocked group's producer and its BatchNorm (``penalize="prunable"``).
+    def _find_prunable_param_ids(self) -> set[int]:
+        """Ids of the parameters of each unblocked group's producer and its BatchNorm, for ``penalize="prunable"``
+        (empty otherwise: nothing on the step path reads them).
 
         Ids, not parameters: the surgery replaces parameters, so this is recomputed after every removal.
         """
+        if self.penalize != "prunable":
+            return set()
         assert self._graph is not None
         modules = dict(self._graph.model.named_modules())
         ids: set[int] = set()
-        for group in groups:
+        for group in self._graph.groups():
             if group.blocked is not None:
                 continue
             layers = [modules[group.name], self._graph.norm_after(group.name)]
@@ -643,7 +646,7 @@ class DemonPruning(Callback):
             removed = set(idxs.tolist())
             self.kept_units[name] = [unit for i, unit in enumerate(self.kept_units[name]) if i not in removed]
         self._monitor = self._new_monitor()
-        self._prunable_param_ids = self._find_prunable_param_ids(self._graph.groups())
+        self._prunable_param_ids = self._find_prunable_param_ids()
         self._current_flops = count_flops_per_sample(pl_module, _first_samples(self._example_input, 1))
         _set_flops_per_batch(pl_module, self._current_flops, self._train_batch_size)
         self._recalibrate(trainer, pl_module)
@@ -694,14 +697,14 @@ class DemonPruning(Callback):
         """The ``target_metric`` sparsity that removing ``plan`` would leave, measured on a copy of the model."""
         if self.target_metric == "units":
             initial = sum(self.initial_widths.values())
-            kept = sum(len(units) for units in self.kept_units.values()) - sum(len(idxs) for idxs in plan.values())
-            return 1.0 - kept / initial if initial else 0.0
+            removed = sum(len(idxs) for idxs in plan.values())
+            return self.measured_sparsity(pl_module) + (removed / initial if initial else 0.0)
         trial = copy.deepcopy(pl_module)
         PrunableGraph(trial, self._example_input, exclude=self.exclude).remove_units_(plan)
         if self.target_metric == "flops":
             flops = count_flops_per_sample(trial, _first_samples(self._example_input, 1))
             return 1.0 - flops / self.initial_flops if self.initial_flops else 0.0
-        return 1.0 - count_parameters(trial) / self.initial_params if self.initial_params else 0.0
+        return self.measured_sparsity(trial)
 
     def _force_target(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: Mapping[str, Mapping[str, Tensor]]

@@ -13,6 +13,24 @@ if TYPE_CHECKING:
     from lightning_demp.callback import DemonPruning
 
 
+def _example_run() -> tuple[DemonPruning, pl.Trainer, pl.LightningModule]:
+    """The state the examples below summarize: a callback after removals, a trainer with ``val_acc`` logged."""
+    import torch
+    from torch import nn
+
+    from lightning_demp.callback import DemonPruning
+
+    callback = DemonPruning(verbose=False)
+    callback.initial_widths = {"fc1": 8, "fc2": 4}
+    callback.kept_units = {"fc1": [1, 6], "fc2": [0, 1, 2, 3]}
+    callback.initial_params = 20
+    module = pl.LightningModule()
+    module.layer = nn.Linear(4, 2)  # 10 parameters left of the initial 20
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False)
+    trainer.callback_metrics["val_acc"] = torch.tensor(0.9)  # as logged by validation
+    return callback, trainer, module
+
+
 def summary_rows(callback: DemonPruning) -> list[tuple[str, int, int, str]]:
     """One row per prunable group: name, initial units, kept units, kept fraction.
 
@@ -35,17 +53,7 @@ def summary_text(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.Ligh
     """Render the summary as plain text (also the fallback when ``rich`` is not installed).
 
     Examples:
-        >>> import torch
-        >>> from torch import nn
-        >>> from lightning_demp.callback import DemonPruning
-        >>> callback = DemonPruning(verbose=False)
-        >>> callback.initial_widths = {"fc1": 8, "fc2": 4}
-        >>> callback.kept_units = {"fc1": [1, 6], "fc2": [0, 1, 2, 3]}
-        >>> callback.initial_params = 20
-        >>> module = pl.LightningModule()
-        >>> module.layer = nn.Linear(4, 2)  # 10 parameters left of the initial 20
-        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)
-        >>> trainer.callback_metrics["val_acc"] = torch.tensor(0.9)  # as logged by validation
+        >>> callback, trainer, module = _example_run()  # 2 of 8 and 4 of 4 units kept, 10 of 20 parameters
         >>> print(summary_text(callback, trainer, module))
         layer                              units    kept  kept %
         fc1                                    8       2     25%
@@ -70,17 +78,7 @@ def summary_totals(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.Li
     The wall time appears once fit has started; FLOPs are 100 % until they were measured.
 
     Examples:
-        >>> import torch
-        >>> from torch import nn
-        >>> from lightning_demp.callback import DemonPruning
-        >>> callback = DemonPruning(verbose=False)
-        >>> callback.initial_widths = {"fc1": 8, "fc2": 4}
-        >>> callback.kept_units = {"fc1": [1, 6], "fc2": [0, 1, 2, 3]}
-        >>> callback.initial_params = 20
-        >>> module = pl.LightningModule()
-        >>> module.layer = nn.Linear(4, 2)  # 10 parameters left of the initial 20
-        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)
-        >>> trainer.callback_metrics["val_acc"] = torch.tensor(0.9)  # as logged by validation
+        >>> callback, trainer, module = _example_run()  # 2 of 8 and 4 of 4 units kept, 10 of 20 parameters
         >>> summary_totals(callback, trainer, module)  # doctest: +NORMALIZE_WHITESPACE
         {'val_acc': '0.9000', 'units kept': '50.0%', 'parameters kept': '10 / 20 (50.0%)',
          'forward FLOPs kept': '100.0%'}
@@ -104,17 +102,7 @@ def print_summary(callback: DemonPruning, trainer: pl.Trainer, pl_module: pl.Lig
     """Print the summary with ``rich`` when it is installed, as plain text otherwise.
 
     Examples:
-        >>> import torch
-        >>> from torch import nn
-        >>> from lightning_demp.callback import DemonPruning
-        >>> callback = DemonPruning(verbose=False)
-        >>> callback.initial_widths = {"fc1": 8, "fc2": 4}
-        >>> callback.kept_units = {"fc1": [1, 6], "fc2": [0, 1, 2, 3]}
-        >>> callback.initial_params = 20
-        >>> module = pl.LightningModule()
-        >>> module.layer = nn.Linear(4, 2)  # 10 parameters left of the initial 20
-        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False)
-        >>> trainer.callback_metrics["val_acc"] = torch.tensor(0.9)  # as logged by validation
+        >>> callback, trainer, module = _example_run()  # 2 of 8 and 4 of 4 units kept, 10 of 20 parameters
         >>> import contextlib, io
         >>> output = io.StringIO()
         >>> with contextlib.redirect_stdout(output):

@@ -39,7 +39,6 @@ class ChannelSelect(nn.Module):
     in_ids: Tensor
     out_ids: Tensor
     source: Tensor
-    present: Tensor
     absent: Tensor
 
     def __init__(self, channels: int) -> None:
@@ -60,11 +59,11 @@ class ChannelSelect(nn.Module):
 
     def _refresh(self) -> None:
         match = self.out_ids[:, None] == self.in_ids[None, :]
+        present = match.any(dim=1)
         self.register_buffer("source", match.to(torch.uint8).argmax(dim=1), persistent=False)
-        self.register_buffer("present", match.any(dim=1), persistent=False)
-        self.register_buffer("absent", torch.nonzero(~self.present).flatten(), persistent=False)
+        self.register_buffer("absent", torch.nonzero(~present).flatten(), persistent=False)
         self.identity = self.in_channels == self.out_channels and bool(torch.equal(self.in_ids, self.out_ids))
-        self.complete = bool(self.present.all())
+        self.complete = bool(present.all())
 
     def keep_inputs_(self, kept: Tensor) -> None:
         """Keep only the input channels at positions ``kept``."""

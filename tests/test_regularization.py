@@ -84,10 +84,9 @@ def test_noise_is_not_scaled_by_anything_but_its_std():
 
 
 def test_penalize_prunable_leaves_the_output_layer_unregularized(tmp_path):
-    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch import Callback
 
-    from helpers.lightning import RandomDataModule, small_mlp
-    from lightning_demp import DemonPruning
+    from helpers.lightning import small_mlp, train_with_callback
 
     class FirstGrads(Callback):  # runs after DemonPruning's hook: sees the loss gradient plus the penalty
         grads: dict[str, torch.Tensor] | None = None
@@ -99,26 +98,17 @@ def test_penalize_prunable_leaves_the_output_layer_unregularized(tmp_path):
     def first_grads(reg_max, penalize):
         torch.manual_seed(0)
         recorder = FirstGrads()
-        pruning = DemonPruning(
+        train_with_callback(
+            tmp_path,
+            model=small_mlp(),
+            trainer_kwargs={"callbacks": [recorder], "max_steps": 1, "limit_val_batches": 0},
             regularizer="l2",
             reg_max=reg_max,
             noise_std=0.0,
             schedule="constant",
             penalize=penalize,
-            verbose=False,
             plot=False,
         )
-        Trainer(
-            max_steps=1,
-            callbacks=[pruning, recorder],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        ).fit(small_mlp(), datamodule=RandomDataModule())
         return recorder.grads
 
     plain, everything, prunable = first_grads(0.0, "all"), first_grads(1.0, "all"), first_grads(1.0, "prunable")

@@ -49,7 +49,10 @@ def small_mlp(**kwargs: Any) -> MLPClassifier:
 def train_with_callback(
     tmp_path: Any, model: Any = None, max_epochs: int = 2, trainer_kwargs: Any = None, **callback_kwargs: Any
 ):
-    """Fit ``model`` (a small MLP by default) with ``DemonPruning(**callback_kwargs)``; return (trainer, model, callback)."""
+    """Fit ``model`` (a small MLP by default) with ``DemonPruning(**callback_kwargs)``; return (trainer, model, callback).
+
+    ``trainer_kwargs["callbacks"]``, when given, run after the `DemonPruning` callback.
+    """
     callback_kwargs.setdefault("regularizer", "positive_l2")
     callback_kwargs.setdefault("verbose", False)
     callback = DemonPruning(**callback_kwargs)
@@ -57,7 +60,7 @@ def train_with_callback(
     trainer = Trainer(
         default_root_dir=tmp_path,
         max_epochs=max_epochs,
-        callbacks=[callback],
+        callbacks=[callback, *(trainer_kwargs or {}).get("callbacks", [])],
         logger=CSVLogger(tmp_path),
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -65,7 +68,7 @@ def train_with_callback(
         accelerator="cpu",
         devices=1,
         log_every_n_steps=1,
-        **(trainer_kwargs or {}),
+        **{key: value for key, value in (trainer_kwargs or {}).items() if key != "callbacks"},
     )
     trainer.fit(model, datamodule=RandomDataModule())
     return trainer, model, callback
