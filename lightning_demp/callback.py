@@ -252,7 +252,7 @@ class DemonPruning(Callback):
         self._monitor: ActivationMonitor | None = None
         self._reg_schedule: Schedule | None = None
         self._noise_schedule: Schedule | None = None
-        self._recent_batches: deque[Any] = deque(maxlen=check_batches)
+        self._recent_batches: deque[Any] = deque(maxlen=self._recent_batches_kept())
         self._example_input: Any = None
         self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
         self._step_hooks: list[Any] = []
@@ -497,10 +497,14 @@ class DemonPruning(Callback):
         for key in ("_graph", "_monitor", "_pending_noise", "_load_hook", "_example_input"):
             state[key] = None
         state["_step_hooks"] = []
-        state["_recent_batches"] = deque(maxlen=self.check_batches)
+        state["_recent_batches"] = deque(maxlen=self._recent_batches_kept())
         return state
 
     # ------------------------------------------------------------------ internals
+    def _recent_batches_kept(self) -> int:
+        """Training batches to keep: enough for the dead check and for a BatchNorm recalibration."""
+        return max(self.check_batches, self.recalibration_batches)
+
     def _prepare(self, pl_module: pl.LightningModule, example_input: Any) -> None:
         """Trace the model, create the activity monitor and record the starting size."""
         self._example_input = example_input

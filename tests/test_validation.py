@@ -123,3 +123,23 @@ def test_a_warning_fires_when_monitoring_would_act_during_the_schedule(tmp_path,
         trainer.fit(planted_mlp(), datamodule=RandomDataModule())
     fired = [w for w in caught if "Validation metrics dip while units die" in str(w.message)]
     assert bool(fired) == risky
+
+
+def test_recalibration_uses_as_many_batches_as_asked_even_beyond_check_batches(tmp_path, monkeypatch):
+    import lightning_demp.callback as callback_module
+
+    used = []
+    original = callback_module.recalibrate_batchnorm_
+    monkeypatch.setattr(
+        callback_module,
+        "recalibrate_batchnorm_",
+        lambda model, batches, forward: used.append(len(list(batches))) or original(model, batches, forward),
+    )
+
+    class Data(RandomDataModule):
+        def __init__(self):
+            super().__init__(num_features=40, num_classes=10, size=512, batch_size=32)
+
+    pruning = DemonPruning(verbose=False, plot=False, check_batches=1, recalibration_batches=3)  # 4 batches an epoch
+    cnn_trainer(tmp_path, [pruning]).fit(ResidualCNNClassifier(width=8), datamodule=Data())
+    assert used and set(used) == {3}
