@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument(
         "--add-reg-max", type=float, nargs="+", help="add DemP points at these reg_max values to the saved run"
     )
+    parser.add_argument("--penalize", choices=["all", "prunable"], help="with --add-reg-max: DemonPruning(penalize=)")
     args = parser.parse_args()
     if args.replot:
         name = f"frontier_{args.model}{'_decoupled' if args.decoupled else ''}{'_quick' if args.quick else ''}"
@@ -230,7 +231,7 @@ def extend(args: argparse.Namespace, config: dict[str, Any], model_overrides: di
     labels, tasks = [], []
     for seed in payload["seeds"]:
         for reg_max in args.add_reg_max:
-            labels.append(f"{prefix} λ={reg_max:g}")
+            labels.append(f"{prefix} λ={reg_max:g}" + (f" penalize={args.penalize}" if args.penalize else ""))
             tasks.append(
                 {
                     "config": config,
@@ -238,7 +239,11 @@ def extend(args: argparse.Namespace, config: dict[str, Any], model_overrides: di
                     "model_overrides": model_overrides,
                     "seed": seed,
                     "with_demp": True,
-                    "callback_overrides": {**base, "reg_max": reg_max},
+                    "callback_overrides": {
+                        **base,
+                        "reg_max": reg_max,
+                        **({"penalize": args.penalize} if args.penalize else {}),
+                    },
                 }
             )
     for label, run in zip(labels, run_configs(tasks, args.jobs)):

@@ -76,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--fraction", type=float, default=0.6, help="share of every group's units removed")
+    parser.add_argument("--runs", type=int, default=5, help="how many times the whole measurement is repeated")
     args = parser.parse_args()
     torch.set_num_threads(2)
     compact, static, sides = pruned_pair(args.fraction, seed=0)
@@ -118,17 +119,37 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in train_models.items()}
     batch_128, target_128 = torch.randn(128, 40), torch.randint(0, 10, (128,))
     scale = 1 if args.quick else 4
-    results: dict[str, dict[str, float]] = {}
-    with torch.no_grad():
-        results["inference batch 1"] = paired(lambda: compact(x[:1]), lambda: static(x[:1]), 250 * scale)
-        results["inference batch 256"] = paired(lambda: compact(x), lambda: static(x), 50 * scale)
-    results["training step batch 128"] = paired(
-        step_of(train_models["compact"], optimizers["compact"], batch_128, target_128),
-        step_of(train_models["static"], optimizers["static"], batch_128, target_128),
-        25 * scale,
-    )
-
-    rows = [{"setting": setting, **values} for setting, values in results.items()]
+    measured: dict[str, list[dict[str, float]]] = {}
+    runs = 1 if args.quick else args.runs
+    for _ in range(runs):  # whole measurements repeated: this machine's speed drifts between them
+        with torch.no_grad():
+            measured.setdefault("inference batch 1", []).append(
+                paired(lambda: compact(x[:1]), lambda: static(x[:1]), 250 * scale)
+            )
+            measured.setdefault("inference batch 256", []).append(
+                paired(lambda: compact(x), lambda: static(x), 50 * scale)
+            )
+        measured.setdefault("training step batch 128", []).append(
+            paired(
+                step_of(train_models["compact"], optimizers["compact"], batch_128, target_128),
+                step_of(train_models["static"], optimizers["static"], batch_128, target_128),
+                25 * scale,
+            )
+        )
+    rows = []
+    for setting, repeats in measured.items():
+        speeds = [run["speed"] for run in repeats]
+        rows.append(
+            {
+                "setting": setting,
+                "compact_s": statistics.median(run["compact_s"] for run in repeats),
+                "static_s": statistics.median(run["static_s"] for run in repeats),
+                "speed": statistics.median(speeds),
+                "speed_min": min(speeds),
+                "speed_max": max(speeds),
+                "speeds": speeds,
+            }
+        )
     params = sum(p.numel() for p in compact.parameters())
     suffix = "_quick" if args.quick else ""
     write_json(
@@ -141,14 +162,18 @@ def main() -> None:
         f"Demo CNN, {100 * args.fraction:.0f} % of every group's units removed at random ({params:,} parameters "
         f"left); selections (in → out channels): "
         + ", ".join(f"`{name}` {a} → {b}" for name, (a, b) in sides.items())
-        + ". Single calls of the two models alternate (the order flips every pair); the table gives the median time of "
-        "each and the median of the per-pair speed ratio.",
+        + ". Single calls of the two models alternate (the order flips every pair); a measurement gives the median "
+        f"time of each and the median of the per-pair speed ratio; the measurement is repeated {runs} times, and "
+        "the table gives the median over those, with the lowest and highest speed ratio.",
         "",
-        "| setting | compact, ChannelSelect (ms) | static, same widths (ms) | compact speed / static speed |",
-        "|---|---|---|---|",
+        "| setting | compact, ChannelSelect (ms) | static, same widths (ms) | compact speed / static speed | "
+        "lowest – highest over the repeats |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['setting']} | {1e3 * r['compact_s']:.3f} | {1e3 * r['static_s']:.3f} | {r['speed']:.3f} |" for r in rows
+        f"| {r['setting']} | {1e3 * r['compact_s']:.3f} | {1e3 * r['static_s']:.3f} | {r['speed']:.3f} | "
+        f"{r['speed_min']:.3f} – {r['speed_max']:.3f} |"
+        for r in rows
     ]
     lines += ["", f"Machine: {machine()}", ""]
     (RESULTS / f"selection_speed{suffix}.md").write_text("\n".join(lines))

@@ -40,12 +40,15 @@ class ValAccuracy(Callback):
             self.history.append((trainer.global_step, float(trainer.callback_metrics["val_acc"])))
 
 
-def run(config: dict[str, Any], seed: int, recalibrate: bool, epochs: int) -> dict[str, Any]:
+def run(
+    config: dict[str, Any], seed: int, recalibrate: bool, epochs: int, recalibration_batches: int | None = None
+) -> dict[str, Any]:
     seed_everything(seed)
     model, data = instantiate(config["model"]), instantiate(config["data"])
     spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
+    extra = {} if recalibration_batches is None else {"recalibration_batches": recalibration_batches}
     demp = DemonPruning(
-        **{**spec["init_args"], "seed": seed, "verbose": False, "plot": False, "recalibrate_bn": recalibrate}
+        **{**spec["init_args"], "seed": seed, "verbose": False, "plot": False, "recalibrate_bn": recalibrate, **extra}
     )
     accuracy = ValAccuracy()
     spent = [0.0]
@@ -97,22 +100,37 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel, one thread each")
     parser.add_argument("--replot", action="store_true", help="redraw the .md and .png from the saved JSON")
+    parser.add_argument(
+        "--recalibration-batches",
+        type=int,
+        help="recalibrated runs only, with this many batches (files end in _recal<N>): does recalibrating on more "
+        "batches shrink the dip?",
+    )
     args = parser.parse_args()
+    suffix = ("_quick" if args.quick else "") + (
+        f"_recal{args.recalibration_batches}" if args.recalibration_batches else ""
+    )
     if args.replot:
-        render("_quick" if args.quick else "")
+        render(suffix)
         return
     config = load_config(CONFIG)
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 10 if args.quick else config["trainer"]["max_epochs"]
+    settings = (True,) if args.recalibration_batches else (False, True)
     calls = [
-        {"config": config, "seed": seed, "recalibrate": recalibrate, "epochs": epochs}
+        {
+            "config": config,
+            "seed": seed,
+            "recalibrate": recalibrate,
+            "epochs": epochs,
+            "recalibration_batches": args.recalibration_batches,
+        }
         for seed in seeds
-        for recalibrate in (False, True)
+        for recalibrate in settings
     ]
     runs = run_parallel(run, calls, args.jobs)  # with jobs > 1 the recalibration cost is a one-thread figure
     for r in runs:
         print({k: v for k, v in r.items() if k != "history"}, flush=True)
-    suffix = "_quick" if args.quick else ""
     write_json(f"validation_dip{suffix}.json", {"epochs": epochs, "seeds": seeds, "machine": machine(), "runs": runs})
     render(suffix)
 
@@ -133,11 +151,16 @@ def render(suffix: str) -> None:
     lines = [
         f"# Validation during the schedule: residual CNN, MNIST-1D ({len(seeds)} seeds, {epochs} epochs)",
         "",
+        *(
+            [f"Recalibration on {suffix.rpartition('_recal')[2]} batches (the default is 4).", ""]
+            if "_recal" in suffix
+            else []
+        ),
         "| recalibrate_bn | lowest val acc during the schedule (%) | lowest once learned (%) | final val acc (%) | "
         "gap once learned (pt) | recalibration cost per epoch (s) | fit time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for setting in (False, True):
+    for setting in sorted({r["recalibrate_bn"] for r in runs}):
         chosen = [r for r in runs if r["recalibrate_bn"] == setting]
         low = statistics.mean(r["min_val_acc_during_schedule"] for r in chosen)
         learned = [after_warm_up(r) for r in chosen]
