@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_demp.selection import ChannelSelect
+from lightning_demp.selection import ChannelSelect, residual_sum
 from lightning_demp.surgery import enable_resize_on_load
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
@@ -171,7 +171,8 @@ class ResidualBlock1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the block."""
-        return F.relu(self.shortcut(x) + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(residual_sum(branch, self.shortcut, x))
 
 
 class ResidualCNNBackbone(nn.Module):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_demp.demos import DemoClassifier, OptimizerName
-from lightning_demp.selection import ChannelSelect
+from lightning_demp.selection import ChannelSelect, residual_sum
 
 VGGVariant = Literal["standard", "demp"]
 CIFARLRSchedule = Literal["one_cycle", "constant", "step"]
@@ -88,7 +88,7 @@ class BasicBlock(nn.Module):
         """Apply the block."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(residual_sum(out, self.shortcut, x))
 
 
 class CIFARResNet(nn.Module):

@@ -40,6 +40,8 @@ class ChannelSelect(nn.Module):
     out_ids: Tensor
     source: Tensor
     absent: Tensor
+    present: Tensor
+    present_source: Tensor
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -62,6 +64,8 @@ class ChannelSelect(nn.Module):
         present = match.any(dim=1)
         self.register_buffer("source", match.to(torch.uint8).argmax(dim=1), persistent=False)
         self.register_buffer("absent", torch.nonzero(~present).flatten(), persistent=False)
+        self.register_buffer("present", torch.nonzero(present).flatten(), persistent=False)
+        self.register_buffer("present_source", self.source[self.present], persistent=False)
         self.identity = self.in_channels == self.out_channels and bool(torch.equal(self.in_ids, self.out_ids))
         self.complete = bool(present.all())
 
@@ -93,6 +97,35 @@ class ChannelSelect(nn.Module):
         # zero the outputs whose channel is gone: writes only those channels (``selected`` is a fresh tensor)
         return selected.index_fill_(1, self.absent, 0.0)
 
+    def add_to_(self, branch: Tensor, x: Tensor) -> Tensor:
+        """``branch + self(x)``, computed by adding the routed input channels into ``branch`` in place.
+
+        Skips the zero-filled intermediate: only the output channels that still have a source are touched. Use it
+        through `residual_sum`, which falls back to the plain form while anything observes the selection.
+
+        Args:
+            branch: The residual branch's output, ``[batch, out_channels, ...]``; overwritten. It must be a fresh
+                tensor its producer does not keep for backward (a convolution's or BatchNorm's output is; a ReLU's
+                is not, and autograd would refuse the in-place update).
+            x: The block input, ``[batch, in_channels, ...]``.
+
+        Examples:
+            >>> select = ChannelSelect(3)
+            >>> select.keep_inputs_(torch.tensor([0, 2]))
+            >>> x, branch = torch.ones(1, 2, 1), torch.full((1, 3, 1), 10.0)
+            >>> expected = branch + select(x)
+            >>> torch.equal(select.add_to_(branch, x), expected)
+            True
+        """
+        if self.identity:
+            return branch.add_(x)
+        if x.shape[0] < 8 or 2 * self.present.numel() <= self.out_channels:
+            # one gather and one scatter-add over the present channels only
+            return branch.index_add_(1, self.present, x.index_select(1, self.present_source))
+        # most channels present and a large batch: the batched row gather of ``forward`` is faster than two
+        # channel-wise index operations with short inner runs
+        return branch.add_(self(x))
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in ("in_ids", "out_ids"):
             saved = state_dict.get(prefix + name)
@@ -103,6 +136,40 @@ class ChannelSelect(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}"
+
+
+def _observed(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's own or global ones) would see calls of ``module``."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(torch.nn.modules.module, "_global_forward_hooks", None)
+        or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None)
+    )
+
+
+def residual_sum(branch: Tensor, shortcut: nn.Module, x: Tensor) -> Tensor:
+    """``branch + shortcut(x)``, fused in place when ``shortcut`` is a `ChannelSelect` that nobody observes.
+
+    The fused form (`ChannelSelect.add_to_`) spares the selection's zero-filled intermediate and the full-width sum,
+    which keeps a decoupled compact model close to the speed of a statically pruned one. While hooks are attached to
+    the selection (Torch-Pruning's tracing, the dead check's monitors) the plain form runs, so they see the module
+    called as usual. Both forms give the same values.
+
+    Args:
+        branch: The residual branch's output (a fresh tensor: see `ChannelSelect.add_to_`).
+        shortcut: The shortcut module (a `ChannelSelect`, a projection, or anything else).
+        x: The block input.
+
+    Examples:
+        >>> select, x, branch = ChannelSelect(4), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+        >>> expected = branch + x
+        >>> torch.equal(residual_sum(branch, select, x), expected)
+        True
+    """
+    if isinstance(shortcut, ChannelSelect) and not _observed(shortcut):
+        return shortcut.add_to_(branch, x)
+    return branch + shortcut(x)
 
 
 class ChannelSelectPruner(tp.pruner.function.BasePruningFunc):

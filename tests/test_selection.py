@@ -7,14 +7,14 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_surgery import remove_dead_
-from torch import nn
+from torch import Tensor, nn
 
 from helpers.lightning import RandomDataModule
 from helpers.models import ResidualCNN, kill_bn_units_, randomize_bn_
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier, ResidualCNNBackbone
 from lightning_demp.models import cifar_resnet18
-from lightning_demp.selection import ChannelSelect, DecouplingError, decouple_residuals_
+from lightning_demp.selection import ChannelSelect, DecouplingError, decouple_residuals_, residual_sum
 from lightning_demp.surgery import PrunableGraph, layer_widths, resize_like_
 
 
@@ -179,3 +179,70 @@ def test_a_selection_routes_channels_by_id_the_same_at_every_batch_size():
             expected[:, out_position] = x[:, select.in_ids.tolist().index(channel)]
     assert torch.equal(select(x), expected)  # the batched row gather
     assert torch.equal(torch.cat([select(x[i : i + 1]) for i in range(16)]), expected)  # index_select, batch 1
+
+
+def _routed_select() -> ChannelSelect:
+    select = ChannelSelect(12)
+    select.keep_inputs_(torch.tensor([0, 2, 3, 5, 7, 9, 10, 11]))
+    return select
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        list(range(12)),  # every output present on the input side but a few: the batched-gather branch
+        [1, 2, 3, 4, 5, 9],  # half the outputs have no source: the index_add branch
+        [0, 2, 3, 5, 7, 9, 10, 11],  # the same ids on both sides: the identity
+    ],
+)
+def test_the_fused_residual_sum_equals_branch_plus_selection_in_values_and_gradients(batch, outputs):
+    select = _routed_select()
+    select.keep_outputs_(torch.tensor([select.out_ids.tolist().index(o) for o in outputs]))
+    x = torch.randn(batch, select.in_channels, 5, requires_grad=True)
+    weight = torch.randn(select.out_channels, 1, requires_grad=True)
+    upstream = torch.randn(batch, select.out_channels, 5)
+
+    def run(fused: bool) -> tuple[Tensor, ...]:
+        branch = weight * torch.ones(batch, select.out_channels, 5)  # a fresh tensor, as a BatchNorm output is
+        out = residual_sum(branch, select, x) if fused else branch + select(x)
+        grads = torch.autograd.grad((out * upstream).sum(), (x, weight))
+        return (out.detach(), *grads)
+
+    for fused, plain in zip(run(True), run(False)):
+        assert torch.equal(fused, plain)
+
+
+def test_the_residual_sum_calls_the_selection_as_a_module_while_hooks_observe_it():
+    select = _routed_select()
+    seen: list[int] = []
+    handle = select.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    x, branch = torch.randn(2, 8, 3), torch.randn(2, 12, 3)
+    expected = branch + select(x)
+    seen.clear()
+    assert torch.equal(residual_sum(branch.clone(), select, x), expected)
+    assert seen == [8]  # Torch-Pruning's tracing and the dead check's monitors see the selection
+    handle.remove()
+    assert torch.equal(residual_sum(branch.clone(), select, x), expected)
+    assert seen == [8]  # unobserved: fused, the module is not called
+
+
+def test_the_package_blocks_sum_in_place_when_unobserved_and_keep_outputs_after_removal():
+    model = ResidualCNNBackbone(width=8, num_classes=3).eval()
+    randomize_bn_(model)
+    kill_bn_units_(model.stem_bn, [1, 4])
+    kill_bn_units_(model.block2.bn2, [2, 9], shift=-50.0)
+    x = torch.randn(32, 1, 16)
+    before = model(x)
+    remove_dead_(model, x)
+    assert model.block1.shortcut.in_channels < model.block1.shortcut.out_channels
+    calls: list[str] = []
+    original = ChannelSelect.forward
+    try:
+        ChannelSelect.forward = lambda self, inputs: calls.append("plain") or original(self, inputs)  # type: ignore[method-assign]
+        after = model(x[:4])  # a small batch: the scatter-add branch, which calls no selection forward
+    finally:
+        ChannelSelect.forward = original  # type: ignore[method-assign]
+    assert calls == []  # the compact model's blocks take the fused sum
+    torch.testing.assert_close(after, before[:4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
