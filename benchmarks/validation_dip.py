@@ -7,6 +7,7 @@ and the time spent recalibrating per epoch. Writes ``benchmarks/results/validati
 
     python benchmarks/validation_dip.py           # 2 seeds, 60 epochs (about 8 min on 2 CPU cores)
     python benchmarks/validation_dip.py --quick   # 1 seed, 10 epochs
+    python benchmarks/validation_dip.py --dense   # the same loop without DemP, for reference
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ class ValAccuracy(Callback):
 
 
 def run(
-    config: dict[str, Any], seed: int, recalibrate: bool, epochs: int, recalibration_batches: int | None = None
+    config: dict[str, Any],
+    seed: int,
+    recalibrate: bool,
+    epochs: int,
+    recalibration_batches: int | None = None,
+    dense: bool = False,
 ) -> dict[str, Any]:
+    """One training of the demo config; with ``dense`` the same loop without DemP (``recalibrate_bn`` is then None)."""
     seed_everything(seed)
     model, data = instantiate(config["model"]), instantiate(config["data"])
     spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
@@ -65,7 +72,7 @@ def run(
     try:
         trainer = Trainer(
             max_epochs=epochs,
-            callbacks=[demp, accuracy],
+            callbacks=[accuracy] if dense else [demp, accuracy],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -77,17 +84,20 @@ def run(
         fit_seconds = time.perf_counter() - start
     finally:
         callback_module.recalibrate_batchnorm_ = original
-    span = demp._reg_schedule.span_steps if demp._reg_schedule else 0
+    if dense:  # the steps DemP's schedule would have spanned in this loop
+        span = round(spec["init_args"]["schedule_span"] * trainer.global_step)
+    else:
+        span = demp._reg_schedule.span_steps if demp._reg_schedule else 0
     during = [acc for step, acc in accuracy.history if step <= span]
     return {
         "seed": seed,
-        "recalibrate_bn": recalibrate,
+        "recalibrate_bn": None if dense else recalibrate,
         "history": accuracy.history,
         "span_steps": span,
         "min_val_acc_during_schedule": min(during),
         "final_val_acc": accuracy.history[-1][1],
         "recalibration_seconds": spent[0],
-        "recalibrations": demp.recalibrations,
+        "recalibrations": 0 if dense else demp.recalibrations,
         "recalibration_seconds_per_epoch": spent[0] / epochs,
         "fit_seconds": fit_seconds,
         "params_removed": 1 - sum(p.numel() for p in model.parameters()) / 150218,
@@ -106,9 +116,16 @@ def main() -> None:
         help="recalibrated runs only, with this many batches (files end in _recal<N>): does recalibrating on more "
         "batches shrink the dip?",
     )
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help="the same loop without DemP (files end in _dense): how low does validation go without any pruning?",
+    )
     args = parser.parse_args()
-    suffix = ("_quick" if args.quick else "") + (
-        f"_recal{args.recalibration_batches}" if args.recalibration_batches else ""
+    suffix = (
+        ("_quick" if args.quick else "")
+        + (f"_recal{args.recalibration_batches}" if args.recalibration_batches else "")
+        + ("_dense" if args.dense else "")
     )
     if args.replot:
         render(suffix)
@@ -116,7 +133,7 @@ def main() -> None:
     config = load_config(CONFIG)
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 10 if args.quick else config["trainer"]["max_epochs"]
-    settings = (True,) if args.recalibration_batches else (False, True)
+    settings = (True,) if args.recalibration_batches or args.dense else (False, True)
     calls = [
         {
             "config": config,
@@ -124,6 +141,7 @@ def main() -> None:
             "recalibrate": recalibrate,
             "epochs": epochs,
             "recalibration_batches": args.recalibration_batches,
+            "dense": args.dense,
         }
         for seed in seeds
         for recalibrate in settings
@@ -160,14 +178,15 @@ def render(suffix: str) -> None:
         "gap once learned (pt) | recalibration cost per epoch (s) | fit time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for setting in sorted({r["recalibrate_bn"] for r in runs}):
+    for setting in sorted({r["recalibrate_bn"] for r in runs}, key=str):
         chosen = [r for r in runs if r["recalibrate_bn"] == setting]
+        label = "no DemP (the same loop)" if setting is None else str(setting)
         low = statistics.mean(r["min_val_acc_during_schedule"] for r in chosen)
         learned = [after_warm_up(r) for r in chosen]
         final = statistics.mean(r["final_val_acc"] for r in chosen)
         per_seed = ", ".join(f"{100 * r['min_val_acc_during_schedule']:.1f}" for r in chosen)
         lines.append(
-            f"| {setting} | {100 * low:.1f} (per seed: {per_seed}) | "
+            f"| {label} | {100 * low:.1f} (per seed: {per_seed}) | "
             f"{100 * statistics.mean(learned):.1f} (per seed: {', '.join(f'{100 * v:.1f}' for v in learned)}) | "
             f"{100 * final:.2f} | {100 * (final - statistics.mean(learned)):.1f} | "
             f"{statistics.mean(r['recalibration_seconds_per_epoch'] for r in chosen):.3f} | "
@@ -195,9 +214,13 @@ def render(suffix: str) -> None:
         axis.plot(
             steps,
             [100 * a for a in accs],
-            color="tab:green" if r["recalibrate_bn"] else "tab:grey",
+            color={None: "tab:blue", True: "tab:green", False: "tab:grey"}[r["recalibrate_bn"]],
             alpha=0.8,
-            label=f"recalibrate_bn={r['recalibrate_bn']}, seed {r['seed']}",
+            label=(
+                f"no DemP, seed {r['seed']}"
+                if r["recalibrate_bn"] is None
+                else f"recalibrate_bn={r['recalibrate_bn']}, seed {r['seed']}"
+            ),
         )
     axis.axvline(runs[0]["span_steps"], color="black", linestyle=":", label="end of schedule")
     axis.set_xlabel("optimizer step")

@@ -191,9 +191,10 @@ def _routed_select() -> ChannelSelect:
 @pytest.mark.parametrize(
     "outputs",
     [
-        list(range(12)),  # every output present on the input side but a few: the batched-gather branch
-        [1, 2, 3, 4, 5, 9],  # half the outputs have no source: the index_add branch
+        list(range(12)),  # most outputs routed: the row gather with a zero row (batch 16), index_add (batch 1)
+        [1, 2, 4, 6, 8],  # one output routed: index_add at every batch size
         [0, 2, 3, 5, 7, 9, 10, 11],  # the same ids on both sides: the identity
+        [0, 2, 3, 5, 7, 9, 10],  # every output routed, one input unread: the row gather without a zero row
     ],
 )
 def test_the_fused_residual_sum_equals_branch_plus_selection_in_values_and_gradients(batch, outputs):
