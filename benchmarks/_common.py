@@ -139,6 +139,13 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def write_report(name: str, lines: list[str], machine_info: dict[str, Any]) -> None:
+    """Write ``lines`` and a closing machine line to ``results/<name>``, and print them."""
+    text = "\n".join([*lines, f"Machine: {machine_info}", ""])
+    (RESULTS / name).write_text(text)
+    print(text)
+
+
 def _single_thread_worker() -> None:
     torch.set_num_threads(1)
 
@@ -161,6 +168,14 @@ def run_parallel(function: Callable[..., Any], calls: Sequence[dict[str, Any]], 
 def run_configs(tasks: Sequence[dict[str, Any]], jobs: int = 1) -> list[dict[str, Any]]:
     """`run_config` for every task (its keyword arguments), through `run_parallel`."""
     return run_parallel(run_config, tasks, jobs)
+
+
+def run_grouped(keyed_tasks: Sequence[tuple[Any, dict[str, Any]]], jobs: int = 1) -> dict[Any, list[dict[str, Any]]]:
+    """`run_configs` over ``(key, task)`` pairs; the runs grouped by key, in task order."""
+    grouped: dict[Any, list[dict[str, Any]]] = {}
+    for (key, _), run in zip(keyed_tasks, run_configs([task for _, task in keyed_tasks], jobs)):
+        grouped.setdefault(key, []).append(run)
+    return grouped
 
 
 def default_jobs() -> int:

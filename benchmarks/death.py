@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, load_config, machine, run_configs, write_json
+from _common import RESULTS, default_jobs, load_config, machine, run_grouped, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d_mlp.yaml"
@@ -59,25 +59,25 @@ def main() -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 4 if args.quick else args.epochs
     config = load_config(CONFIG)
-    keys, tasks = [], []
+    keyed_tasks: list[tuple[tuple[str, float], dict[str, Any]]] = []
     for factor, (_, points) in FACTORS.items():
         for x, model_overrides, data_overrides, callback_overrides in points:
             for seed in seeds:
-                keys.append((factor, x))
-                tasks.append(
-                    {
-                        "config": config,
-                        "seed": seed,
-                        "with_demp": True,
-                        "max_epochs": epochs,
-                        "model_overrides": model_overrides,
-                        "data_overrides": data_overrides,
-                        "callback_overrides": {"prune_every_n_epochs": 2, **callback_overrides},
-                    }
+                keyed_tasks.append(
+                    (
+                        (factor, x),
+                        {
+                            "config": config,
+                            "seed": seed,
+                            "with_demp": True,
+                            "max_epochs": epochs,
+                            "model_overrides": model_overrides,
+                            "data_overrides": data_overrides,
+                            "callback_overrides": {"prune_every_n_epochs": 2, **callback_overrides},
+                        },
+                    )
                 )
-    grouped: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for key, run in zip(keys, run_configs(tasks, args.jobs)):
-        grouped.setdefault(key, []).append(run)
+    grouped = run_grouped(keyed_tasks, args.jobs)
     results: dict[str, list[dict[str, Any]]] = {}
     for (factor, x), runs in grouped.items():
         row = {

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, write_json
+from _common import RESULTS, machine, write_json, write_report
 
 from lightning_demp.demos import ResidualBlock1d, ResidualCNNBackbone
 from lightning_demp.selection import ChannelSelect
@@ -223,9 +223,7 @@ def main() -> None:
             f"{r['speed_min']:.3f} – {r['speed_max']:.3f} |"
             for r in result["rows"]
         ]
-    lines += ["", f"Machine: {machine()}", ""]
-    (RESULTS / f"selection_speed{suffix}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(f"selection_speed{suffix}.md", [*lines, ""], machine())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, instantiate, load_config, machine, run_config, write_json
+from _common import instantiate, load_config, machine, run_config, write_json, write_report
 
 from lightning_demp import DemonPruning
 from lightning_demp.accounting import count_flops_per_sample
@@ -213,11 +213,8 @@ def main() -> None:
         f"| {1e3 * statistics.median(plain_medians):.2f} | {1e3 * statistics.median(demp_medians):.2f} | "
         f"{100 * overhead:+.1f} % |",
         "",
-        f"Machine: {machine()}",
-        "",
     ]
-    (RESULTS / f"speed{suffix}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(f"speed{suffix}.md", lines, machine())
 
 
 if __name__ == "__main__":

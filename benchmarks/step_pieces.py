@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, write_json
+from _common import machine, write_json, write_report
 
 from lightning_demp.demos import ResidualCNNClassifier
 from lightning_demp.regularization import add_penalty_grad_, inject_noise_, live_masks, penalized_params
@@ -70,11 +70,8 @@ def main() -> None:
         "|---|---|",
         *(f"| {name} | {value:.3f} |" for name, value in results.items()),
         "",
-        f"Machine: {machine()}",
-        "",
     ]
-    (RESULTS / f"step_pieces{suffix}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(f"step_pieces{suffix}.md", lines, machine())
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, load_config, machine, run_configs, write_json
+from _common import RESULTS, default_jobs, load_config, machine, run_grouped, write_json, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -77,31 +77,31 @@ def main() -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 6 if args.quick else args.epochs
 
-    keys, tasks = [], []
+    keyed_tasks: list[tuple[tuple[str, float], dict[str, Any]]] = []
     for model in models:
         config_path, _, model_overrides = MODELS[model]
         config = load_config(config_path)
         for target in args.targets:
             for seed in seeds:
-                keys.append((model, target))
-                tasks.append(
-                    {
-                        "config": config,
-                        "seed": seed,
-                        "with_demp": True,
-                        "max_epochs": epochs,
-                        "model_overrides": model_overrides,
-                        "callback_overrides": {
-                            "target_sparsity": target,
-                            "target_metric": "params",
-                            "prune_every_n_epochs": args.prune_every,
-                            "force_target": args.force_target,
+                keyed_tasks.append(
+                    (
+                        (model, target),
+                        {
+                            "config": config,
+                            "seed": seed,
+                            "with_demp": True,
+                            "max_epochs": epochs,
+                            "model_overrides": model_overrides,
+                            "callback_overrides": {
+                                "target_sparsity": target,
+                                "target_metric": "params",
+                                "prune_every_n_epochs": args.prune_every,
+                                "force_target": args.force_target,
+                            },
                         },
-                    }
+                    )
                 )
-    runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for key, run in zip(keys, run_configs(tasks, args.jobs)):
-        runs.setdefault(key, []).append(run)
+    runs = run_grouped(keyed_tasks, args.jobs)
 
     suffix = "_quick" if args.quick else ""
     tag = "+force_target" if args.force_target else ""
@@ -176,11 +176,8 @@ def render(suffix: str) -> None:
         "bracket the reached sparsity (same model, seeds and epochs; runs without noise, and points beaten on both "
         "axes by another, such as a collapsed run, left out).",
         "",
-        f"Machine: {payload['machine']}",
-        "",
     ]
-    (RESULTS / f"target{suffix}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(f"target{suffix}.md", lines, payload["machine"])
 
 
 if __name__ == "__main__":

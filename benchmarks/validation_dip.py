@@ -23,7 +23,7 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, instantiate, load_config, machine, run_parallel, write_json
+from _common import RESULTS, default_jobs, instantiate, load_config, machine, run_parallel, write_json, write_report
 
 import lightning_demp.callback as callback_module
 from lightning_demp import DemonPruning
@@ -198,10 +198,8 @@ def render(suffix: str) -> None:
         "schedule (the lowest value over the whole schedule is the first epoch's, before the network has learned). "
         "Runs were side by side, one thread each: the recalibration cost is a one-thread figure.",
         "",
-        f"Machine: {payload['machine']}",
-        "",
     ]
-    (RESULTS / f"validation_dip{suffix}.md").write_text("\n".join(lines))
+    write_report(f"validation_dip{suffix}.md", lines, payload["machine"])
 
     import matplotlib
 
@@ -229,7 +227,6 @@ def render(suffix: str) -> None:
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(RESULTS / f"validation_dip{suffix}.png", dpi=110)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ class ChannelSelect(nn.Module):
         if self.identity:
             return branch.add_(x)
         if x.dim() <= 2 or x.shape[0] < 8 or 6 * self.present.numel() <= self.in_channels + 2 * self.out_channels:
-            # a gather and a scatter-add over the routed channels only; on CPU the scatter-add loops over the
-            # channels (about 1 ns per element each), so it wins only for few routed channels or small batches
+            # a gather and a scatter-add over the routed channels only; on CPU the scatter-add's cost grows with the
+            # routed channels (benchmarks/index_add_cost.py), so it wins only for few of them or small batches
             return branch.index_add_(1, self.present, x.index_select(1, self.present_source))
         # many routed channels and a large batch: one gather of whole rows and one dense add
         return branch.add_(self._gather_rows(x))
