@@ -641,14 +641,18 @@ class DemonPruning(Callback):
         assert self._graph is not None
         start = time.perf_counter()
         remaps = self._graph.remove_units_(plan)
+        orders, order_remaps = self._graph.order_routed_channels_()  # selections become single slice adds
         for optimizer in trainer.optimizers:
-            remap_optimizer_(optimizer, remaps)
+            remap_optimizer_(optimizer, remaps + order_remaps)
         _strategy.rewrap_after_surgery(trainer)
         if any(getattr(module, "_compiled_call_impl", None) is not None for module in pl_module.modules()):
             torch.compiler.reset()  # drop graphs guarded on the old shapes instead of piling up recompiles
         for name, idxs in plan.items():
             removed = set(idxs.tolist())
             self.kept_units[name] = [unit for i, unit in enumerate(self.kept_units[name]) if i not in removed]
+        for name, order in orders.items():
+            if name in self.kept_units:
+                self.kept_units[name] = [self.kept_units[name][i] for i in order.tolist()]
         self._monitor = self._new_monitor()
         self._prunable_param_ids = self._find_prunable_param_ids()
         self._current_flops = count_flops_per_sample(pl_module, _first_samples(self._example_input, 1))

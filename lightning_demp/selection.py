@@ -10,7 +10,8 @@ the input channel with the same id (zeros when that channel is gone). While noth
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,6 +71,12 @@ class ChannelSelect(nn.Module):
         self.register_buffer("unrouted", ~present, persistent=False)
         self.identity = self.in_channels == self.out_channels and bool(torch.equal(self.in_ids, self.out_ids))
         self.complete = bool(present.all())
+        self.segments = _runs(self.present.tolist(), self.present_source.tolist())
+
+    @property
+    def routed_channels(self) -> int:
+        """Number of output channels that still receive an input channel."""
+        return int(self.present.numel())
 
     def keep_inputs_(self, kept: Tensor) -> None:
         """Keep only the input channels at positions ``kept``."""
@@ -128,14 +135,44 @@ class ChannelSelect(nn.Module):
             >>> torch.equal(select.add_to_(branch, x), expected)
             True
         """
-        if self.identity:
+        path = self.sum_path(x)
+        if path == "identity":
             return branch.add_(x)
-        if x.dim() <= 2 or x.shape[0] < 8 or 6 * self.present.numel() <= self.in_channels + 2 * self.out_channels:
-            # a gather and a scatter-add over the routed channels only; on CPU the scatter-add's cost grows with the
-            # routed channels (benchmarks/index_add_cost.py), so it wins only for few of them or small batches
+        if path == "slices":
+            for out_start, in_start, length in self.segments:
+                branch[:, out_start : out_start + length].add_(x[:, in_start : in_start + length])
+            return branch
+        if path == "scatter":
             return branch.index_add_(1, self.present, x.index_select(1, self.present_source))
-        # many routed channels and a large batch: one gather of whole rows and one dense add
         return branch.add_(self._gather_rows(x))
+
+    def sum_path(self, x: Tensor) -> str:
+        """How `add_to_` sums ``x`` into a branch: the cheapest way for these channels and this input.
+
+        * ``"identity"``: nothing removed, one dense add;
+        * ``"slices"``: the routed channels form at most `MAX_SLICE_ADDS` runs that are contiguous on both sides
+          (`PrunableGraph.order_routed_channels_` arranges one run after each removal): in-place adds of slices, as a
+          statically pruned network would do;
+        * ``"scatter"``: a gather and a scatter-add over the routed channels only, for few of them, small batches or
+          inputs without trailing dimensions (on CPU the scatter-add's cost grows with the routed channels,
+          ``benchmarks/index_add_cost.py``);
+        * ``"gather"``: one gather of whole rows (`_gather_rows`) and one dense add.
+
+        Examples:
+            >>> select = ChannelSelect(4)
+            >>> select.sum_path(torch.randn(16, 4, 8))
+            'identity'
+            >>> select.keep_inputs_(torch.tensor([0, 1, 3]))  # channel 2 gone: ids 0, 1 | 3 route in two runs
+            >>> select.segments, select.sum_path(torch.randn(16, 3, 8))
+            (((0, 0, 2), (3, 2, 1)), 'slices')
+        """
+        if self.identity:
+            return "identity"
+        if len(self.segments) <= MAX_SLICE_ADDS:
+            return "slices"
+        if x.dim() <= 2 or x.shape[0] < 8 or 6 * self.present.numel() <= self.in_channels + 2 * self.out_channels:
+            return "scatter"
+        return "gather"
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in ("in_ids", "out_ids"):
@@ -146,7 +183,137 @@ class ChannelSelect(nn.Module):
         self._refresh()
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}"
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, segments={len(self.segments)}"
+
+
+MAX_SLICE_ADDS = 4
+"""`ChannelSelect.add_to_` adds slices when the routed channels form at most this many runs, and gathers otherwise."""
+
+
+def _runs(out_positions: Sequence[int], in_positions: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
+    """Maximal runs ``(out_start, in_start, length)`` of routed pairs that are consecutive on both sides.
+
+    Examples:
+        >>> _runs([0, 1, 2, 5, 6], [3, 4, 5, 0, 1])
+        ((0, 3, 3), (5, 0, 2))
+    """
+    runs: list[list[int]] = []
+    for out_position, in_position in zip(out_positions, in_positions, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == out_position and runs[-1][1] + runs[-1][2] == in_position:
+            runs[-1][2] += 1
+        else:
+            runs.append([out_position, in_position, 1])
+    return tuple((out_start, in_start, length) for out_start, in_start, length in runs)
+
+
+@dataclass(frozen=True)
+class SelectionRoute:
+    """Where a `ChannelSelect` sits between two groups of units, and which of its channels it routes.
+
+    Attributes:
+        name: The selection's module name.
+        input_group: The group whose units are the selection's input channels, or ``None`` when its channels
+            cannot be reordered (no single group, or a group that must keep its order).
+        input_units: For each input position, the unit (in ``input_group``'s numbering) it carries.
+        output_group: The same for the output channels.
+        output_units: For each output position, the unit it carries.
+        routed_outputs: Output positions that receive an input channel.
+        routed_inputs: The input position each of them receives.
+
+    Examples:
+        >>> from lightning_demp.demos import ResidualCNNBackbone
+        >>> from lightning_demp.surgery import PrunableGraph
+        >>> route = PrunableGraph(ResidualCNNBackbone(width=4), torch.randn(2, 40)).selection_routes()[0]
+        >>> route.name, route.input_group, route.output_group, route.routed_inputs
+        ('block1.shortcut', 'stem', 'block1.conv2', tensor([0, 1, 2, 3]))
+    """
+
+    name: str
+    input_group: str | None
+    input_units: Tensor
+    output_group: str | None
+    output_units: Tensor
+    routed_outputs: Tensor
+    routed_inputs: Tensor
+
+
+def order_routed_channels(routes: Sequence[SelectionRoute], widths: Mapping[str, int]) -> dict[str, Tensor]:
+    """Unit orders that make each selection's routed channels contiguous and aligned on both of its sides.
+
+    Reordering the units of a group (the producer's output channels, their BatchNorm, every reader's input) leaves the
+    network's function unchanged; once the routed channels of a selection sit at the same relative positions in one
+    run on each side, `ChannelSelect.add_to_` is a single in-place slice add. Selections are visited in order; the
+    first to touch a group fixes its order: routed channels first (in the order of the other side when that is
+    already fixed), then, on an output side, the channels a later selection reads, so that they are contiguous too
+    (a chain of two selections gets one run each). Longer chains may get a few runs.
+
+    Args:
+        routes: The selections, in module order (`PrunableGraph.selection_routes`).
+        widths: Current number of units of every group.
+
+    Returns:
+        For each group to reorder, the new order: position ``p`` takes the unit now at ``order[p]``. Groups whose
+        order is already right are left out.
+
+    Examples:
+        A selection that lost input channel 0 and output channel 2 of 4 routes ids 1 and 3 (input positions 0 and 2)
+        to output positions 1 and 2: both groups get the routed channels first.
+
+        >>> route = SelectionRoute("select", "a", torch.arange(3), "b", torch.arange(3),
+        ...                        routed_outputs=torch.tensor([1, 2]), routed_inputs=torch.tensor([0, 2]))
+        >>> order_routed_channels([route], {"a": 3, "b": 3})
+        {'a': tensor([0, 2, 1]), 'b': tensor([1, 2, 0])}
+    """
+    read_later: dict[str, dict[str, set[int]]] = {}
+    for route in routes:
+        if route.input_group is not None:
+            units = route.input_units[route.routed_inputs].tolist()
+            read_later.setdefault(route.input_group, {})[route.name] = set(units)
+    fixed: dict[str, list[int]] = {}
+    for route in routes:
+        sides = (route.input_group, route.output_group)
+        if None in sides or route.input_group == route.output_group:
+            for group in sides:
+                if group is not None:
+                    fixed.setdefault(group, list(range(widths[group])))
+            continue
+        assert route.input_group is not None and route.output_group is not None
+        if route.input_group in fixed and route.output_group in fixed:
+            continue
+        pairs = list(
+            zip(
+                route.input_units[route.routed_inputs].tolist(),
+                route.output_units[route.routed_outputs].tolist(),
+                strict=True,
+            )
+        )
+        others = read_later.get(route.output_group, {})
+        read_next = set().union(*(units for name, units in others.items() if name != route.name))
+        if route.input_group in fixed:
+            position = {unit: p for p, unit in enumerate(fixed[route.input_group])}
+            pairs.sort(key=lambda pair: position[pair[0]])
+        elif route.output_group in fixed:
+            position = {unit: p for p, unit in enumerate(fixed[route.output_group])}
+            pairs.sort(key=lambda pair: position[pair[1]])
+        else:
+            pairs.sort(key=lambda pair: (pair[1] in read_next, pair[1]))
+        if route.input_group not in fixed:
+            fixed[route.input_group] = _layout([unit for unit, _ in pairs], [], widths[route.input_group])
+        if route.output_group not in fixed:
+            written = [unit for _, unit in pairs]
+            also_read = sorted(read_next - set(written))
+            fixed[route.output_group] = _layout(written, also_read, widths[route.output_group])
+    return {
+        group: torch.tensor(order, dtype=torch.long)
+        for group, order in fixed.items()
+        if order != list(range(widths[group]))
+    }
+
+
+def _layout(first: Sequence[int], then: Sequence[int], width: int) -> list[int]:
+    """``first``, then ``then``, then every other unit of ``range(width)`` in its current order."""
+    placed = set(first) | set(then)
+    return [*first, *then, *(unit for unit in range(width) if unit not in placed)]
 
 
 def _observed(module: nn.Module) -> bool:

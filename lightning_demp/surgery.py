@@ -23,7 +23,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_demp.optim import ParamRemap
-from lightning_demp.selection import ChannelSelect, ChannelSelectPruner
+from lightning_demp.selection import ChannelSelect, ChannelSelectPruner, SelectionRoute, order_routed_channels
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,11 @@ class UnitGroup:
         num_units: Current number of units.
         members: Names of every module the removal touches.
         readers: Where the units are read (see `ReaderSlice`).
+        selection_outputs: Output sides of `ChannelSelect` modules that carry units, as `ReaderSlice` records
+            whose ``reader`` names the selection and whose ``feature_idxs`` are its output channels.
         blocked: Why the group is never pruned, or ``None`` when it can be.
+        permutable: Whether every member is a layer whose units can be reordered in place (see
+            `PrunableGraph.permute_units_`).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -75,7 +79,9 @@ class UnitGroup:
     num_units: int
     members: list[str] = field(default_factory=list)
     readers: list[ReaderSlice] = field(default_factory=list)
+    selection_outputs: list[ReaderSlice] = field(default_factory=list)
     blocked: str | None = None
+    permutable: bool = True
 
 
 @contextlib.contextmanager
@@ -275,14 +281,17 @@ class PrunableGraph:
                     reasons.append(f"`{name}` produces the model output")
                 if is_out and module in excluded:
                     reasons.append(f"`{name}` is excluded")
+                if _permuted_tensors(module, is_out) is None:
+                    group.permutable = False
+                touched = ReaderSlice(
+                    reader=name,
+                    feature_idxs=torch.as_tensor(list(item.idxs), dtype=torch.long),
+                    unit_idxs=torch.as_tensor(list(item.root_idxs), dtype=torch.long),
+                )
                 if graph.is_in_channel_pruning_fn(dep.handler) and isinstance(module, (*_LAYER_TYPES, ChannelSelect)):
-                    group.readers.append(
-                        ReaderSlice(
-                            reader=name,
-                            feature_idxs=torch.as_tensor(list(item.idxs), dtype=torch.long),
-                            unit_idxs=torch.as_tensor(list(item.root_idxs), dtype=torch.long),
-                        )
-                    )
+                    group.readers.append(touched)
+                elif is_out and is_select:
+                    group.selection_outputs.append(touched)
             if not group.readers and not reasons:
                 reasons.append("no Linear/Conv layer reads its units")
             group.blocked = "; ".join(dict.fromkeys(reasons)) or None
@@ -328,6 +337,204 @@ class PrunableGraph:
                 new.requires_grad_(old.requires_grad)
                 remaps.extend(_describe_slices(old, new, touched[module]))
         return remaps
+
+
+    def selection_routes(self) -> list[SelectionRoute]:
+        """Every `ChannelSelect` of the model, with the groups on its two sides, in module order.
+
+        A side is ``None`` (never reordered) when its channels do not all belong to one group, or the group is
+        blocked or not permutable.
+        """
+        sides: dict[str, dict[bool, tuple[str, Tensor]]] = {}
+        for group in self.groups():
+            usable = group.blocked is None and group.permutable
+            for is_input, slices in ((True, group.readers), (False, group.selection_outputs)):
+                for touched in slices:
+                    seen = sides.setdefault(touched.reader, {})
+                    if is_input in seen:  # this side's channels span several groups: keep its order
+                        seen[is_input] = ("", torch.empty(0, dtype=torch.long))
+                    else:
+                        seen[is_input] = (group.name if usable else "", _units_by_position(touched))
+        routes = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, ChannelSelect):
+                continue
+            found = sides.get(name, {})
+            input_group, input_units = _side(found.get(True), module.in_channels)
+            output_group, output_units = _side(found.get(False), module.out_channels)
+            routes.append(
+                SelectionRoute(
+                    name=name,
+                    input_group=input_group,
+                    input_units=input_units,
+                    output_group=output_group,
+                    output_units=output_units,
+                    routed_outputs=module.present.cpu(),
+                    routed_inputs=module.present_source.cpu(),
+                )
+            )
+        return routes
+
+    def permute_units_(self, orders: Mapping[str, Tensor]) -> list[ParamRemap]:
+        """Reorder the units of groups in place: the network computes the same function afterwards.
+
+        Args:
+            orders: For each group (by root name), the new order: position ``p`` takes the unit now at ``order[p]``.
+
+        Returns:
+            One `ParamRemap` per replaced parameter (``kept`` is the permutation), for `remap_optimizer_`.
+
+        Raises:
+            ValueError: When an order is not a permutation of the group's units, or the group holds a layer whose
+                units cannot be reordered (see `UnitGroup.permutable`).
+
+        Examples:
+            >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+            >>> x = torch.randn(4, 2)
+            >>> before = model(x)
+            >>> remaps = PrunableGraph(model, x).permute_units_({"0": torch.tensor([2, 0, 1])})
+            >>> torch.allclose(model(x), before), len(remaps)
+            (True, 3)
+        """
+        remaps: list[ParamRemap] = []
+        modules = dict(self.model.named_modules())
+        groups = self.groups()
+        unknown = sorted(set(orders) - {group.name for group in groups})
+        if unknown:
+            raise ValueError(
+                f"{unknown} name no group of units; the groups are {[group.name for group in groups]} (root layers)."
+            )
+        fixed = [group.name for group in groups if group.name in orders and not group.permutable]
+        if fixed:
+            raise ValueError(f"The units of {fixed} cannot be reordered: a member layer is not a plain Linear/Conv.")
+        for name, order in orders.items():
+            root = modules[name]
+            width = int(_layer_width(root) or 0)
+            order = torch.as_tensor(order, dtype=torch.long).cpu()
+            if not torch.equal(order.sort().values, torch.arange(width)):
+                raise ValueError(f"The order for `{name}` must be a permutation of its {width} units, got {order}.")
+            rank = torch.empty(width, dtype=torch.long)
+            rank[order] = torch.arange(width)
+            pruner = self._graph.get_pruner_of_module(root)
+            tp_group = self._graph.get_pruning_group(root, pruner.prune_out_channels, list(range(width)))
+            done: set[tuple[int, bool]] = set()
+            for item in tp_group.items:
+                module = item.dep.target.module
+                if item.dep.target.type not in _SUPPORTED_MODULE_TYPES and not isinstance(module, ChannelSelect):
+                    continue  # functional ops: Torch-Pruning maps indices through them
+                is_out = self._graph.is_out_channel_pruning_fn(item.dep.handler)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    is_out = True  # one set of channels, whichever side Torch-Pruning reached it from
+                if (id(module), is_out) in done:
+                    continue
+                done.add((id(module), is_out))
+                layer_order = _layer_order(list(item.idxs), list(item.root_idxs), rank, _side_width(module, is_out))
+                if layer_order is None:
+                    continue
+                remaps.extend(_permute_module_(module, is_out, layer_order, self._names.get(module, name)))
+        return remaps
+
+    def order_routed_channels_(self) -> tuple[dict[str, Tensor], list[ParamRemap]]:
+        """Reorder units so that every `ChannelSelect` routes one contiguous run (see `order_routed_channels`).
+
+        Returns:
+            The orders applied (by group) and the `ParamRemap` records for the optimizer.
+
+        Examples:
+            >>> from lightning_demp.demos import ResidualCNNBackbone
+            >>> model, x = ResidualCNNBackbone(width=8).eval(), torch.randn(2, 40)
+            >>> graph = PrunableGraph(model, x)
+            >>> _ = graph.remove_units_({"block1.conv2": torch.tensor([0, 3]), "stem": torch.tensor([5])})
+            >>> before = model(x)
+            >>> orders, remaps = graph.order_routed_channels_()
+            >>> sorted(orders), len(model.block1.shortcut.segments), torch.allclose(model(x), before, atol=1e-6)
+            (['block1.conv2', 'stem'], 1, True)
+        """
+        groups = self.groups()
+        widths = {group.name: group.num_units for group in groups}
+        orders = order_routed_channels(self.selection_routes(), widths)
+        return orders, self.permute_units_(orders)
+
+
+def _units_by_position(touched: ReaderSlice) -> Tensor:
+    """The unit each channel of a selection side carries, or an empty tensor when positions repeat or miss."""
+    units = torch.full((int(touched.feature_idxs.max()) + 1 if touched.feature_idxs.numel() else 0,), -1)
+    units[touched.feature_idxs] = touched.unit_idxs
+    return units
+
+
+def _side(found: tuple[str, Tensor] | None, channels: int) -> tuple[str | None, Tensor]:
+    if found is None or not found[0] or found[1].numel() != channels or bool((found[1] < 0).any()):
+        return None, torch.arange(channels)
+    return found
+
+
+def _side_width(module: nn.Module, is_out: bool) -> int:
+    if isinstance(module, ChannelSelect):
+        return module.out_channels if is_out else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if is_out else module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if is_out else module.in_channels
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    if isinstance(module, nn.PReLU):
+        return module.num_parameters
+    return 0
+
+
+def _layer_order(idxs: list[int], root_idxs: list[int], rank: Tensor, width: int) -> Tensor | None:
+    """A layer's new order along one side: its features carrying the group's units, sorted by their unit's new
+    rank (features of one unit keep their relative order); other features stay where they are."""
+    if not idxs:
+        return None
+    keys = sorted(zip(idxs, root_idxs, strict=True), key=lambda pair: (int(rank[pair[1]]), pair[0]))
+    order = torch.arange(width)
+    order[sorted(idxs)] = torch.tensor([idx for idx, _ in keys], dtype=torch.long)
+    return None if torch.equal(order, torch.arange(width)) else order
+
+
+def _permuted_tensors(module: nn.Module, is_out: bool) -> list[tuple[str, int]] | None:
+    """``(attribute, dimension)`` of every tensor that follows a reordering of ``module``'s output (``is_out``) or
+    input units, or ``None`` when the module's units cannot be reordered in place."""
+    if isinstance(module, ChannelSelect):
+        return []
+    if isinstance(module, nn.Linear):
+        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups != 1 or module.transposed:
+            return None
+        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
+    if isinstance(module, nn.PReLU):
+        return [("weight", 0)] if module.num_parameters > 1 else []
+    if not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.buffers(False)):
+        return []  # holds no per-unit tensor (activation, pooling, ...)
+    return None
+
+
+def _permute_module_(module: nn.Module, is_out: bool, order: Tensor, name: str) -> list[ParamRemap]:
+    """Apply one side's new order to ``module``; parameters are replaced by permuted copies."""
+    if isinstance(module, ChannelSelect):
+        (module.keep_outputs_ if is_out else module.keep_inputs_)(order)
+        return []
+    tensors = _permuted_tensors(module, is_out)
+    if tensors is None:
+        raise ValueError(f"`{name}` ({type(module).__name__}) cannot have its units reordered in place.")
+    remaps = []
+    for attribute, dim in tensors:
+        old = getattr(module, attribute, None)
+        if not isinstance(old, Tensor):
+            continue
+        kept = order.to(old.device)
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(old.detach().index_select(dim, kept), requires_grad=old.requires_grad)
+            setattr(module, attribute, new)
+            remaps.append(ParamRemap(old=old, new=new, dim=dim, kept=order))
+        else:
+            old.copy_(old.index_select(dim, kept))
+    return remaps
 
 
 def _describe_slices(old: Tensor, new: Tensor, prunings: list[tuple[bool, list[int]]]) -> list[ParamRemap]:

@@ -15,7 +15,9 @@ from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier, ResidualCNNBackbone
 from lightning_demp.models import cifar_resnet18
 from lightning_demp.selection import ChannelSelect, DecouplingError, decouple_residuals_, residual_sum
-from lightning_demp.surgery import PrunableGraph, layer_widths, resize_like_
+from lightning_demp.models import CIFARResNet
+from lightning_demp.optim import remap_optimizer_
+from lightning_demp.surgery import PrunableGraph, enable_resize_on_load, layer_widths, resize_like_
 
 
 def test_a_stream_channel_dead_at_the_block_input_goes_while_the_block_output_keeps_it():
@@ -181,37 +183,50 @@ def test_a_selection_routes_channels_by_id_the_same_at_every_batch_size():
     assert torch.equal(torch.cat([select(x[i : i + 1]) for i in range(16)]), expected)  # index_select, batch 1
 
 
-def _routed_select() -> ChannelSelect:
-    select = ChannelSelect(12)
-    select.keep_inputs_(torch.tensor([0, 2, 3, 5, 7, 9, 10, 11]))
+def _select(channels: int, inputs: list[int], outputs: list[int]) -> ChannelSelect:
+    """A selection over ``channels`` ids that kept input ids ``inputs`` and output ids ``outputs``."""
+    select = ChannelSelect(channels)
+    select.keep_inputs_(torch.tensor(inputs))
+    select.keep_outputs_(torch.tensor(outputs))
     return select
 
 
-@pytest.mark.parametrize("batch", [1, 16])
+_KEPT = [0, 2, 3, 5, 7, 9, 10, 11]
+
+
 @pytest.mark.parametrize(
-    "outputs",
+    ("channels", "inputs", "outputs", "path_at_batch_1", "path_at_batch_16"),
     [
-        list(range(12)),  # most outputs routed: the row gather with a zero row (batch 16), index_add (batch 1)
-        [1, 2, 4, 6, 8],  # one output routed: index_add at every batch size
-        [0, 2, 3, 5, 7, 9, 10, 11],  # the same ids on both sides: the identity
-        [0, 2, 3, 5, 7, 9, 10],  # every output routed, one input unread: the row gather without a zero row
+        (12, _KEPT, _KEPT, "identity", "identity"),
+        (12, _KEPT, [0, 2, 3, 5, 7, 9, 10], "slices", "slices"),  # one run, one input unread
+        (12, _KEPT, [2, 3, 4, 9, 10, 11], "slices", "slices"),  # two runs around an output with no source
+        (12, _KEPT, [1, 2, 4, 6, 8], "slices", "slices"),  # one output routed
+        (12, _KEPT, list(range(12)), "scatter", "gather"),  # five runs, most outputs routed
+        (24, list(range(0, 16, 2)), list(range(24)), "scatter", "scatter"),  # eight runs, few routed of many
     ],
 )
-def test_the_fused_residual_sum_equals_branch_plus_selection_in_values_and_gradients(batch, outputs):
-    select = _routed_select()
-    select.keep_outputs_(torch.tensor([select.out_ids.tolist().index(o) for o in outputs]))
-    x = torch.randn(batch, select.in_channels, 5, requires_grad=True)
-    weight = torch.randn(select.out_channels, 1, requires_grad=True)
-    upstream = torch.randn(batch, select.out_channels, 5)
+def test_the_fused_residual_sum_equals_branch_plus_selection_in_values_and_gradients(
+    channels, inputs, outputs, path_at_batch_1, path_at_batch_16
+):
+    select = _select(channels, inputs, outputs)
+    for batch, path in ((1, path_at_batch_1), (16, path_at_batch_16)):
+        x = torch.randn(batch, select.in_channels, 5, requires_grad=True)
+        weight = torch.randn(select.out_channels, 1, requires_grad=True)
+        upstream = torch.randn(batch, select.out_channels, 5)
 
-    def run(fused: bool) -> tuple[Tensor, ...]:
-        branch = weight * torch.ones(batch, select.out_channels, 5)  # a fresh tensor, as a BatchNorm output is
-        out = residual_sum(branch, select, x) if fused else branch + select(x)
-        grads = torch.autograd.grad((out * upstream).sum(), (x, weight))
-        return (out.detach(), *grads)
+        def run(fused: bool) -> tuple[Tensor, ...]:
+            branch = weight * torch.ones(batch, select.out_channels, 5)  # a fresh tensor, as a BatchNorm output is
+            out = residual_sum(branch, select, x) if fused else branch + select(x)
+            grads = torch.autograd.grad((out * upstream).sum(), (x, weight))
+            return (out.detach(), *grads)
 
-    for fused, plain in zip(run(True), run(False)):
-        assert torch.equal(fused, plain)
+        assert select.sum_path(x) == path
+        for fused, plain in zip(run(True), run(False)):
+            assert torch.equal(fused, plain)
+
+
+def _routed_select() -> ChannelSelect:
+    return _select(12, _KEPT, list(range(12)))
 
 
 def test_the_residual_sum_calls_the_selection_as_a_module_while_hooks_observe_it():
@@ -241,9 +256,106 @@ def test_the_package_blocks_sum_in_place_when_unobserved_and_keep_outputs_after_
     original = ChannelSelect.forward
     try:
         ChannelSelect.forward = lambda self, inputs: calls.append("plain") or original(self, inputs)  # type: ignore[method-assign]
-        after = model(x[:4])  # a small batch: the scatter-add branch, which calls no selection forward
+        after = model(x[:4])  # a small batch: no path of the fused sum calls the selection's forward
     finally:
         ChannelSelect.forward = original  # type: ignore[method-assign]
     assert calls == []  # the compact model's blocks take the fused sum
     torch.testing.assert_close(after, before[:4], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def _remove_at_random_(graph: PrunableGraph, fraction: float, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    plan = {
+        group.name: torch.randperm(group.num_units, generator=generator)[: int(fraction * group.num_units)].sort().values
+        for group in graph.groups()
+        if group.blocked is None
+    }
+    return graph.remove_units_(plan)
+
+
+@pytest.mark.parametrize(
+    ("build", "example"),
+    [
+        (lambda: ResidualCNNBackbone(width=16, num_classes=4), torch.randn(8, 1, 40)),
+        (lambda: CIFARResNet([2, 2, 2, 2], [8, 16, 32, 64]), torch.randn(8, 3, 16, 16)),  # a chain of two selections
+    ],
+    ids=["demo-cnn", "resnet"],
+)
+def test_reordering_routes_every_selection_in_one_run_keeping_outputs_and_optimizer_state(build, example):
+    torch.manual_seed(0)
+    model = build()
+    randomize_bn_(model)
+    model.eval()
+    graph = PrunableGraph(model, example)
+    optimizer = torch.optim.Adam(model.parameters())
+    remap_optimizer_(optimizer, _remove_at_random_(graph, 0.5, seed=1))
+    selections = [m for m in model.modules() if isinstance(m, ChannelSelect)]
+    assert any(len(select.segments) > 1 for select in selections)  # random removal scatters the routed channels
+    for param in model.parameters():  # tag each state entry with its parameter's values
+        optimizer.state[param] = {"exp_avg": param.detach().clone(), "step": torch.tensor(3.0)}
+    before = model(example)
+
+    orders, remaps = graph.order_routed_channels_()
+    remap_optimizer_(optimizer, remaps)
+
+    assert orders and all(len(select.segments) == 1 for select in selections)
+    assert all(select.sum_path(example) in ("identity", "slices") for select in selections)
+    torch.testing.assert_close(model(example), before, rtol=1e-5, atol=1e-5)
+    for param in model.parameters():  # the state moved with its parameter
+        assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
+        assert optimizer.state[param]["step"].item() == 3.0
+    again, _ = graph.order_routed_channels_()
+    assert again == {}  # already in order
+
+
+def test_an_order_that_is_not_a_permutation_or_a_group_that_cannot_be_reordered_is_refused():
+    model = nn.Sequential(nn.Conv1d(2, 4, 1), nn.ReLU(), nn.Conv1d(4, 4, 3, groups=4), nn.Conv1d(4, 2, 1))
+    graph = PrunableGraph(model, torch.randn(1, 2, 8))
+    depthwise_group = graph.groups()[0]  # the depthwise convolution roots the group of `0`'s channels
+    assert depthwise_group.name == "2" and not depthwise_group.permutable
+    with pytest.raises(ValueError, match=r"\['2'\] cannot be reordered"):
+        graph.permute_units_({"2": torch.tensor([1, 0, 2, 3])})
+    with pytest.raises(ValueError, match=r"\['0'\] name no group of units; the groups are \['2', '3'\]"):
+        graph.permute_units_({"0": torch.tensor([1, 0, 2, 3])})
+    plain = PrunableGraph(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), torch.randn(2, 2))
+    with pytest.raises(ValueError, match="`0` must be a permutation of its 3 units"):
+        plain.permute_units_({"0": torch.tensor([0, 0, 1])})
+
+
+class _FrozenDemo(DemoClassifier):
+    """The decoupled demo CNN trained at learning rate 0, so that its weights can be traced to the original units."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=4, lr=0.0, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
+        self.net = ResidualCNNBackbone(width=8, num_classes=4)
+        self.example_input_array = torch.zeros(2, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_the_callback_reorders_after_removal_and_kept_units_follow_the_new_order(tmp_path):
+    model = _FrozenDemo()
+    kill_bn_units_(model.net.stem_bn, [1], shift=-5.0)  # dead at block 1's input only: its output keeps id 1
+    original_conv2 = model.net.block1.conv2.weight.detach().clone()
+    callback = DemonPruning(regularizer="l1_norm_scale", reg_max=0.0, noise_std=0.0, verbose=False, plot=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = Trainer(
+        max_epochs=1, callbacks=[callback, checkpoint], logger=False, enable_progress_bar=False, accelerator="cpu"
+    )
+    trainer.fit(model, datamodule=RandomDataModule(num_features=16, num_classes=4))
+
+    select = model.net.block1.shortcut
+    assert 1 not in callback.kept_units["net.stem"] and select.in_channels == 7 and select.out_channels == 8
+    assert select.segments == ((0, 0, 7),)  # ids 0, 2..7 first on both sides: one slice add
+    kept = callback.kept_units["net.block1.conv2"]
+    assert kept[-1] == 1 and sorted(kept) == list(range(8))  # the unrouted output moved last
+    assert torch.equal(model.net.block1.conv2.weight.detach(), original_conv2[kept])
+
+    fresh = _FrozenDemo()
+    enable_resize_on_load(fresh)
+    fresh.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"])
+    assert fresh.net.block1.shortcut.segments == ((0, 0, 7),)
+    x = torch.randn(16, 16)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
