@@ -115,6 +115,9 @@ def run_config(
         result["units_removed"] = 1 - callbacks[0].units_kept_fraction()
         result["widths"] = {name: len(kept) for name, kept in callbacks[0].kept_units.items()}
         result["events"] = callbacks[0].events
+        if callbacks[0].kept_heads:
+            result["heads"] = {name: len(kept) for name, kept in callbacks[0].kept_heads.items()}
+            result["initial_heads"] = dict(callbacks[0].initial_heads)
         if return_callback_state:
             result["callback_state"] = callbacks[0].state_dict()
     print(

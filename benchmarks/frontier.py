@@ -327,6 +327,13 @@ def render(name: str, payload: dict[str, Any]) -> None:
                     else "no point within 1 point of dense"
                 )
             )
+    head_runs = {label: runs for label, runs in payload["runs"].items() if any("heads" in run for run in runs)}
+    if head_runs:
+        lines += ["", "Attention heads left by DemP (`HeadedAttention`; dead heads are removed whole), per seed:", ""]
+        for label, runs in head_runs.items():
+            counts = [sum(run["heads"].values()) for run in runs if "heads" in run]
+            total = sum(runs[0].get("initial_heads", {}).values()) if runs[0].get("initial_heads") else None
+            lines.append(f"- {label}: {', '.join(str(c) for c in counts)}" + (f" of {total}" if total else ""))
     lines += [
         "",
         "ModelPruning keeps dense shapes: it removes no parameter or FLOP physically; its zeroed weights are "

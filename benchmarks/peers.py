@@ -19,7 +19,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
-from lightning_demp.surgery import PrunableGraph
+from lightning_demp.attention import HeadedAttention
+from lightning_demp.surgery import HeadedAttentionPruner, PrunableGraph
 
 
 def _prunable_layers(model: LightningModule) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -32,9 +33,10 @@ def _prunable_layers(model: LightningModule) -> tuple[list[nn.Module], list[nn.M
     modules = dict(model.named_modules())
     heads = [modules[name] for name in graph.output_layers]
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m not in heads]
-    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+    attention = (nn.MultiheadAttention, HeadedAttention)
+    if any(isinstance(m, attention) for m in model.modules()):
         layers = [m for name, m in modules.items() if name.endswith(".fc1")]
-        heads = [m for m in modules.values() if isinstance(m, (nn.Linear, nn.MultiheadAttention)) and m not in layers]
+        heads = [m for m in modules.values() if isinstance(m, (nn.Linear, *attention)) and m not in layers]
     return layers, heads
 
 
@@ -74,6 +76,7 @@ class TorchPruningDuringTraining(Callback):
                 pruning_ratio=self.pruning_ratio,
                 iterative_steps=self.prune_epochs,
                 ignored_layers=heads,
+                customized_pruners={HeadedAttention: HeadedAttentionPruner()},
             )
         elif self.method == "bn_scale":
             self.pruner = tp.pruner.BNScalePruner(
@@ -84,6 +87,7 @@ class TorchPruningDuringTraining(Callback):
                 pruning_ratio=self.pruning_ratio,
                 iterative_steps=self.prune_epochs,
                 ignored_layers=heads,
+                customized_pruners={HeadedAttention: HeadedAttentionPruner()},
             )
         else:
             raise ValueError(f"Expected `method` to be 'magnitude' or 'bn_scale', got {self.method!r}.")

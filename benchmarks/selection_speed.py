@@ -72,11 +72,13 @@ def demo_widths() -> dict[str, int]:
 
 
 def pruned_pair(
-    seed: int, fraction: float | None = None, widths: dict[str, int] | None = None
-) -> tuple[nn.Module, nn.Module, dict[str, tuple[int, int]]]:
+    seed: int, fraction: float | None = None, widths: dict[str, int] | None = None, reorder: bool = True
+) -> tuple[nn.Module, nn.Module, dict[str, dict[str, Any]]]:
     """The compact decoupled model with random units removed, and its static twin.
 
-    Either ``fraction`` of every group's units go, or each group keeps ``widths[group]`` units.
+    Either ``fraction`` of every group's units go, or each group keeps ``widths[group]`` units. With ``reorder``
+    the units are then reordered as `DemonPruning` does after each removal (`order_routed_channels_`), so that each
+    selection routes one contiguous run; without it, the routed channels stay scattered.
     """
     torch.manual_seed(seed)
     model = ResidualCNNBackbone(width=64, decoupled=True)
@@ -92,6 +94,8 @@ def pruned_pair(
                 count = min(group.num_units - 1, round(fraction * group.num_units))
             plan[group.name] = torch.randperm(group.num_units, generator=generator)[:count].sort().values
     graph.remove_units_(plan)
+    if reorder:
+        graph.order_routed_channels_()
     static = copy.deepcopy(model)
     sides = {}
     for name, module in list(static.named_modules()):
@@ -101,7 +105,13 @@ def pruned_pair(
             setattr(parent, child, StaticSum(module.in_channels, module.out_channels))
             assert isinstance(parent, ResidualBlock1d)
             parent.forward = types.MethodType(_static_block_forward, parent)  # type: ignore[method-assign]
-            sides[name] = (module.in_channels, module.out_channels)
+            sides[name] = {
+                "in": module.in_channels,
+                "out": module.out_channels,
+                "routed": module.routed_channels,
+                "runs": len(module.segments),
+                "path at batch 256": module.sum_path(torch.zeros(256, module.in_channels, 20)),
+            }
     return model.eval(), static.eval(), sides
 
 
@@ -185,9 +195,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     runs, scale = (1, 1) if args.quick else (args.runs, 4)
+    share = f"{100 * args.fraction:.0f} % of every group removed at random"
     configurations = {
-        f"{100 * args.fraction:.0f} % of every group removed at random": pruned_pair(seed=0, fraction=args.fraction),
-        "the demo run's final widths (units chosen at random)": pruned_pair(seed=0, widths=demo_widths()),
+        f"{share}, units reordered after removal (what `DemonPruning` does)": pruned_pair(0, fraction=args.fraction),
+        "the demo run's final widths (units chosen at random), reordered": pruned_pair(0, widths=demo_widths()),
+        f"{share}, routed channels left scattered (no reordering)": pruned_pair(
+            0, fraction=args.fraction, reorder=False
+        ),
     }
     results: list[dict[str, Any]] = []
     for label, (compact, static, sides) in configurations.items():
@@ -199,8 +213,10 @@ def main() -> None:
     lines = [
         "# Decoupled residual channels: compact model vs. a statically pruned model of the same widths (CPU)",
         "",
-        "Demo CNN with units removed at random through the surgery. The compact model's blocks add the selected "
-        "shortcut channels into the branch output in place (`residual_sum`); the static twin's blocks add the "
+        "Demo CNN with units removed at random through the surgery, then (as `DemonPruning` does after each "
+        "removal) reordered so that each selection's routed channels form one contiguous run on both sides. The "
+        "compact model's blocks add the routed shortcut channels into the branch output in place (`residual_sum`: "
+        "slice adds for a few runs, a gather otherwise); the static twin's blocks add the "
         "first k input channels into the first k branch channels in place (k the smaller width), the cheapest sum "
         "a statically pruned network of those widths could have. Single calls of the two models alternate "
         "(the order flips every pair); a measurement gives the median time of each and the median of the per-pair "
@@ -210,8 +226,12 @@ def main() -> None:
     for result in results:
         lines += [
             "",
-            f"**{result['configuration']}** ({result['params']:,} parameters left; selections, in → out channels: "
-            + ", ".join(f"`{name}` {a} → {b}" for name, (a, b) in result["selections"].items())
+            f"**{result['configuration']}** ({result['params']:,} parameters left; selections: "
+            + ", ".join(
+                f"`{name}` {side['in']} → {side['out']} channels, {side['routed']} routed in {side['runs']} "
+                f"run(s), `{side['path at batch 256']}` path at batch 256"
+                for name, side in result["selections"].items()
+            )
             + ")",
             "",
             "| setting | compact, ChannelSelect (ms) | static, same widths (ms) | compact speed / static speed | "

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_demp import _strategy
 from lightning_demp.accounting import batch_size_of, call_with, count_flops_per_sample, count_parameters
+from lightning_demp.attention import attention_layers, head_readers, plan_head_removal, remove_heads_
 from lightning_demp.batchnorm import recalibrate_batchnorm_
 from lightning_demp.detection import ActivationMonitor, dead_check, find_dead_units, unit_activity
 from lightning_demp.monitoring import risky_monitors, schedule_phase
@@ -107,6 +108,8 @@ class DemonPruning(Callback):
     units). Every ``prune_every_n_epochs`` epochs, and once more when training ends, units that deliver nothing to
     any layer reading them are removed from every coupled layer (BatchNorm, residual links and flatten included);
     the optimizer keeps training what remains, with its state sliced, not reset. The output layer is never pruned.
+    Attention heads of a `lightning_demp.attention.HeadedAttention` whose output is dead on every observed token are
+    removed whole at the same events.
 
     Method: Dufort-Labbé et al., "Maxwell's Demon at Work: Efficient Pruning by Leveraging Saturation of Neurons"
     (arXiv:2403.07688).
@@ -239,6 +242,8 @@ class DemonPruning(Callback):
         # Persistent state (plain types, saved in checkpoints).
         self.initial_widths: dict[str, int] = {}  # group name -> units at the start of the run
         self.kept_units: dict[str, list[int]] = {}  # group name -> original indices still present
+        self.kept_heads: dict[str, list[int]] = {}  # attention layer name -> original heads still present
+        self.initial_heads: dict[str, int] = {}
         self.initial_params: int | None = None
         self.initial_flops: float | None = None
         self.events: list[dict[str, Any]] = []  # one record per removal event
@@ -457,6 +462,8 @@ class DemonPruning(Callback):
             "version": _STATE_VERSION,
             "initial_widths": dict(self.initial_widths),
             "kept_units": {name: list(kept) for name, kept in self.kept_units.items()},
+            "kept_heads": {name: list(kept) for name, kept in self.kept_heads.items()},
+            "initial_heads": dict(self.initial_heads),
             "initial_params": self.initial_params,
             "initial_flops": self.initial_flops,
             "events": [dict(event) for event in self.events],
@@ -483,6 +490,8 @@ class DemonPruning(Callback):
         self._loaded_schedule = state_dict.get("schedule")
         self.initial_widths = dict(state_dict.get("initial_widths", {}))
         self.kept_units = {name: list(kept) for name, kept in state_dict.get("kept_units", {}).items()}
+        self.kept_heads = {name: list(kept) for name, kept in state_dict.get("kept_heads", {}).items()}
+        self.initial_heads = dict(state_dict.get("initial_heads", {}))
         self.initial_params = state_dict.get("initial_params")
         self.initial_flops = state_dict.get("initial_flops")
         self.events = [dict(event) for event in state_dict.get("events", [])]
@@ -515,6 +524,9 @@ class DemonPruning(Callback):
         for group in groups:
             self.initial_widths.setdefault(group.name, group.num_units)
             self.kept_units.setdefault(group.name, list(range(group.num_units)))
+        for name, attention in attention_layers(pl_module).items():
+            self.initial_heads.setdefault(name, attention.heads)
+            self.kept_heads.setdefault(name, list(range(attention.heads)))
         if self.initial_params is None:
             self.initial_params = count_parameters(pl_module)
         if self.initial_flops is None:
@@ -622,11 +634,12 @@ class DemonPruning(Callback):
         plan = {} if target_reached else _strategy.broadcast_plan(trainer, self.plan_removal(groups, stats))
         if plan and self.target_sparsity is not None:  # identical on every rank: same model, same plan
             plan = limit_plan_to_target(plan, lambda part: self._sparsity_after(pl_module, part), self.target_sparsity)
-        self.last_removed_count = sum(len(idxs) for idxs in plan.values())
+        head_plan = {} if target_reached else _strategy.broadcast_plan(trainer, self.plan_head_removal(stats))
+        self.last_removed_count = sum(len(idxs) for idxs in plan.values()) + sum(len(h) for h in head_plan.values())
         if plan and self.saturation_tolerance is not None:
             self._fold_constants(trainer, folds_for(groups, stats, plan))
-        if plan:
-            self._apply_plan(trainer, pl_module, plan, reason="dead")
+        if plan or head_plan:
+            self._apply_plan(trainer, pl_module, plan, reason="dead", head_plan=head_plan)
         if self.target_sparsity is not None and final and self.force_target:
             self._force_target(trainer, pl_module, stats)
         if self._controller is not None and self._reg_schedule is not None:
@@ -634,16 +647,30 @@ class DemonPruning(Callback):
             planned = planned_sparsity(progress, self._controller.target)
             self.strength_scale = self._controller.update(self.measured_sparsity(pl_module), planned)
 
+    def plan_head_removal(self, stats: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Dead attention heads to remove, from the reduced statistics (identical on every process)."""
+        if self._graph is None or any(int(reader["num_nonfinite"]) > 0 for reader in stats.values()):
+            return {}
+        return plan_head_removal(self._graph.model, stats, self.dead_threshold)
+
     def _apply_plan(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: dict[str, Tensor], *, reason: str
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        plan: dict[str, Tensor],
+        *,
+        reason: str,
+        head_plan: Mapping[str, Tensor] | None = None,
     ) -> None:
         """Surgery, optimizer remap, DDP rewrap and bookkeeping for one plan (identical on every rank)."""
         assert self._graph is not None
         start = time.perf_counter()
+        head_plan = dict(head_plan or {})
         remaps = self._graph.remove_units_(plan)
         orders, order_remaps = self._graph.order_routed_channels_()  # selections become single slice adds
+        head_remaps = remove_heads_(pl_module, head_plan)
         for optimizer in trainer.optimizers:
-            remap_optimizer_(optimizer, remaps + order_remaps)
+            remap_optimizer_(optimizer, remaps + order_remaps + head_remaps)
         _strategy.rewrap_after_surgery(trainer)
         if any(getattr(module, "_compiled_call_impl", None) is not None for module in pl_module.modules()):
             torch.compiler.reset()  # drop graphs guarded on the old shapes instead of piling up recompiles
@@ -653,6 +680,9 @@ class DemonPruning(Callback):
         for name, order in orders.items():
             if name in self.kept_units:
                 self.kept_units[name] = [self.kept_units[name][i] for i in order.tolist()]
+        for name, heads in head_plan.items():
+            removed = set(heads.tolist())
+            self.kept_heads[name] = [head for i, head in enumerate(self.kept_heads[name]) if i not in removed]
         self._monitor = self._new_monitor()
         self._prunable_param_ids = self._find_prunable_param_ids()
         self._current_flops = count_flops_per_sample(pl_module, _first_samples(self._example_input, 1))
@@ -666,6 +696,8 @@ class DemonPruning(Callback):
                 "reason": reason,
                 "removed": {name: len(idxs) for name, idxs in plan.items()},
                 "widths": {name: len(kept) for name, kept in self.kept_units.items()},
+                **({"heads_removed": {name: len(h) for name, h in head_plan.items()}} if head_plan else {}),
+                **({"heads": {name: len(kept) for name, kept in self.kept_heads.items()}} if self.kept_heads else {}),
                 "params": count_parameters(pl_module),
                 "flops_kept": self.flops_kept_fraction(),
                 "seconds": time.perf_counter() - start,
@@ -673,14 +705,17 @@ class DemonPruning(Callback):
         )
         if self.verbose:
             what = "units" if reason == "dead" else "least active live units (force_target)"
+            heads_removed = sum(len(h) for h in head_plan.values())
             rank_zero_info(
-                f"DemonPruning: removed {removed_count} {what} from {len(plan)} layers: "
-                f"{self.units_kept_fraction():.0%} of units, {self.flops_kept_fraction():.0%} of FLOPs kept."
+                f"DemonPruning: removed {removed_count} {what} from {len(plan)} layers"
+                + (f" and {heads_removed} dead attention heads" if heads_removed else "")
+                + f": {self.units_kept_fraction():.0%} of units, {self.flops_kept_fraction():.0%} of FLOPs kept."
             )
 
     def _new_monitor(self) -> ActivationMonitor:
         assert self._graph is not None
-        return ActivationMonitor(self._graph.readers(), track_range=self.saturation_tolerance is not None)
+        readers = {**self._graph.readers(), **head_readers(self._graph.model)}
+        return ActivationMonitor(readers, track_range=self.saturation_tolerance is not None)
 
     def _fold_constants(self, trainer: pl.Trainer, folds: Sequence[Fold]) -> None:
         """Move the constant contribution of saturated units into their readers before they are removed."""
@@ -787,6 +822,7 @@ class DemonPruning(Callback):
         """The logged size metrics: units per group, kept/removed fractions, parameters and FLOPs."""
         params = count_parameters(pl_module)
         metrics: dict[str, float] = {f"demp/units/{name}": float(len(kept)) for name, kept in self.kept_units.items()}
+        metrics.update({f"demp/heads/{name}": float(len(kept)) for name, kept in self.kept_heads.items()})
         metrics["demp/units_kept_frac"] = self.units_kept_fraction()
         metrics["demp/units_removed_frac"] = 1.0 - self.units_kept_fraction()
         metrics["demp/params"] = float(params)

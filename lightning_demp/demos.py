@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_demp.attention import HeadedAttention
 from lightning_demp.selection import ChannelSelect, residual_sum
 from lightning_demp.surgery import enable_resize_on_load
 
@@ -366,7 +367,7 @@ class PreNormBlock(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attn = HeadedAttention(dim, heads)
         self.ln2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
@@ -374,7 +375,7 @@ class PreNormBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the block to ``[batch, tokens, dim]``."""
         normed = self.ln1(x)
-        x = x + self.attn(normed, normed, normed, need_weights=False)[0]
+        x = x + self.attn(normed)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
@@ -382,7 +383,8 @@ class TransformerClassifier(DemoClassifier):
     """A small pre-norm transformer for MNIST-1D: patches of the signal are the tokens.
 
     DemP prunes the MLP hidden units of each block (after GELU; with ``saturation_tolerance`` set, the units stuck
-    near GELU's flat negative side); attention and the residual width are coupled with LayerNorm and left intact.
+    near GELU's flat negative side) and attention heads whose output is dead (`HeadedAttention`); the residual
+    width is coupled with LayerNorm and left intact.
 
     Examples:
         >>> model = TransformerClassifier(dim=16, depth=1, heads=2, hidden=32)

@@ -277,7 +277,8 @@ def order_routed_channels(routes: Sequence[SelectionRoute], widths: Mapping[str,
                 if group is not None:
                     fixed.setdefault(group, list(range(widths[group])))
             continue
-        assert route.input_group is not None and route.output_group is not None
+        assert route.input_group is not None
+        assert route.output_group is not None
         if route.input_group in fixed and route.output_group in fixed:
             continue
         pairs = list(
@@ -422,6 +423,23 @@ def _residual_operand(add: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
+_FRESH_OUTPUT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+
+
+def _fusable_branch(
+    graph_module: torch.fx.GraphModule, add: torch.fx.Node, shortcut: torch.fx.Node
+) -> torch.fx.Node | None:
+    """The branch operand of ``add`` when `residual_sum` may overwrite it: the output of a Linear, Conv or BatchNorm
+    layer (which autograd does not keep for backward) that nothing but this sum reads, in a plain two-operand add."""
+    if add.kwargs or len(add.args) != 2:
+        return None
+    branch = add.args[1] if add.args[0] is shortcut else add.args[0]
+    if not isinstance(branch, torch.fx.Node) or branch.op != "call_module" or len(branch.users) != 1:
+        return None
+    layer = graph_module.get_submodule(str(branch.target))
+    return branch if isinstance(layer, _FRESH_OUTPUT_LAYERS) else None
+
+
 def _rewrite(module: nn.Module, example_inputs: Any) -> tuple[nn.Module, int]:
     graph_module = torch.fx.symbolic_trace(module)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -437,9 +455,16 @@ def _rewrite(module: nn.Module, example_inputs: Any) -> tuple[nn.Module, int]:
             continue
         name = f"demp_select_{inserted}"
         graph_module.add_submodule(name, ChannelSelect(int(meta.shape[1])))
+        branch = _fusable_branch(graph_module, node, shortcut)
         with graph_module.graph.inserting_before(node):
-            selected = graph_module.graph.call_module(name, (shortcut,))
-        node.replace_input_with(shortcut, selected)
+            if branch is None:
+                selected = graph_module.graph.call_module(name, (shortcut,))
+                node.replace_input_with(shortcut, selected)
+            else:  # the sum becomes `residual_sum`, which adds the routed channels into the branch in place
+                select = graph_module.graph.get_attr(name)
+                fused = graph_module.graph.call_function(residual_sum, (branch, select, shortcut))
+                node.replace_all_uses_with(fused)
+                graph_module.graph.erase_node(node)
         inserted += 1
     graph_module.graph.lint()
     graph_module.recompile()
@@ -451,7 +476,9 @@ def decouple_residuals_(module: nn.Module, example_inputs: Any) -> int:
 
     Each child that torch.fx can trace (and whose residual sums it finds) is replaced by a ``GraphModule`` with a
     `ChannelSelect` on the shortcut side of every residual sum; parameters are shared, so optimizers and outputs are
-    unchanged. Children that cannot be traced are searched recursively.
+    unchanged. Children that cannot be traced are searched recursively. Where the branch ends in a Linear, Conv or
+    BatchNorm layer read by nothing else, the sum becomes `residual_sum`, which adds the routed channels into the
+    branch output in place (a slice add once `PrunableGraph.order_routed_channels_` has run).
 
     Args:
         module: Usually the LightningModule; its ``forward`` itself is not rewritten, its children are.

@@ -22,6 +22,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from lightning_demp.attention import HeadedAttention
 from lightning_demp.optim import ParamRemap
 from lightning_demp.selection import ChannelSelect, ChannelSelectPruner, SelectionRoute, order_routed_channels
 
@@ -82,6 +83,40 @@ class UnitGroup:
     selection_outputs: list[ReaderSlice] = field(default_factory=list)
     blocked: str | None = None
     permutable: bool = True
+
+
+class HeadedAttentionPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning handler: a `HeadedAttention` is one layer from ``dim`` input to ``dim`` output channels.
+
+    Registering it keeps Torch-Pruning from tracing inside it, where the heads' reshapes would couple ``qkv``'s
+    output features with ``proj``'s input features as if they were units. Heads are removed by
+    `HeadedAttention.remove_heads_`, outside the dependency graph; the residual width it reads and writes is
+    coupled with LayerNorm in a transformer block and stays blocked.
+
+    Examples:
+        >>> pruner, attention = HeadedAttentionPruner(), HeadedAttention(dim=8, heads=2)
+        >>> _ = pruner.prune_in_channels(attention, [0, 1])
+        >>> pruner.get_in_channels(attention), pruner.get_out_channels(attention), attention.head_dim
+        (6, 8, 4)
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, HeadedAttention)
+        tp.prune_linear_out_channels(layer.proj, list(idxs))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, HeadedAttention)
+        tp.prune_linear_in_channels(layer.qkv, list(idxs))
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        assert isinstance(layer, HeadedAttention)
+        return layer.proj.out_features
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        assert isinstance(layer, HeadedAttention)
+        return layer.qkv.in_features
 
 
 @contextlib.contextmanager
@@ -172,7 +207,7 @@ class PrunableGraph:
                     model,
                     example_inputs=example_inputs,
                     verbose=False,
-                    customized_pruners={ChannelSelect: ChannelSelectPruner()},
+                    customized_pruners={ChannelSelect: ChannelSelectPruner(), HeadedAttention: HeadedAttentionPruner()},
                 )
         except Exception as error:
             raise TracingError(
@@ -337,7 +372,6 @@ class PrunableGraph:
                 new.requires_grad_(old.requires_grad)
                 remaps.extend(_describe_slices(old, new, touched[module]))
         return remaps
-
 
     def selection_routes(self) -> list[SelectionRoute]:
         """Every `ChannelSelect` of the model, with the groups on its two sides, in module order.

@@ -132,5 +132,6 @@ def test_transformer_mlp_units_are_pruned_and_attention_and_the_residual_width_a
     removed = remove_constant_(model, x)
     assert removed == {"blocks.0.fc1": 3}
     assert block.fc1.out_features == block.fc2.in_features == 29
-    assert block.attn.embed_dim == 16 and model.embed.out_features == 16  # residual width untouched
+    assert block.attn.qkv.in_features == block.attn.proj.out_features == 16 and block.attn.heads == 2
+    assert model.embed.out_features == 16  # residual width untouched
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)

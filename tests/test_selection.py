@@ -13,10 +13,9 @@ from helpers.lightning import RandomDataModule
 from helpers.models import ResidualCNN, kill_bn_units_, randomize_bn_
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier, ResidualCNNBackbone
-from lightning_demp.models import cifar_resnet18
-from lightning_demp.selection import ChannelSelect, DecouplingError, decouple_residuals_, residual_sum
-from lightning_demp.models import CIFARResNet
+from lightning_demp.models import CIFARResNet, cifar_resnet18
 from lightning_demp.optim import remap_optimizer_
+from lightning_demp.selection import ChannelSelect, DecouplingError, decouple_residuals_, residual_sum
 from lightning_demp.surgery import PrunableGraph, enable_resize_on_load, layer_widths, resize_like_
 
 
@@ -109,6 +108,31 @@ def test_decouple_residuals_rewrites_a_plain_model_without_changing_its_outputs(
     assert any(isinstance(m, ChannelSelect) for m in model.modules())
     assert torch.equal(model(x), before)
     assert decouple_residuals_(model, model.example_input_array) == 0  # idempotent
+    rewritten = next(m for m in model.modules() if isinstance(m, torch.fx.GraphModule))
+    assert [n.target for n in rewritten.graph.nodes if n.op == "call_function"].count(residual_sum) == 1
+
+
+class _ReluBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.relu(self.fc(x))  # autograd keeps the ReLU output: no in-place sum into it
+
+
+def test_the_rewrite_fuses_the_sum_only_where_the_branch_may_be_overwritten():
+    wrapper = nn.Sequential(_ReluBranch())
+    x = torch.randn(3, 4, requires_grad=True)
+    before = wrapper(x)
+    assert decouple_residuals_(wrapper, x.detach()) == 1
+    rewritten = wrapper[0]
+    assert isinstance(rewritten, torch.fx.GraphModule)
+    assert residual_sum not in [n.target for n in rewritten.graph.nodes]
+    assert [n.target for n in rewritten.graph.nodes if n.op == "call_module"] == ["fc", "demp_select_0"]
+    after = wrapper(x)
+    assert torch.equal(after, before)
+    after.sum().backward()  # trains: nothing autograd needs was overwritten
 
 
 def test_decoupled_rewrite_then_removal_of_a_channel_dead_at_the_block_input_only():
@@ -211,18 +235,22 @@ def test_the_fused_residual_sum_equals_branch_plus_selection_in_values_and_gradi
     select = _select(channels, inputs, outputs)
     for batch, path in ((1, path_at_batch_1), (16, path_at_batch_16)):
         x = torch.randn(batch, select.in_channels, 5, requires_grad=True)
+        assert select.sum_path(x) == path
         weight = torch.randn(select.out_channels, 1, requires_grad=True)
         upstream = torch.randn(batch, select.out_channels, 5)
-
-        def run(fused: bool) -> tuple[Tensor, ...]:
-            branch = weight * torch.ones(batch, select.out_channels, 5)  # a fresh tensor, as a BatchNorm output is
-            out = residual_sum(branch, select, x) if fused else branch + select(x)
-            grads = torch.autograd.grad((out * upstream).sum(), (x, weight))
-            return (out.detach(), *grads)
-
-        assert select.sum_path(x) == path
-        for fused, plain in zip(run(True), run(False)):
+        for fused, plain in zip(
+            _sum_and_grads(select, x, weight, upstream, True), _sum_and_grads(select, x, weight, upstream, False)
+        ):
             assert torch.equal(fused, plain)
+
+
+def _sum_and_grads(
+    select: ChannelSelect, x: Tensor, weight: Tensor, upstream: Tensor, fused: bool
+) -> tuple[Tensor, ...]:
+    branch = weight * torch.ones(x.shape[0], select.out_channels, 5)  # a fresh tensor, as a BatchNorm output is
+    out = residual_sum(branch, select, x) if fused else branch + select(x)
+    grads = torch.autograd.grad((out * upstream).sum(), (x, weight))
+    return (out.detach(), *grads)
 
 
 def _routed_select() -> ChannelSelect:
@@ -267,7 +295,9 @@ def test_the_package_blocks_sum_in_place_when_unobserved_and_keep_outputs_after_
 def _remove_at_random_(graph: PrunableGraph, fraction: float, seed: int) -> list:
     generator = torch.Generator().manual_seed(seed)
     plan = {
-        group.name: torch.randperm(group.num_units, generator=generator)[: int(fraction * group.num_units)].sort().values
+        group.name: torch.randperm(group.num_units, generator=generator)[: int(fraction * group.num_units)]
+        .sort()
+        .values
         for group in graph.groups()
         if group.blocked is None
     }

@@ -1,0 +1,160 @@
+"""Dead attention heads: detection at the output projection's input, exact removal, optimizer and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from helpers.lightning import RandomDataModule
+from lightning_demp import DemonPruning
+from lightning_demp.attention import HeadedAttention, head_readers, plan_head_removal, remove_heads_
+from lightning_demp.demos import TransformerClassifier
+from lightning_demp.detection import ActivationMonitor, dead_check
+from lightning_demp.optim import remap_optimizer_
+from lightning_demp.surgery import PrunableGraph, enable_resize_on_load
+
+
+def kill_heads_(attention: HeadedAttention, heads: list[int]) -> None:
+    """Zero the value rows (weights and bias) of ``heads``: their attention output is exactly 0."""
+    width = attention.heads * attention.head_dim
+    with torch.no_grad():
+        for head in heads:
+            rows = slice(2 * width + head * attention.head_dim, 2 * width + (head + 1) * attention.head_dim)
+            attention.qkv.weight[rows] = 0.0
+            attention.qkv.bias[rows] = 0.0
+
+
+def test_headed_attention_computes_what_multihead_attention_computes_with_the_same_weights():
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(12, 3, batch_first=True).eval()
+    attention = HeadedAttention(12, 3).eval()
+    with torch.no_grad():
+        attention.qkv.weight.copy_(reference.in_proj_weight)
+        attention.qkv.bias.copy_(torch.randn(36))
+        reference.in_proj_bias.copy_(attention.qkv.bias)
+        attention.proj.weight.copy_(reference.out_proj.weight)
+        attention.proj.bias.copy_(torch.randn(12))
+        reference.out_proj.bias.copy_(attention.proj.bias)
+    x = torch.randn(4, 7, 12)
+    torch.testing.assert_close(attention(x), reference(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("heads", "head_dim", "dead"), [(2, 4, [1]), (4, 3, [0, 2]), (4, 2, [3, 1, 0])])
+def test_removing_dead_heads_keeps_the_output_and_the_optimizer_state_follows(heads, head_dim, dead):
+    torch.manual_seed(0)
+    attention = HeadedAttention(8, heads, head_dim=head_dim).eval()
+    with torch.no_grad():
+        attention.proj.bias.normal_()
+    kill_heads_(attention, dead)
+    x = torch.randn(5, 6, 8)
+    before = attention(x)
+    optimizer = torch.optim.Adam(attention.parameters())
+    for param in attention.parameters():  # tag each state entry with its parameter's values
+        optimizer.state[param] = {"exp_avg": param.detach().clone(), "step": torch.tensor(2.0)}
+
+    remap_optimizer_(optimizer, attention.remove_heads_(torch.tensor(dead)))
+
+    assert attention.heads == heads - len(dead)
+    assert attention.qkv.out_features == 3 * attention.heads * head_dim == 3 * attention.proj.in_features
+    torch.testing.assert_close(attention(x), before, rtol=1e-5, atol=1e-6)
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in attention.parameters()}
+    for param in attention.parameters():
+        assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
+
+
+def test_a_live_head_changes_the_output_when_removed():
+    torch.manual_seed(0)
+    attention = HeadedAttention(8, 2).eval()
+    x = torch.randn(3, 4, 8)
+    before = attention(x)
+    attention.remove_heads_(torch.tensor([0]))
+    assert not torch.allclose(attention(x), before, atol=1e-3)  # the preservation test above is not vacuous
+
+
+def test_bad_head_removals_are_refused():
+    attention = HeadedAttention(8, 2)
+    with pytest.raises(ValueError, match=r"Head positions must lie in \[0, 2\), got \[2\]"):
+        attention.remove_heads_(torch.tensor([2]))
+    with pytest.raises(ValueError, match="Cannot remove all 2 heads"):
+        attention.remove_heads_(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="`heads=3` must be positive and divide `dim=8`"):
+        HeadedAttention(8, 3)
+
+
+def test_dead_heads_are_found_at_the_projection_input_and_one_head_always_stays():
+    model = nn.Sequential(HeadedAttention(8, 4)).eval()
+    kill_heads_(model[0], [1, 2])
+    monitor = ActivationMonitor(head_readers(model))
+    stats = dead_check(model, monitor, [torch.randn(6, 5, 8) for _ in range(2)], lambda module, batch: module(batch))
+    assert plan_head_removal(model, stats)["0"].tolist() == [1, 2]
+    kill_heads_(model[0], [0, 3])  # everything dead: the most active (first, on a tie) stays
+    monitor.reset()
+    stats = dead_check(model, monitor, [torch.randn(6, 5, 8)], lambda module, batch: module(batch))
+    assert plan_head_removal(model, stats)["0"].tolist() == [1, 2, 3]
+    nonfinite = {"0.proj": {"max_abs": torch.tensor([float("nan")] + [0.0] * 7)}}
+    assert plan_head_removal(model, nonfinite) == {}
+
+
+def test_torch_pruning_sees_an_attention_layer_as_one_layer_and_its_heads_as_no_units():
+    model = TransformerClassifier(dim=16, depth=1, heads=4, hidden=32)
+    groups = PrunableGraph(model, model.example_input_array).groups()
+    assert [g.name for g in groups if g.blocked is None] == ["blocks.0.fc1"]
+    assert not any(name.startswith("blocks.0.attn.") for g in groups for name in g.members)
+    residual = next(g for g in groups if "blocks.0.attn" in g.members)
+    assert "HeadedAttention" in str(residual.blocked)
+
+
+def test_a_checkpoint_with_removed_heads_loads_into_a_fresh_model():
+    torch.manual_seed(0)
+    model = TransformerClassifier(dim=16, depth=2, heads=4, hidden=32).eval()
+    kill_heads_(model.blocks[1].attn, [0, 3])
+    remove_heads_(model, {"blocks.1.attn": torch.tensor([0, 3])})
+    fresh = TransformerClassifier(dim=16, depth=2, heads=4, hidden=32).eval()
+    enable_resize_on_load(fresh)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.blocks[1].attn.heads == 2 and fresh.blocks[0].attn.heads == 4
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+class _FrozenTransformer(TransformerClassifier):
+    """Trained at learning rate 0, so that planted dead heads stay dead."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            dim=16,
+            depth=2,
+            heads=2,
+            hidden=32,
+            num_classes=4,
+            lr=0.0,
+            optimizer="adam",
+            lr_schedule="constant",
+            weight_decay=0.0,
+        )
+
+
+def test_the_callback_removes_a_dead_head_and_keeps_training_the_rest():
+    model = _FrozenTransformer()
+    kill_heads_(model.blocks[0].attn, [1])
+    callback = DemonPruning(regularizer="l2", reg_max=0.0, noise_std=0.0, verbose=False, plot=False)
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    trainer.fit(model, datamodule=RandomDataModule(num_features=40, num_classes=4))
+
+    assert model.blocks[0].attn.heads == 1 and model.blocks[1].attn.heads == 2
+    assert callback.kept_heads == {"blocks.0.attn": [0], "blocks.1.attn": [0, 1]}
+    assert callback.events[-1]["heads_removed"] == {"blocks.0.attn": 1}
+    held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters()}
+    metrics = callback.size_metrics(model)
+    assert metrics["demp/heads/blocks.0.attn"] == 1.0 and metrics["demp/heads/blocks.1.attn"] == 2.0
+    assert callback.state_dict()["kept_heads"] == callback.kept_heads
