@@ -7,23 +7,14 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from helpers.lightning import RandomDataModule
+from helpers.lightning import RandomDataModule, planted_transformer
+from helpers.models import kill_heads_
 from lightning_demp import DemonPruning
 from lightning_demp.attention import HeadedAttention, head_readers, plan_head_removal, remove_heads_
 from lightning_demp.demos import TransformerClassifier
 from lightning_demp.detection import ActivationMonitor, dead_check
 from lightning_demp.optim import remap_optimizer_
 from lightning_demp.surgery import PrunableGraph, enable_resize_on_load
-
-
-def kill_heads_(attention: HeadedAttention, heads: list[int]) -> None:
-    """Zero the value rows (weights and bias) of ``heads``: their attention output is exactly 0."""
-    width = attention.heads * attention.head_dim
-    with torch.no_grad():
-        for head in heads:
-            rows = slice(2 * width + head * attention.head_dim, 2 * width + (head + 1) * attention.head_dim)
-            attention.qkv.weight[rows] = 0.0
-            attention.qkv.bias[rows] = 0.0
 
 
 def test_headed_attention_computes_what_multihead_attention_computes_with_the_same_weights():
@@ -119,26 +110,8 @@ def test_a_checkpoint_with_removed_heads_loads_into_a_fresh_model():
     torch.testing.assert_close(fresh(x), model(x))
 
 
-class _FrozenTransformer(TransformerClassifier):
-    """Trained at learning rate 0, so that planted dead heads stay dead."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            dim=16,
-            depth=2,
-            heads=2,
-            hidden=32,
-            num_classes=4,
-            lr=0.0,
-            optimizer="adam",
-            lr_schedule="constant",
-            weight_decay=0.0,
-        )
-
-
 def test_the_callback_removes_a_dead_head_and_keeps_training_the_rest():
-    model = _FrozenTransformer()
-    kill_heads_(model.blocks[0].attn, [1])
+    model = planted_transformer()
     callback = DemonPruning(regularizer="l2", reg_max=0.0, noise_std=0.0, verbose=False, plot=False)
     trainer = Trainer(
         max_epochs=1,

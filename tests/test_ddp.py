@@ -12,7 +12,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from helpers.lightning import AssertRanksAgree, RandomDataModule, planted_mlp
+from helpers.lightning import (
+    AssertRanksAgree,
+    RandomDataModule,
+    planted_mlp,
+    planted_residual_cnn,
+    planted_transformer,
+)
 from lightning_demp import DemonPruning
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
@@ -40,6 +46,33 @@ def test_ddp_spawn_keeps_ranks_identical_after_every_removal_and_returns_the_pru
     assert model.net[0].out_features <= 10  # the main process holds the pruned weights
     assert model.net[2].in_features == model.net[0].out_features
     assert torch.isfinite(model(torch.randn(3, 6))).all()
+
+
+@pytest.mark.parametrize(
+    ("build", "num_features"), [(planted_transformer, 40), (planted_residual_cnn, 16)], ids=["heads", "reordering"]
+)
+def test_ddp_spawn_keeps_ranks_identical_when_heads_go_and_channels_are_reordered(tmp_path, build, num_features):
+    model = build()
+    trainer = Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[
+            DemonPruning(regularizer="l2", reg_max=0.0, noise_std=0.0, verbose=False, plot=False),
+            AssertRanksAgree(),
+        ],
+    )
+    trainer.fit(model, datamodule=RandomDataModule(num_features=num_features, num_classes=4))
+    if build is planted_transformer:  # the main process holds the pruned weights, heads included
+        assert model.blocks[0].attn.heads == 1 and model.blocks[0].attn.qkv.out_features == 3 * 8
+    else:
+        assert model.net.block1.shortcut.segments == ((0, 0, 7),)
 
 
 def test_ddp_spawn_refuses_a_module_that_cannot_take_pruned_shapes_before_training(tmp_path):

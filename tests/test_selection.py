@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_surgery import remove_dead_
 from torch import Tensor, nn
 
-from helpers.lightning import RandomDataModule
+from helpers.lightning import FrozenResidualCNN, RandomDataModule, planted_residual_cnn
 from helpers.models import ResidualCNN, kill_bn_units_, randomize_bn_
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier, ResidualCNNBackbone
@@ -353,21 +353,8 @@ def test_an_order_that_is_not_a_permutation_or_a_group_that_cannot_be_reordered_
         plain.permute_units_({"0": torch.tensor([0, 0, 1])})
 
 
-class _FrozenDemo(DemoClassifier):
-    """The decoupled demo CNN trained at learning rate 0, so that its weights can be traced to the original units."""
-
-    def __init__(self) -> None:
-        super().__init__(num_classes=4, lr=0.0, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
-        self.net = ResidualCNNBackbone(width=8, num_classes=4)
-        self.example_input_array = torch.zeros(2, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def test_the_callback_reorders_after_removal_and_kept_units_follow_the_new_order(tmp_path):
-    model = _FrozenDemo()
-    kill_bn_units_(model.net.stem_bn, [1], shift=-5.0)  # dead at block 1's input only: its output keeps id 1
+    model = planted_residual_cnn()  # stem channel 1 dead: gone at block 1's input only, its output keeps id 1
     original_conv2 = model.net.block1.conv2.weight.detach().clone()
     callback = DemonPruning(regularizer="l1_norm_scale", reg_max=0.0, noise_std=0.0, verbose=False, plot=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -383,7 +370,7 @@ def test_the_callback_reorders_after_removal_and_kept_units_follow_the_new_order
     assert kept[-1] == 1 and sorted(kept) == list(range(8))  # the unrouted output moved last
     assert torch.equal(model.net.block1.conv2.weight.detach(), original_conv2[kept])
 
-    fresh = _FrozenDemo()
+    fresh = FrozenResidualCNN()
     enable_resize_on_load(fresh)
     fresh.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"])
     assert fresh.net.block1.shortcut.segments == ((0, 0, 7),)

@@ -10,7 +10,13 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_demp import DemonPruning
-from lightning_demp.demos import ArrayDataModule, MLPClassifier
+from lightning_demp.demos import (
+    ArrayDataModule,
+    DemoClassifier,
+    MLPClassifier,
+    ResidualCNNBackbone,
+    TransformerClassifier,
+)
 
 
 class RandomDataModule(ArrayDataModule):
@@ -113,3 +119,50 @@ class AssertRanksAgree(Callback):
         assert gathered.shape[0] == trainer.world_size
         assert torch.equal(gathered[0], gathered[1]), f"ranks differ at epoch {trainer.current_epoch}: {gathered}"
         self.checked_epochs.append(trainer.current_epoch)
+
+
+class FrozenTransformer(TransformerClassifier):
+    """A small demo transformer (2 blocks of 2 heads, 4 classes) trained at learning rate 0: planted deaths stay."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            dim=16,
+            depth=2,
+            heads=2,
+            hidden=32,
+            num_classes=4,
+            lr=0.0,
+            optimizer="adam",
+            lr_schedule="constant",
+            weight_decay=0.0,
+        )
+
+
+class FrozenResidualCNN(DemoClassifier):
+    """The decoupled demo CNN (width 8, 4 classes) trained at learning rate 0, so that weights trace back to units."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=4, lr=0.0, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
+        self.net = ResidualCNNBackbone(width=8, num_classes=4)
+        self.example_input_array = torch.zeros(2, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def planted_transformer() -> FrozenTransformer:
+    """`FrozenTransformer` with head 1 of block 0 dead from the start."""
+    from helpers.models import kill_heads_
+
+    model = FrozenTransformer()
+    kill_heads_(model.blocks[0].attn, [1])
+    return model
+
+
+def planted_residual_cnn() -> FrozenResidualCNN:
+    """`FrozenResidualCNN` with stem channel 1 dead: block 1 loses it at its input only, so channels get reordered."""
+    from helpers.models import kill_bn_units_
+
+    model = FrozenResidualCNN()
+    kill_bn_units_(model.net.stem_bn, [1], shift=-5.0)
+    return model

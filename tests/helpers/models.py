@@ -122,3 +122,13 @@ def make_alive_(model: nn.Module) -> nn.Module:
             if isinstance(module, nn.Linear):
                 module.bias.fill_(1.0)
     return model
+
+
+def kill_heads_(attention: nn.Module, heads: list[int]) -> None:
+    """Zero the value rows (weights and bias) of ``heads`` of a `HeadedAttention`: their output is exactly 0."""
+    width = attention.heads * attention.head_dim
+    with torch.no_grad():
+        for head in heads:
+            rows = slice(2 * width + head * attention.head_dim, 2 * width + (head + 1) * attention.head_dim)
+            attention.qkv.weight[rows] = 0.0
+            attention.qkv.bias[rows] = 0.0
