@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_demp.attention import HeadedAttention
-from lightning_demp.surgery import HeadedAttentionPruner, PrunableGraph
+from lightning_demp.surgery import PrunableGraph
 
 
 def _prunable_layers(model: LightningModule) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -76,7 +76,6 @@ class TorchPruningDuringTraining(Callback):
                 pruning_ratio=self.pruning_ratio,
                 iterative_steps=self.prune_epochs,
                 ignored_layers=heads,
-                customized_pruners={HeadedAttention: HeadedAttentionPruner()},
             )
         elif self.method == "bn_scale":
             self.pruner = tp.pruner.BNScalePruner(
@@ -87,7 +86,6 @@ class TorchPruningDuringTraining(Callback):
                 pruning_ratio=self.pruning_ratio,
                 iterative_steps=self.prune_epochs,
                 ignored_layers=heads,
-                customized_pruners={HeadedAttention: HeadedAttentionPruner()},
             )
         else:
             raise ValueError(f"Expected `method` to be 'magnitude' or 'bn_scale', got {self.method!r}.")

@@ -12,7 +12,7 @@ run benchmarks/frontier.py --model cnn
 run benchmarks/frontier.py --model cnn --decoupled
 run benchmarks/frontier.py --model mlp
 run benchmarks/frontier.py --model mlp --add-reg-max 0.15 0.3 1.0
-run benchmarks/frontier.py --model cnn --decoupled --add-reg-max 0.002 0.07 0.1
+run benchmarks/frontier.py --model cnn --decoupled --add-reg-max 0.002 0.07 0.08 0.09 0.1
 run benchmarks/validation_dip.py
 run benchmarks/validation_dip.py --recalibration-batches 12
 run benchmarks/validation_dip.py --dense

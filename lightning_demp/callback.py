@@ -125,7 +125,7 @@ class DemonPruning(Callback):
         prune_every_n_epochs: Run a dead check and removal at the end of every n-th training epoch (and always at
             the end of training).
         dead_threshold: A unit is dead when every reader gets ``|value| <= dead_threshold`` from it on every sample
-            and position; ``0`` means exact death.
+            and position; ``0`` means exact death. The same threshold applies to a `HeadedAttention` head's output.
         check_batches: How many training batches the dead check observes.
         check_mode: ``"eval_pass"`` (the paper's way: an eval-mode, gradient-free pass over the last
             ``check_batches`` training batches) or ``"train_forwards"`` (observe the last ``check_batches`` training
