@@ -9,7 +9,17 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers.lightning import RandomDataModule, model_checksum, optimizer_checksum, planted_mlp, small_mlp
+from helpers.lightning import (
+    FrozenTransformer,
+    RandomDataModule,
+    TinyResidualCNN,
+    model_checksum,
+    optimizer_checksum,
+    planted_mlp,
+    planted_residual_cnn,
+    planted_transformer,
+    small_mlp,
+)
 from lightning_demp import DemonPruning, load_pruned_checkpoint
 from lightning_demp.demos import MLPClassifier
 from lightning_demp.surgery import layer_widths
@@ -36,9 +46,9 @@ class CrashAtEpoch(Callback):
             raise Crash
 
 
-def fit(tmp_path, model, max_epochs, ckpt_path=None, extra_callbacks=()):
+def fit(tmp_path, model, max_epochs, ckpt_path=None, extra_callbacks=(), callback_args=None, data_args=None):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
-    callback = DemonPruning(**CALLBACK_ARGS)
+    callback = DemonPruning(**(callback_args or CALLBACK_ARGS))
     trainer = Trainer(
         max_epochs=max_epochs,
         callbacks=[callback, checkpoint, *extra_callbacks],
@@ -48,7 +58,7 @@ def fit(tmp_path, model, max_epochs, ckpt_path=None, extra_callbacks=()):
         accelerator="cpu",
         deterministic=True,
     )
-    trainer.fit(model, datamodule=RandomDataModule(shuffle=False), ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=RandomDataModule(shuffle=False, **(data_args or {})), ckpt_path=ckpt_path)
     return trainer, callback
 
 
@@ -83,6 +93,53 @@ def test_crash_and_resume_ends_like_the_uninterrupted_run(tmp_path):
         assert torch.equal(resumed, reference), name
     assert optimizer_checksum(resumed_trainer.optimizers[0]) == optimizer_checksum(reference_trainer.optimizers[0])
     assert resumed_trainer.global_step == reference_trainer.global_step
+
+
+@pytest.mark.parametrize(
+    ("build", "fresh", "callback_args", "data_args"),
+    [
+        (planted_mlp, small_mlp, {**CALLBACK_ARGS, "target_sparsity": 0.25, "target_metric": "units"}, {}),
+        (
+            lambda: planted_residual_cnn(lr=1e-2),
+            lambda: TinyResidualCNN(lr=1e-2),
+            {**CALLBACK_ARGS, "regularizer": "l1_norm_scale"},
+            {"num_features": 16, "num_classes": 4},
+        ),
+        (
+            planted_transformer,
+            FrozenTransformer,
+            {**CALLBACK_ARGS, "regularizer": "l2", "noise_std": 0.0},  # noise would revive the dead head
+            {"num_features": 40, "num_classes": 4},
+        ),
+    ],
+    ids=["target", "reordered-channels", "heads"],
+)
+def test_crash_and_resume_ends_like_the_uninterrupted_run_with_targets_reordering_and_heads(
+    tmp_path, build, fresh, callback_args, data_args
+):
+    torch.manual_seed(0)
+    reference_model = build()
+    start = copy.deepcopy(reference_model)
+    options = {"callback_args": callback_args, "data_args": data_args}
+    reference_trainer, reference_callback = fit(tmp_path / "a", reference_model, max_epochs=4, **options)
+    assert reference_callback.events  # something was removed before the crash point
+
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        fit(tmp_path / "b", copy.deepcopy(start), max_epochs=4, extra_callbacks=[CrashAtEpoch(2)], **options)
+    resumed_model = fresh()  # freshly constructed at full size
+    resumed_trainer, resumed_callback = fit(
+        tmp_path / "b", resumed_model, max_epochs=4, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"), **options
+    )
+
+    assert resumed_callback.kept_units == reference_callback.kept_units
+    assert resumed_callback.kept_heads == reference_callback.kept_heads
+    assert resumed_callback.strength_scale == reference_callback.strength_scale
+    for (name, resumed), reference in zip(resumed_model.named_parameters(), reference_model.parameters()):
+        assert torch.equal(resumed, reference), name
+    for resumed, reference in zip(resumed_model.buffers(), reference_model.buffers()):
+        assert torch.equal(resumed, reference)  # selections' ids, BatchNorm statistics
+    assert optimizer_checksum(resumed_trainer.optimizers[0]) == optimizer_checksum(reference_trainer.optimizers[0])
 
 
 def test_resume_restores_the_schedules_where_they_were(tmp_path):

@@ -138,11 +138,11 @@ class FrozenTransformer(TransformerClassifier):
         )
 
 
-class FrozenResidualCNN(DemoClassifier):
-    """The decoupled demo CNN (width 8, 4 classes) trained at learning rate 0, so that weights trace back to units."""
+class TinyResidualCNN(DemoClassifier):
+    """The decoupled demo CNN (width 8, 4 classes), by default at learning rate 0 so that weights trace back to units."""
 
-    def __init__(self) -> None:
-        super().__init__(num_classes=4, lr=0.0, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
+    def __init__(self, lr: float = 0.0) -> None:
+        super().__init__(num_classes=4, lr=lr, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
         self.net = ResidualCNNBackbone(width=8, num_classes=4)
         self.example_input_array = torch.zeros(2, 16)
 
@@ -159,10 +159,11 @@ def planted_transformer() -> FrozenTransformer:
     return model
 
 
-def planted_residual_cnn() -> FrozenResidualCNN:
-    """`FrozenResidualCNN` with stem channel 1 dead: block 1 loses it at its input only, so channels get reordered."""
+def planted_residual_cnn(lr: float = 0.0) -> TinyResidualCNN:
+    """`TinyResidualCNN` with stem channel 1 dead (it stays dead: a dead ReLU gets no gradient): block 1 loses it at
+    its input only, so channels get reordered."""
     from helpers.models import kill_bn_units_
 
-    model = FrozenResidualCNN()
+    model = TinyResidualCNN(lr)
     kill_bn_units_(model.net.stem_bn, [1], shift=-5.0)
     return model
