@@ -75,6 +75,34 @@ def test_ddp_spawn_keeps_ranks_identical_when_heads_go_and_channels_are_reordere
         assert model.net.block1.shortcut.segments == ((0, 0, 7),)
 
 
+def test_ddp_spawn_keeps_ranks_identical_when_a_target_limits_the_removal(tmp_path):
+    model = planted_mlp()
+    callback = DemonPruning(
+        regularizer="positive_l2",
+        reg_max=0.05,
+        noise_std=1e-3,
+        target_sparsity=0.1,
+        target_metric="units",
+        verbose=False,
+        plot=False,
+    )
+    trainer = Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback, AssertRanksAgree()],
+    )
+    trainer.fit(model, datamodule=RandomDataModule())
+    # 3 units of 22 planted dead: a 10 % target (2.2 units) is reached by the third removed unit, and nothing goes after
+    assert 22 - (model.net[0].out_features + model.net[2].out_features) == 3
+
+
 def test_ddp_spawn_refuses_a_module_that_cannot_take_pruned_shapes_before_training(tmp_path):
     model = planted_mlp()
     object.__setattr__(model, "_demp_resize_on_load", False)
