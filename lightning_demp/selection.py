@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.fx
 import torch.fx.passes.shape_prop
-import torch_pruning as tp
 from torch import Tensor, nn
 
 
@@ -349,37 +348,6 @@ def residual_sum(branch: Tensor, shortcut: nn.Module, x: Tensor) -> Tensor:
     if isinstance(shortcut, ChannelSelect) and not _observed(shortcut):
         return shortcut.add_to_(branch, x)
     return branch + shortcut(x)
-
-
-class ChannelSelectPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning handler: input and output channels of a ``ChannelSelect`` are removed independently.
-
-    Examples:
-        >>> pruner, select = ChannelSelectPruner(), ChannelSelect(4)
-        >>> _ = pruner.prune_in_channels(select, [1])
-        >>> pruner.get_in_channels(select), pruner.get_out_channels(select)
-        (3, 4)
-    """
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        assert isinstance(layer, ChannelSelect)
-        removed = set(idxs)
-        layer.keep_outputs_(torch.tensor([i for i in range(layer.out_channels) if i not in removed], dtype=torch.long))
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        assert isinstance(layer, ChannelSelect)
-        removed = set(idxs)
-        layer.keep_inputs_(torch.tensor([i for i in range(layer.in_channels) if i not in removed], dtype=torch.long))
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        assert isinstance(layer, ChannelSelect)
-        return layer.out_channels
-
-    def get_in_channels(self, layer: nn.Module) -> int:
-        assert isinstance(layer, ChannelSelect)
-        return layer.in_channels
 
 
 class DecouplingError(RuntimeError):

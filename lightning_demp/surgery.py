@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_demp.attention import HeadedAttention
 from lightning_demp.optim import ParamRemap
-from lightning_demp.selection import ChannelSelect, ChannelSelectPruner, SelectionRoute, order_routed_channels
+from lightning_demp.selection import ChannelSelect, SelectionRoute, order_routed_channels
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,37 @@ class UnitGroup:
     selection_outputs: list[ReaderSlice] = field(default_factory=list)
     blocked: str | None = None
     permutable: bool = True
+
+
+class ChannelSelectPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning handler: input and output channels of a `ChannelSelect` are removed independently.
+
+    Examples:
+        >>> pruner, select = ChannelSelectPruner(), ChannelSelect(4)
+        >>> _ = pruner.prune_in_channels(select, [1])
+        >>> pruner.get_in_channels(select), pruner.get_out_channels(select)
+        (3, 4)
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, ChannelSelect)
+        removed = set(idxs)
+        layer.keep_outputs_(torch.tensor([i for i in range(layer.out_channels) if i not in removed], dtype=torch.long))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, ChannelSelect)
+        removed = set(idxs)
+        layer.keep_inputs_(torch.tensor([i for i in range(layer.in_channels) if i not in removed], dtype=torch.long))
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        assert isinstance(layer, ChannelSelect)
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        assert isinstance(layer, ChannelSelect)
+        return layer.in_channels
 
 
 class HeadedAttentionPruner(tp.pruner.function.BasePruningFunc):

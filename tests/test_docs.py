@@ -37,3 +37,12 @@ def test_every_public_name_has_a_runnable_example():
         if ">>>" not in (inspect.getdoc(obj) or "")
     ]
     assert not missing, "public names without a `>>>` example in their docstring:\n  " + "\n  ".join(missing)
+
+
+def test_surgery_is_the_only_module_that_imports_torch_pruning():
+    importers = [
+        module.__name__
+        for module in [*_public_modules(), importlib.import_module("lightning_demp._strategy")]
+        if any(getattr(value, "__name__", "") == "torch_pruning" for value in vars(module).values())
+    ]
+    assert importers == ["lightning_demp.surgery"]
