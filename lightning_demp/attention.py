@@ -13,7 +13,6 @@ the residual width, coupled with LayerNorm, is left alone.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,6 @@ class HeadedAttention(nn.Module):
         super().__init__()
         if heads < 1 or (head_dim is None and dim % heads):
             raise ValueError(f"`heads={heads}` must be positive and divide `dim={dim}` unless `head_dim` is given.")
-        self.heads = heads
         self.head_dim = head_dim if head_dim is not None else dim // heads
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * heads * self.head_dim, bias=bias)
@@ -58,6 +56,11 @@ class HeadedAttention(nn.Module):
         if bias:
             nn.init.zeros_(self.qkv.bias)
             nn.init.zeros_(self.proj.bias)
+
+    @property
+    def heads(self) -> int:
+        """Current number of heads (read off ``qkv``, so a resized or loaded checkpoint is always consistent)."""
+        return self.qkv.out_features // (3 * self.head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Self-attention over the tokens of ``x`` (``[batch, tokens, dim]``)."""
@@ -99,15 +102,7 @@ class HeadedAttention(nn.Module):
         columns = (kept[:, None] * self.head_dim + within[None, :]).flatten()
         width = self.heads * self.head_dim
         rows = torch.cat([part * width + columns for part in range(3)])
-        remaps = _slice_linear_(self.qkv, rows, dim=0) + _slice_linear_(self.proj, columns, dim=1)
-        self.heads = len(kept)
-        return remaps
-
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        saved = state_dict.get(prefix + "qkv.weight")
-        if isinstance(saved, Tensor):  # a checkpoint saved after heads were removed
-            self.heads = saved.shape[0] // (3 * self.head_dim)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return _slice_linear_(self.qkv, rows, dim=0) + _slice_linear_(self.proj, columns, dim=1)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}"

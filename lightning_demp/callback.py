@@ -635,6 +635,12 @@ class DemonPruning(Callback):
         if plan and self.target_sparsity is not None:  # identical on every rank: same model, same plan
             plan = limit_plan_to_target(plan, lambda part: self._sparsity_after(pl_module, part), self.target_sparsity)
         head_plan = {} if target_reached else _strategy.broadcast_plan(trainer, self.plan_head_removal(stats))
+        if (  # dead heads go whole, and only within the target
+            head_plan
+            and self.target_sparsity is not None
+            and self._sparsity_after(pl_module, plan, head_plan) > self.target_sparsity
+        ):
+            head_plan = {}
         self.last_removed_count = sum(len(idxs) for idxs in plan.values()) + sum(len(h) for h in head_plan.values())
         if plan and self.saturation_tolerance is not None:
             self._fold_constants(trainer, folds_for(groups, stats, plan))
@@ -736,14 +742,21 @@ class DemonPruning(Callback):
             return 1.0 - self.units_kept_fraction()
         return 1.0 - count_parameters(pl_module) / self.initial_params if self.initial_params else 0.0
 
-    def _sparsity_after(self, pl_module: pl.LightningModule, plan: Mapping[str, Tensor]) -> float:
-        """The ``target_metric`` sparsity that removing ``plan`` would leave, measured on a copy of the model."""
+    def _sparsity_after(
+        self,
+        pl_module: pl.LightningModule,
+        plan: Mapping[str, Tensor],
+        head_plan: Mapping[str, Tensor] | None = None,
+    ) -> float:
+        """The ``target_metric`` sparsity that removing ``plan`` (and the heads of ``head_plan``) would leave,
+        measured on a copy of the model. Heads are not units: they count for ``"params"`` and ``"flops"`` only."""
         if self.target_metric == "units":
             initial = sum(self.initial_widths.values())
             removed = sum(len(idxs) for idxs in plan.values())
             return self.measured_sparsity(pl_module) + (removed / initial if initial else 0.0)
         trial = copy.deepcopy(pl_module)
         PrunableGraph(trial, self._example_input, exclude=self.exclude).remove_units_(plan)
+        remove_heads_(trial, head_plan or {})
         if self.target_metric == "flops":
             flops = count_flops_per_sample(trial, _first_samples(self._example_input, 1))
             return 1.0 - flops / self.initial_flops if self.initial_flops else 0.0

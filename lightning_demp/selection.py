@@ -332,7 +332,9 @@ def residual_sum(branch: Tensor, shortcut: nn.Module, x: Tensor) -> Tensor:
     The fused form (`ChannelSelect.add_to_`) spares the selection's zero-filled intermediate and the full-width sum,
     which keeps a decoupled compact model close to the speed of a statically pruned one. While hooks are attached to
     the selection (Torch-Pruning's tracing, the dead check's monitors) the plain form runs, so they see the module
-    called as usual. Both forms give the same values.
+    called as usual; so it does when the sum would broadcast ``branch`` or promote its dtype (under autocast, a
+    half-precision branch and a float input). Both forms give the same values. A forward hook that keeps the branch
+    layer's output would see it overwritten.
 
     Args:
         branch: The residual branch's output (a fresh tensor: see `ChannelSelect.add_to_`).
@@ -345,9 +347,20 @@ def residual_sum(branch: Tensor, shortcut: nn.Module, x: Tensor) -> Tensor:
         >>> torch.equal(residual_sum(branch, select, x), expected)
         True
     """
-    if isinstance(shortcut, ChannelSelect) and not _observed(shortcut):
+    if isinstance(shortcut, ChannelSelect) and not _observed(shortcut) and _fits_in_place(branch, shortcut, x):
         return shortcut.add_to_(branch, x)
     return branch + shortcut(x)
+
+
+def _fits_in_place(branch: Tensor, select: ChannelSelect, x: Tensor) -> bool:
+    """Whether ``branch + select(x)`` has ``branch``'s own shape and dtype (no broadcast, no type promotion)."""
+    return (
+        branch.dim() == x.dim() >= 2
+        and branch.shape[0] == x.shape[0]
+        and branch.shape[1] == select.out_channels
+        and branch.shape[2:] == x.shape[2:]
+        and branch.dtype == torch.result_type(branch, x)
+    )
 
 
 class DecouplingError(RuntimeError):
@@ -398,18 +411,37 @@ def _fusable_branch(
     graph_module: torch.fx.GraphModule, add: torch.fx.Node, shortcut: torch.fx.Node
 ) -> torch.fx.Node | None:
     """The branch operand of ``add`` when `residual_sum` may overwrite it: the output of a Linear, Conv or BatchNorm
-    layer (which autograd does not keep for backward) that nothing but this sum reads, in a plain two-operand add."""
+    layer (which autograd does not keep for backward) that nothing but this sum reads, with the sum's own shape and
+    dtype, in a plain two-operand add."""
     if add.kwargs or len(add.args) != 2:
         return None
     branch = add.args[1] if add.args[0] is shortcut else add.args[0]
     if not isinstance(branch, torch.fx.Node) or branch.op != "call_module" or len(branch.users) != 1:
         return None
+    branch_meta, sum_meta = branch.meta.get("tensor_meta"), add.meta.get("tensor_meta")
+    if (
+        branch_meta is None
+        or sum_meta is None
+        or (branch_meta.shape, branch_meta.dtype) != (sum_meta.shape, sum_meta.dtype)
+    ):
+        return None  # the sum broadcasts the branch or promotes its dtype: it cannot be written into the branch
     layer = graph_module.get_submodule(str(branch.target))
     return branch if isinstance(layer, _FRESH_OUTPUT_LAYERS) else None
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """Keeps the package's own layers whole: tracing into a `HeadedAttention` would freeze its head count into
+    reshapes and hide it from the head removal."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from lightning_demp.attention import HeadedAttention
+
+        return isinstance(m, (ChannelSelect, HeadedAttention)) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _rewrite(module: nn.Module, example_inputs: Any) -> tuple[nn.Module, int]:
-    graph_module = torch.fx.symbolic_trace(module)
+    graph = _LeafTracer().trace(module)
+    graph_module = torch.fx.GraphModule(module, graph, type(module).__name__)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     torch.fx.passes.shape_prop.ShapeProp(graph_module).propagate(*args)
     inserted = 0
@@ -431,6 +463,7 @@ def _rewrite(module: nn.Module, example_inputs: Any) -> tuple[nn.Module, int]:
             else:  # the sum becomes `residual_sum`, which adds the routed channels into the branch in place
                 select = graph_module.graph.get_attr(name)
                 fused = graph_module.graph.call_function(residual_sum, (branch, select, shortcut))
+                fused.meta = dict(node.meta)  # shapes, for residual sums further down that read this one
                 node.replace_all_uses_with(fused)
                 graph_module.graph.erase_node(node)
         inserted += 1
@@ -496,7 +529,10 @@ def decouple_residuals_(module: nn.Module, example_inputs: Any) -> int:
     def visit(parent: nn.Module) -> None:
         nonlocal inserted, last_error
         for name, child in list(parent.named_children()):
-            if child not in inputs or isinstance(child, ChannelSelect) or not any(True for _ in child.children()):
+            if isinstance(child, ChannelSelect) or not any(True for _ in child.children()):
+                continue
+            if child not in inputs:  # never called itself (a ModuleList, a ModuleDict): its children may be
+                visit(child)
                 continue
             try:
                 rewritten, count = _rewrite(child, inputs[child])

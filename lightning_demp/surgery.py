@@ -337,6 +337,7 @@ class PrunableGraph:
                 is_select = isinstance(module, ChannelSelect)
                 if dep.target.type not in _SUPPORTED_MODULE_TYPES and not is_select:
                     reasons.append(f"it is coupled with `{name}` ({type(module).__name__}), which mixes units")
+                    group.permutable = False
                     continue
                 if module in shared:
                     reasons.append(f"`{name}` shares parameters with `{shared[module]}`")
@@ -347,7 +348,9 @@ class PrunableGraph:
                     reasons.append(f"`{name}` produces the model output")
                 if is_out and module in excluded:
                     reasons.append(f"`{name}` is excluded")
-                if _permuted_tensors(module, is_out) is None:
+                if _permuted_tensors(module, is_out) is None or not _reads_each_unit_equally(
+                    item.root_idxs, group.num_units
+                ):
                     group.permutable = False
                 touched = ReaderSlice(
                     reader=name,
@@ -472,14 +475,15 @@ class PrunableGraph:
         fixed = [group.name for group in groups if group.name in orders and not group.permutable]
         if fixed:
             raise ValueError(f"The units of {fixed} cannot be reordered: a member layer is not a plain Linear/Conv.")
+        blocked = {group.name: group.blocked for group in groups if group.name in orders and group.blocked}
+        if blocked:
+            raise ValueError(f"The units of {sorted(blocked)} cannot be reordered: {'; '.join(blocked.values())}.")
         for name, order in orders.items():
             root = modules[name]
             width = int(_layer_width(root) or 0)
             order = torch.as_tensor(order, dtype=torch.long).cpu()
             if not torch.equal(order.sort().values, torch.arange(width)):
                 raise ValueError(f"The order for `{name}` must be a permutation of its {width} units, got {order}.")
-            rank = torch.empty(width, dtype=torch.long)
-            rank[order] = torch.arange(width)
             pruner = self._graph.get_pruner_of_module(root)
             tp_group = self._graph.get_pruning_group(root, pruner.prune_out_channels, list(range(width)))
             done: set[tuple[int, bool]] = set()
@@ -493,7 +497,7 @@ class PrunableGraph:
                 if (id(module), is_out) in done:
                     continue
                 done.add((id(module), is_out))
-                layer_order = _layer_order(list(item.idxs), list(item.root_idxs), rank, _side_width(module, is_out))
+                layer_order = _layer_order(list(item.idxs), list(item.root_idxs), order, _side_width(module, is_out))
                 if layer_order is None:
                     continue
                 remaps.extend(_permute_module_(module, is_out, layer_order, self._names.get(module, name)))
@@ -519,6 +523,12 @@ class PrunableGraph:
         widths = {group.name: group.num_units for group in groups}
         orders = order_routed_channels(self.selection_routes(), widths)
         return orders, self.permute_units_(orders)
+
+
+def _reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:
+    """Whether a layer side carries every unit of a group the same number of times (a condition of reordering)."""
+    counts = torch.bincount(torch.as_tensor(list(root_idxs), dtype=torch.long), minlength=num_units)
+    return bool((counts == counts[0]).all()) if counts.numel() else True
 
 
 def _units_by_position(touched: ReaderSlice) -> Tensor:
@@ -548,15 +558,25 @@ def _side_width(module: nn.Module, is_out: bool) -> int:
     return 0
 
 
-def _layer_order(idxs: list[int], root_idxs: list[int], rank: Tensor, width: int) -> Tensor | None:
-    """A layer's new order along one side: its features carrying the group's units, sorted by their unit's new
-    rank (features of one unit keep their relative order); other features stay where they are."""
+def _layer_order(idxs: list[int], root_idxs: list[int], order: Tensor, width: int) -> Tensor | None:
+    """A layer's new order along one side, for the group's new unit order ``order``.
+
+    The layer's features that carry unit ``p`` (in ascending position: a flatten gives each unit a run, a
+    concatenation of the group with itself gives it one feature per copy) keep their positions; the ``k``-th of them
+    takes the ``k``-th feature of the unit that moves to ``p``. Features of other groups stay where they are.
+    """
     if not idxs:
         return None
-    keys = sorted(zip(idxs, root_idxs, strict=True), key=lambda pair: (int(rank[pair[1]]), pair[0]))
-    order = torch.arange(width)
-    order[sorted(idxs)] = torch.tensor([idx for idx, _ in keys], dtype=torch.long)
-    return None if torch.equal(order, torch.arange(width)) else order
+    carriers: dict[int, list[int]] = {}
+    for idx, unit in sorted(zip(idxs, root_idxs, strict=True)):
+        carriers.setdefault(unit, []).append(idx)
+    layer_order = torch.arange(width)
+    for position, unit in enumerate(order.tolist()):
+        targets, sources = carriers.get(position, []), carriers.get(unit, [])
+        if len(targets) != len(sources):
+            raise ValueError("A layer reads the units of a group an unequal number of times; they cannot be reordered.")
+        layer_order[targets] = torch.tensor(sources, dtype=torch.long)
+    return None if torch.equal(layer_order, torch.arange(width)) else layer_order
 
 
 def _permuted_tensors(module: nn.Module, is_out: bool) -> list[tuple[str, int]] | None:

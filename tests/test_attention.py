@@ -131,3 +131,16 @@ def test_the_callback_removes_a_dead_head_and_keeps_training_the_rest():
     metrics = callback.size_metrics(model)
     assert metrics["demp/heads/blocks.0.attn"] == 1.0 and metrics["demp/heads/blocks.1.attn"] == 2.0
     assert callback.state_dict()["kept_heads"] == callback.kept_heads
+
+
+def test_with_a_target_removed_heads_count_toward_the_sparsity():
+    from lightning_demp.accounting import count_parameters
+
+    model = TransformerClassifier(dim=16, depth=1, heads=2, hidden=32)
+    callback = DemonPruning(target_sparsity=0.5, target_metric="params", verbose=False, plot=False)
+    callback._example_input = model.example_input_array
+    callback.initial_params = count_parameters(model)
+    without_heads = callback._sparsity_after(model, {})
+    with_a_head = callback._sparsity_after(model, {}, {"blocks.0.attn": torch.tensor([1])})
+    assert without_heads == 0.0
+    assert with_a_head == pytest.approx(2 * 16 * 8 * 2 / callback.initial_params, rel=0.05)  # qkv rows, proj columns

@@ -376,3 +376,89 @@ def test_the_callback_reorders_after_removal_and_kept_units_follow_the_new_order
     assert fresh.net.block1.shortcut.segments == ((0, 0, 7),)
     x = torch.randn(16, 16)
     torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+
+class _ConcatPoolHead(nn.Module):
+    """A decoupled block whose output is read twice by the head, through a concatenation of two poolings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, 8, 3, padding=1)
+        self.block = ResidualCNNBackbone(width=8).block1
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.block(torch.relu(self.stem(x)))
+        return self.head(torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1))
+
+
+def test_reordering_keeps_the_function_when_a_layer_reads_the_group_twice_through_a_concatenation():
+    torch.manual_seed(0)
+    model = _ConcatPoolHead().eval()
+    randomize_bn_(model)
+    x = torch.randn(4, 1, 12)
+    graph = PrunableGraph(model, x)
+    graph.remove_units_({"stem": torch.tensor([1, 4]), "block.conv2": torch.tensor([2])})
+    before = model(x)
+    orders, _ = graph.order_routed_channels_()
+    assert "block.conv2" in orders  # the concatenated group moved
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_blocked_group_is_never_reordered():
+    graph = PrunableGraph(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)), torch.randn(2, 2))
+    with pytest.raises(ValueError, match=r"\['2'\] cannot be reordered: `2` produces the model output"):
+        graph.permute_units_({"2": torch.tensor([1, 0])})
+
+
+class _TwoResiduals(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+        self.g = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.f(x)
+        return x + self.g(torch.relu(x))
+
+
+class _PooledContext(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.f(x.mean(dim=1, keepdim=True))  # the branch broadcasts over the tokens
+
+
+def test_the_rewrite_decouples_a_residual_that_follows_a_fused_one_and_never_fuses_a_broadcast():
+    chain, x = nn.Sequential(_TwoResiduals()), torch.randn(3, 8)
+    before = chain(x)
+    assert decouple_residuals_(chain, x) == 2
+    assert torch.equal(chain(x), before)
+    pooled, tokens = nn.Sequential(_PooledContext()), torch.randn(3, 5, 8)
+    before = pooled(tokens)
+    assert decouple_residuals_(pooled, tokens) == 1
+    assert residual_sum not in [n.target for n in pooled[0].graph.nodes]
+    assert torch.equal(pooled(tokens), before)
+
+
+def test_the_fused_sum_falls_back_to_the_plain_sum_when_the_dtype_would_be_promoted():
+    select, x = _select(12, _KEPT, list(range(12))), torch.randn(16, 8, 5)
+    branch = torch.randn(16, 12, 5).to(torch.bfloat16)  # as a convolution's output under autocast
+    fused = residual_sum(branch.clone(), select, x)
+    assert fused.dtype == torch.float32
+    assert torch.equal(fused, branch + select(x))
+
+
+def test_the_rewrite_keeps_attention_layers_whole_and_looks_inside_module_lists():
+    from lightning_demp.attention import attention_layers
+    from lightning_demp.demos import TransformerClassifier
+
+    model = TransformerClassifier(dim=16, depth=2, heads=2, hidden=32).eval()
+    x = torch.randn(3, 40)
+    before = model(x)
+    assert decouple_residuals_(model, model.example_input_array) == 4  # two residuals in each of the two blocks
+    assert sorted(attention_layers(model)) == ["blocks.0.attn", "blocks.1.attn"]
+    assert not any(name.startswith("blocks.0.attn.") for g in PrunableGraph(model, x).groups() for name in g.members)
+    torch.testing.assert_close(model(x), before)
