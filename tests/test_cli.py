@@ -77,3 +77,21 @@ def test_print_config_shows_every_callback_argument(tmp_path, capsys):
     ):
         assert f"{name}:" in out
     assert DemonPruning.__name__ in out
+
+
+@pytest.mark.parametrize("config", ["mnist1d_cnn.yaml", "mnist1d_mlp.yaml", "mnist1d_transformer.yaml"])
+def test_every_offline_config_fits_a_few_batches_with_a_removal_check(tmp_path, capsys, config):
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / config),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.init_args.prune_every_n_epochs=1",
+        ]
+    )
+    assert "DemonPruning summary" in capsys.readouterr().out  # the final dead check ran and reported
