@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_demp.optim import ParamRemap
+from lightning_demp.optim import ParamRemap, slice_parameter_
 
 
 class HeadedAttention(nn.Module):
@@ -109,15 +109,9 @@ class HeadedAttention(nn.Module):
 
 
 def _slice_linear_(layer: nn.Linear, kept: Tensor, dim: int) -> list[ParamRemap]:
-    remaps = []
-    for name in ("weight", "bias"):
-        old = getattr(layer, name)
-        if old is None or (name == "bias" and dim == 1):
-            continue
-        index = kept.to(old.device)
-        new = nn.Parameter(old.detach().index_select(dim, index), requires_grad=old.requires_grad)
-        setattr(layer, name, new)
-        remaps.append(ParamRemap(old=old, new=new, dim=dim, kept=kept))
+    """Keep output (``dim=0``, bias too) or input (``dim=1``) features ``kept`` of ``layer``."""
+    names = ["weight"] + (["bias"] if dim == 0 and layer.bias is not None else [])
+    remaps = [slice_parameter_(layer, name, dim, kept) for name in names]
     layer.out_features, layer.in_features = layer.weight.shape
     return remaps
 

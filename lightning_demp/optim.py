@@ -33,6 +33,24 @@ class ParamRemap:
     kept: Tensor
 
 
+def slice_parameter_(module: nn.Module, name: str, dim: int, kept: Tensor) -> ParamRemap:
+    """Replace parameter ``name`` of ``module`` by ``index_select(dim, kept)`` of itself (a slice or a permutation).
+
+    Returns:
+        The record `remap_optimizer_` needs to carry the parameter's optimizer state over.
+
+    Examples:
+        >>> layer = nn.Linear(2, 3)
+        >>> remap = slice_parameter_(layer, "weight", 0, torch.tensor([2, 0]))
+        >>> layer.weight.shape, remap.new is layer.weight, torch.equal(remap.new, remap.old[[2, 0]])
+        (torch.Size([2, 2]), True, True)
+    """
+    old = getattr(module, name)
+    new = nn.Parameter(old.detach().index_select(dim, kept.to(old.device)), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    return ParamRemap(old=old, new=new, dim=dim, kept=kept)
+
+
 @dataclass
 class _Chain:
     original: Tensor

@@ -19,6 +19,8 @@ import torch.fx
 import torch.fx.passes.shape_prop
 from torch import Tensor, nn
 
+from lightning_demp.attention import HeadedAttention
+
 
 class ChannelSelect(nn.Module):
     """Identity shortcut that survives independent removal of its input and output channels.
@@ -434,8 +436,6 @@ class _LeafTracer(torch.fx.Tracer):
     reshapes and hide it from the head removal."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from lightning_demp.attention import HeadedAttention
-
         return isinstance(m, (ChannelSelect, HeadedAttention)) or super().is_leaf_module(m, module_qualified_name)
 
 

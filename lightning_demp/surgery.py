@@ -23,7 +23,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_demp.attention import HeadedAttention
-from lightning_demp.optim import ParamRemap
+from lightning_demp.optim import ParamRemap, slice_parameter_
 from lightning_demp.selection import ChannelSelect, SelectionRoute, order_routed_channels
 
 log = logging.getLogger(__name__)
@@ -413,8 +413,11 @@ class PrunableGraph:
         A side is ``None`` (never reordered) when its channels do not all belong to one group, or the group is
         blocked or not permutable.
         """
+        return self._selection_routes(self.groups())
+
+    def _selection_routes(self, groups: Sequence[UnitGroup]) -> list[SelectionRoute]:
         sides: dict[str, dict[bool, tuple[str, Tensor]]] = {}
-        for group in self.groups():
+        for group in groups:
             usable = group.blocked is None and group.permutable
             for is_input, slices in ((True, group.readers), (False, group.selection_outputs)):
                 for touched in slices:
@@ -464,9 +467,11 @@ class PrunableGraph:
             >>> torch.allclose(model(x), before), len(remaps)
             (True, 3)
         """
+        return self._permute_units_(orders, self.groups())
+
+    def _permute_units_(self, orders: Mapping[str, Tensor], groups: Sequence[UnitGroup]) -> list[ParamRemap]:
         remaps: list[ParamRemap] = []
         modules = dict(self.model.named_modules())
-        groups = self.groups()
         unknown = sorted(set(orders) - {group.name for group in groups})
         if unknown:
             raise ValueError(
@@ -497,7 +502,10 @@ class PrunableGraph:
                 if (id(module), is_out) in done:
                     continue
                 done.add((id(module), is_out))
-                layer_order = _layer_order(list(item.idxs), list(item.root_idxs), order, _side_width(module, is_out))
+                width_of_side = _side_width(module, is_out)
+                if width_of_side is None:
+                    continue  # holds no tensor that follows its units (a shared PReLU slope)
+                layer_order = _layer_order(list(item.idxs), list(item.root_idxs), order, width_of_side)
                 if layer_order is None:
                     continue
                 remaps.extend(_permute_module_(module, is_out, layer_order, self._names.get(module, name)))
@@ -519,10 +527,12 @@ class PrunableGraph:
             >>> sorted(orders), len(model.block1.shortcut.segments), torch.allclose(model(x), before, atol=1e-6)
             (['block1.conv2', 'stem'], 1, True)
         """
-        groups = self.groups()
+        if not any(isinstance(module, ChannelSelect) for module in self.model.modules()):
+            return {}, []  # nothing to arrange: spare the group analysis at every removal event
+        groups = self.groups()  # once, for the routes, the widths and the reordering
         widths = {group.name: group.num_units for group in groups}
-        orders = order_routed_channels(self.selection_routes(), widths)
-        return orders, self.permute_units_(orders)
+        orders = order_routed_channels(self._selection_routes(groups), widths)
+        return orders, self._permute_units_(orders, groups)
 
 
 def _reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:
@@ -532,7 +542,7 @@ def _reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:
 
 
 def _units_by_position(touched: ReaderSlice) -> Tensor:
-    """The unit each channel of a selection side carries, or an empty tensor when positions repeat or miss."""
+    """The unit each channel of a selection side carries, ``-1`` at a position no unit of the group reaches."""
     units = torch.full((int(touched.feature_idxs.max()) + 1 if touched.feature_idxs.numel() else 0,), -1)
     units[touched.feature_idxs] = touched.unit_idxs
     return units
@@ -544,18 +554,15 @@ def _side(found: tuple[str, Tensor] | None, channels: int) -> tuple[str | None, 
     return found
 
 
-def _side_width(module: nn.Module, is_out: bool) -> int:
+def _side_width(module: nn.Module, is_out: bool) -> int | None:
+    """Features on one side of ``module``, read off the first tensor that follows its units (`_permuted_tensors`)."""
     if isinstance(module, ChannelSelect):
         return module.out_channels if is_out else module.in_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features if is_out else module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels if is_out else module.in_channels
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    if isinstance(module, nn.PReLU):
-        return module.num_parameters
-    return 0
+    for attribute, dim in _permuted_tensors(module, is_out) or []:
+        tensor = getattr(module, attribute, None)
+        if isinstance(tensor, Tensor):
+            return int(tensor.shape[dim])
+    return None
 
 
 def _layer_order(idxs: list[int], root_idxs: list[int], order: Tensor, width: int) -> Tensor | None:
@@ -610,15 +617,10 @@ def _permute_module_(module: nn.Module, is_out: bool, order: Tensor, name: str) 
     remaps = []
     for attribute, dim in tensors:
         old = getattr(module, attribute, None)
-        if not isinstance(old, Tensor):
-            continue
-        kept = order.to(old.device)
         if isinstance(old, nn.Parameter):
-            new = nn.Parameter(old.detach().index_select(dim, kept), requires_grad=old.requires_grad)
-            setattr(module, attribute, new)
-            remaps.append(ParamRemap(old=old, new=new, dim=dim, kept=order))
-        else:
-            old.copy_(old.index_select(dim, kept))
+            remaps.append(slice_parameter_(module, attribute, dim, order))
+        elif isinstance(old, Tensor):  # BatchNorm running statistics
+            old.copy_(old.index_select(dim, order.to(old.device)))
     return remaps
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from torch import nn
 
-from helpers.lightning import RandomDataModule, planted_transformer
+from helpers.lightning import RandomDataModule, planted_transformer, train_with_callback
 from helpers.models import kill_heads_
 from lightning_demp import DemonPruning
 from lightning_demp.attention import HeadedAttention, head_readers, plan_head_removal, remove_heads_
@@ -110,18 +109,17 @@ def test_a_checkpoint_with_removed_heads_loads_into_a_fresh_model():
     torch.testing.assert_close(fresh(x), model(x))
 
 
-def test_the_callback_removes_a_dead_head_and_keeps_training_the_rest():
-    model = planted_transformer()
-    callback = DemonPruning(regularizer="l2", reg_max=0.0, noise_std=0.0, verbose=False, plot=False)
-    trainer = Trainer(
+def test_the_callback_removes_a_dead_head_and_keeps_training_the_rest(tmp_path):
+    trainer, model, callback = train_with_callback(
+        tmp_path,
+        planted_transformer(),
         max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
+        datamodule=RandomDataModule(num_features=40, num_classes=4),
+        regularizer="l2",
+        reg_max=0.0,
+        noise_std=0.0,
+        plot=False,
     )
-    trainer.fit(model, datamodule=RandomDataModule(num_features=40, num_classes=4))
 
     assert model.blocks[0].attn.heads == 1 and model.blocks[1].attn.heads == 2
     assert callback.kept_heads == {"blocks.0.attn": [0], "blocks.1.attn": [0, 1]}

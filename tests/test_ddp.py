@@ -25,24 +25,27 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 
-def test_ddp_spawn_keeps_ranks_identical_after_every_removal_and_returns_the_pruned_model(tmp_path):
-    model = planted_mlp()
+def fit_in_two_spawned_processes(tmp_path, model, callback, max_epochs, datamodule=None) -> None:
+    """Fit under ``ddp_spawn`` (2 CPU processes) with ``AssertRanksAgree`` after ``callback`` at every epoch end."""
     trainer = Trainer(
         strategy="ddp_spawn",
         accelerator="cpu",
         devices=2,
-        max_epochs=2,
+        max_epochs=max_epochs,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[
-            DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False),
-            AssertRanksAgree(),
-        ],
+        callbacks=[callback, AssertRanksAgree()],
     )
-    trainer.fit(model, datamodule=RandomDataModule())  # an assertion failing in a worker fails here
+    trainer.fit(model, datamodule=datamodule or RandomDataModule())  # an assertion failing in a worker fails here
+
+
+def test_ddp_spawn_keeps_ranks_identical_after_every_removal_and_returns_the_pruned_model(tmp_path):
+    model = planted_mlp()
+    callback = DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False)
+    fit_in_two_spawned_processes(tmp_path, model, callback, max_epochs=2)
     assert model.net[0].out_features <= 10  # the main process holds the pruned weights
     assert model.net[2].in_features == model.net[0].out_features
     assert torch.isfinite(model(torch.randn(3, 6))).all()
@@ -53,22 +56,9 @@ def test_ddp_spawn_keeps_ranks_identical_after_every_removal_and_returns_the_pru
 )
 def test_ddp_spawn_keeps_ranks_identical_when_heads_go_and_channels_are_reordered(tmp_path, build, num_features):
     model = build()
-    trainer = Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[
-            DemonPruning(regularizer="l2", reg_max=0.0, noise_std=0.0, verbose=False, plot=False),
-            AssertRanksAgree(),
-        ],
-    )
-    trainer.fit(model, datamodule=RandomDataModule(num_features=num_features, num_classes=4))
+    callback = DemonPruning(regularizer="l2", reg_max=0.0, noise_std=0.0, verbose=False, plot=False)
+    data = RandomDataModule(num_features=num_features, num_classes=4)
+    fit_in_two_spawned_processes(tmp_path, model, callback, max_epochs=1, datamodule=data)
     if build is planted_transformer:  # the main process holds the pruned weights, heads included
         assert model.blocks[0].attn.heads == 1 and model.blocks[0].attn.qkv.out_features == 3 * 8
     else:
@@ -86,19 +76,7 @@ def test_ddp_spawn_keeps_ranks_identical_when_a_target_limits_the_removal(tmp_pa
         verbose=False,
         plot=False,
     )
-    trainer = Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback, AssertRanksAgree()],
-    )
-    trainer.fit(model, datamodule=RandomDataModule())
+    fit_in_two_spawned_processes(tmp_path, model, callback, max_epochs=2)
     # 3 units of 22 planted dead: a 10 % target (2.2 units) is reached by the third removed unit, and nothing goes after
     assert 22 - (model.net[0].out_features + model.net[2].out_features) == 3
 

@@ -53,11 +53,17 @@ def small_mlp(**kwargs: Any) -> MLPClassifier:
 
 
 def train_with_callback(
-    tmp_path: Any, model: Any = None, max_epochs: int = 2, trainer_kwargs: Any = None, **callback_kwargs: Any
+    tmp_path: Any,
+    model: Any = None,
+    max_epochs: int = 2,
+    trainer_kwargs: Any = None,
+    datamodule: Any = None,
+    **callback_kwargs: Any,
 ):
     """Fit ``model`` (a small MLP by default) with ``DemonPruning(**callback_kwargs)``; return (trainer, model, callback).
 
-    ``trainer_kwargs["callbacks"]``, when given, run after the `DemonPruning` callback.
+    ``trainer_kwargs["callbacks"]``, when given, run after the `DemonPruning` callback. The data is
+    ``RandomDataModule()`` unless ``datamodule`` is given.
     """
     callback_kwargs.setdefault("regularizer", "positive_l2")
     callback_kwargs.setdefault("verbose", False)
@@ -76,7 +82,7 @@ def train_with_callback(
         log_every_n_steps=1,
         **{key: value for key, value in (trainer_kwargs or {}).items() if key != "callbacks"},
     )
-    trainer.fit(model, datamodule=RandomDataModule())
+    trainer.fit(model, datamodule=datamodule if datamodule is not None else RandomDataModule())
     return trainer, model, callback
 
 
