@@ -16,7 +16,7 @@ from typing import Any
 import lightning
 import torch
 import yaml
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lightning_demp import DemonPruning
 from lightning_demp.accounting import count_flops_per_sample, count_parameters
@@ -72,7 +72,7 @@ def run_config(
     epochs = max_epochs or config["trainer"]["max_epochs"]
     example = model.example_input_array
     params_before, flops_before = count_parameters(model), count_flops_per_sample(model, example)
-    callbacks = []
+    callbacks: list[Callback] = []
     if with_demp:
         spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
         args = {
@@ -100,7 +100,7 @@ def run_config(
     fit_seconds = time.perf_counter() - start
     accuracy = trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"]
     params_after, flops_after = count_parameters(model), count_flops_per_sample(model, example)
-    result = {
+    result: dict[str, Any] = {
         "seed": seed,
         "demp": with_demp,
         "test_acc": accuracy,
@@ -111,15 +111,16 @@ def run_config(
         "fit_seconds": fit_seconds,
     }
     result["zeroed"] = sum(int((p == 0).sum()) for p in model.parameters()) / params_before
-    if with_demp:
-        result["units_removed"] = 1 - callbacks[0].units_kept_fraction()
-        result["widths"] = {name: len(kept) for name, kept in callbacks[0].kept_units.items()}
-        result["events"] = callbacks[0].events
-        if callbacks[0].kept_heads:
-            result["heads"] = {name: len(kept) for name, kept in callbacks[0].kept_heads.items()}
-            result["initial_heads"] = dict(callbacks[0].initial_heads)
+    demp = next((c for c in callbacks if isinstance(c, DemonPruning)), None)
+    if demp is not None:
+        result["units_removed"] = 1 - demp.units_kept_fraction()
+        result["widths"] = {name: len(kept) for name, kept in demp.kept_units.items()}
+        result["events"] = demp.events
+        if demp.kept_heads:
+            result["heads"] = {name: len(kept) for name, kept in demp.kept_heads.items()}
+            result["initial_heads"] = dict(demp.initial_heads)
         if return_callback_state:
-            result["callback_state"] = callbacks[0].state_dict()
+            result["callback_state"] = demp.state_dict()
     print(
         f"[run] seed {seed} demp={with_demp} {callback_overrides or ''} acc {accuracy:.4f} "
         f"params removed {result['params_removed']:.3f} ({fit_seconds:.0f} s)",

@@ -11,6 +11,7 @@ demo CNN's second block. Writes ``benchmarks/results/index_add_cost.json`` and `
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -34,6 +35,14 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def index_add(branch: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> None:
+    branch.index_add_(1, index, source)
+
+
+def slice_add_(branch: torch.Tensor, routed: int, source: torch.Tensor) -> None:
+    branch[:, :routed].add_(source)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -45,8 +54,8 @@ def main() -> None:
     for routed in (8, 32, 64, 128):
         index = torch.arange(routed) * (128 // routed)
         source = torch.randn(256, routed, 20)
-        scatter = median_seconds(lambda i=index, s=source: branch.index_add_(1, i, s), repeats)
-        slice_add = median_seconds(lambda k=routed, s=source: branch[:, :k].add_(s), repeats)
+        scatter = median_seconds(functools.partial(index_add, branch, index, source), repeats)
+        slice_add = median_seconds(functools.partial(slice_add_, branch, routed, source), repeats)
         rows.append({"routed": routed, "index_add_s": scatter, "slice_add_s": slice_add})
     suffix = "_quick" if args.quick else ""
     write_json(f"index_add_cost{suffix}.json", {"machine": machine(), "rows": rows})

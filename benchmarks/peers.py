@@ -31,8 +31,10 @@ def _prunable_layers(model: LightningModule) -> tuple[list[nn.Module], list[nn.M
     """
     graph = PrunableGraph(model, model.example_input_array)
     modules = dict(model.named_modules())
-    heads = [modules[name] for name in graph.output_layers]
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m not in heads]
+    heads: list[nn.Module] = [modules[name] for name in graph.output_layers]
+    layers: list[nn.Module] = [
+        m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m not in heads
+    ]
     attention = (nn.MultiheadAttention, HeadedAttention)
     if any(isinstance(m, attention) for m in model.modules()):
         layers = [m for name, m in modules.items() if name.endswith(".fc1")]

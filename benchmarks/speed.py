@@ -198,10 +198,10 @@ def main() -> None:
         "| batch | dense (ms) | compact (ms) | ModelPruning masked (ms) | masked, permanent (ms) | compact speedup | speedup / FLOP ratio |",
         "|---|---|---|---|---|---|---|",
     ]
-    for batch_size, row in inference.items():
+    for batch_label, row in inference.items():
         speedup = row["dense"] / row["compact"]
         lines.append(
-            f"| {batch_size} | {1e3 * row['dense']:.3f} | {1e3 * row['compact']:.3f} | {1e3 * row['masked']:.3f} | "
+            f"| {batch_label} | {1e3 * row['dense']:.3f} | {1e3 * row['compact']:.3f} | {1e3 * row['masked']:.3f} | "
             f"{1e3 * row['masked_permanent']:.3f} | {speedup:.2f}× | {speedup / flop_ratio:.2f} |"
         )
     lines += [

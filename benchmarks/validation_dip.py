@@ -68,7 +68,7 @@ def run(
         finally:
             spent[0] += time.perf_counter() - start
 
-    callback_module.recalibrate_batchnorm_ = timed  # type: ignore[assignment]
+    callback_module.recalibrate_batchnorm_ = timed
     try:
         trainer = Trainer(
             max_epochs=epochs,
