@@ -8,6 +8,7 @@ and the time spent recalibrating per epoch. Writes ``benchmarks/results/validati
     python benchmarks/validation_dip.py           # 2 seeds, 60 epochs (about 8 min on 2 CPU cores)
     python benchmarks/validation_dip.py --quick   # 1 seed, 10 epochs
     python benchmarks/validation_dip.py --dense   # the same loop without DemP, for reference
+    python benchmarks/validation_dip.py --variants   # recalibrated, with the recipe changed one knob at a time
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ from lightning_demp import DemonPruning
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d_cnn.yaml"
 
+# name: (DemonPruning overrides, model overrides); every variant runs with recalibration on
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "the demo's recipe": ({}, {}),
+    "reg_max=0, noise_std=0 (nothing dies)": ({"reg_max": 0.0, "noise_std": 0.0}, {}),
+    "reg_max=0.02": ({"reg_max": 0.02}, {}),
+    "noise_std=5e-4": ({"noise_std": 5e-4}, {}),
+    "prune_every_n_epochs=1": ({"prune_every_n_epochs": 1}, {}),
+    "lr=5e-3": ({}, {"lr": 5e-3}),
+}
+
 
 class ValAccuracy(Callback):
     def __init__(self) -> None:
@@ -46,16 +57,26 @@ def run(
     seed: int,
     recalibrate: bool,
     epochs: int,
-    recalibration_batches: int | None = None,
+    callback_overrides: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
     dense: bool = False,
+    variant: str | None = None,
 ) -> dict[str, Any]:
-    """One training of the demo config; with ``dense`` the same loop without DemP (``recalibrate_bn`` is then None)."""
+    """One training of the demo config, its callback and model arguments overridden; with ``dense`` the same loop
+    without DemP (``recalibrate_bn`` is then None)."""
     seed_everything(seed)
-    model, data = instantiate(config["model"]), instantiate(config["data"])
+    model_spec = {**config["model"], "init_args": {**config["model"]["init_args"], **(model_overrides or {})}}
+    model, data = instantiate(model_spec), instantiate(config["data"])
     spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
-    extra = {} if recalibration_batches is None else {"recalibration_batches": recalibration_batches}
     demp = DemonPruning(
-        **{**spec["init_args"], "seed": seed, "verbose": False, "plot": False, "recalibrate_bn": recalibrate, **extra}
+        **{
+            **spec["init_args"],
+            "seed": seed,
+            "verbose": False,
+            "plot": False,
+            "recalibrate_bn": recalibrate,
+            **(callback_overrides or {}),
+        }
     )
     accuracy = ValAccuracy()
     spent = [0.0]
@@ -92,6 +113,7 @@ def run(
     return {
         "seed": seed,
         "recalibrate_bn": None if dense else recalibrate,
+        "variant": variant,
         "history": accuracy.history,
         "span_steps": span,
         "min_val_acc_during_schedule": min(during),
@@ -121,11 +143,18 @@ def main() -> None:
         action="store_true",
         help="the same loop without DemP (files end in _dense): how low does validation go without any pruning?",
     )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="recalibrated runs of the recipe with one knob changed at a time (files end in _variants): does any "
+        "of them keep validation closer to the final accuracy?",
+    )
     args = parser.parse_args()
     suffix = (
         ("_quick" if args.quick else "")
         + (f"_recal{args.recalibration_batches}" if args.recalibration_batches else "")
         + ("_dense" if args.dense else "")
+        + ("_variants" if args.variants else "")
     )
     if args.replot:
         render(suffix)
@@ -133,19 +162,35 @@ def main() -> None:
     config = load_config(CONFIG)
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 10 if args.quick else config["trainer"]["max_epochs"]
-    settings = (True,) if args.recalibration_batches or args.dense else (False, True)
-    calls = [
-        {
-            "config": config,
-            "seed": seed,
-            "recalibrate": recalibrate,
-            "epochs": epochs,
-            "recalibration_batches": args.recalibration_batches,
-            "dense": args.dense,
-        }
-        for seed in seeds
-        for recalibrate in settings
-    ]
+    recalibration = {"recalibration_batches": args.recalibration_batches} if args.recalibration_batches else {}
+    if args.variants:
+        calls = [
+            {
+                "config": config,
+                "seed": seed,
+                "recalibrate": True,
+                "epochs": epochs,
+                "callback_overrides": callback_overrides,
+                "model_overrides": model_overrides,
+                "variant": name,
+            }
+            for name, (callback_overrides, model_overrides) in VARIANTS.items()
+            for seed in seeds
+        ]
+    else:
+        settings = (True,) if args.recalibration_batches or args.dense else (False, True)
+        calls = [
+            {
+                "config": config,
+                "seed": seed,
+                "recalibrate": recalibrate,
+                "epochs": epochs,
+                "callback_overrides": recalibration,
+                "dense": args.dense,
+            }
+            for seed in seeds
+            for recalibrate in settings
+        ]
     runs = run_parallel(run, calls, args.jobs)  # with jobs > 1 the recalibration cost is a one-thread figure
     for r in runs:
         print({k: v for k, v in r.items() if k != "history"}, flush=True)
@@ -156,14 +201,59 @@ def main() -> None:
 def after_warm_up(run: dict[str, Any], points: float = 5.0) -> float:
     """Lowest val accuracy during the schedule once the network has learned: from the first validation within
     ``points`` of the final accuracy (the first epochs of any training run are low, with or without DemP)."""
-    history = [(step, acc) for step, acc in run["history"] if step <= run["span_steps"]]
-    start = next((i for i, (_, acc) in enumerate(history) if acc >= run["final_val_acc"] - points / 100), None)
-    return min(acc for _, acc in history[start:]) if start is not None else float("nan")
+    return min(once_learned(run, points), default=float("nan"))
+
+
+def once_learned(run: dict[str, Any], points: float = 5.0) -> list[float]:
+    """Val accuracies during the schedule from the first one within ``points`` of the final accuracy."""
+    history = [acc for step, acc in run["history"] if step <= run["span_steps"]]
+    start = next((i for i, acc in enumerate(history) if acc >= run["final_val_acc"] - points / 100), len(history))
+    return history[start:]
+
+
+def render_variants(payload: dict[str, Any]) -> None:
+    """The table of ``validation_dip_variants.json``: one row per recipe variant, recalibration on."""
+    runs, epochs = payload["runs"], payload["epochs"]
+    seeds = sorted({r["seed"] for r in runs})
+    lines = [
+        f"# Validation during the schedule, recipe variants: residual CNN, MNIST-1D ({len(seeds)} seeds, {epochs} "
+        "epochs, recalibration on)",
+        "",
+        "Each row changes one knob of the demo's recipe (`configs/mnist1d_cnn.yaml`).",
+        "",
+        "| variant | lowest once learned (%) | final val acc (%) | gap (pt) | epochs once learned > 3 pt under the "
+        "final (%) | params removed (%) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        chosen = [r for r in runs if r["variant"] == name]
+        learned = [after_warm_up(r) for r in chosen]
+        final = statistics.mean(r["final_val_acc"] for r in chosen)
+        far = [
+            sum(acc < r["final_val_acc"] - 0.03 for acc in once_learned(r)) / max(1, len(once_learned(r)))
+            for r in chosen
+        ]
+        lines.append(
+            f"| {name} | {100 * statistics.mean(learned):.1f} (per seed: "
+            f"{', '.join(f'{100 * v:.1f}' for v in learned)}) | {100 * final:.2f} | "
+            f"{100 * (final - statistics.mean(learned)):.1f} | {100 * statistics.mean(far):.0f} | "
+            f"{100 * statistics.mean(r['params_removed'] for r in chosen):.1f} |"
+        )
+    lines += [
+        "",
+        "*Once learned*: from the first validation within 5 points of the run's final accuracy to the end of the "
+        "schedule. Runs were side by side, one thread each.",
+        "",
+    ]
+    write_report("validation_dip_variants.md", lines, payload["machine"])
 
 
 def render(suffix: str) -> None:
     """Write the table and the plot from ``validation_dip<suffix>.json``."""
     payload = json.loads((RESULTS / f"validation_dip{suffix}.json").read_text())
+    if "_variants" in suffix:
+        render_variants(payload)
+        return
     runs, epochs = payload["runs"], payload["epochs"]
     seeds = sorted({r["seed"] for r in runs})
     lines = [

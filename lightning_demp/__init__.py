@@ -3,6 +3,7 @@
 from lightning_demp.callback import DemonPruning
 from lightning_demp.checkpoint import load_pruned_checkpoint
 from lightning_demp.detection import ActivationMonitor, UnitActivity, dead_check, find_dead_units, unit_activity
+from lightning_demp.monitoring import SettledEarlyStopping, SettledModelCheckpoint
 from lightning_demp.optim import ParamRemap, remap_optimizer_
 from lightning_demp.regularization import add_penalty_grad_, inject_noise_
 from lightning_demp.schedules import (
@@ -25,6 +26,8 @@ __all__ = [
     "OneCycleSchedule",
     "ParamRemap",
     "PrunableGraph",
+    "SettledEarlyStopping",
+    "SettledModelCheckpoint",
     "TracingError",
     "UnitActivity",
     "UnitGroup",

@@ -1,10 +1,12 @@
-"""Schedule-aware monitoring: the schedule's phase, whether the network has settled, and a warning when
-``EarlyStopping`` or best-checkpoint selection would act on validation metrics while units are still dying.
+"""Schedule-aware monitoring: the schedule's phase, whether the network has settled, a warning when
+``EarlyStopping`` or best-checkpoint selection would act on validation metrics while units are still dying, and
+the two callbacks that act only once the network has settled (`SettledModelCheckpoint`, `SettledEarlyStopping`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -52,6 +54,8 @@ def risky_monitors(trainer: pl.Trainer, schedule_epochs: float) -> list[str]:
         monitor = getattr(callback, "monitor", None)
         if not monitor or str(monitor).startswith("demp/"):
             continue
+        if isinstance(callback, (SettledModelCheckpoint, SettledEarlyStopping)):
+            continue
         if isinstance(callback, EarlyStopping) and callback.patience * every < schedule_epochs:
             found.append(
                 f"EarlyStopping(monitor={monitor!r}, patience={callback.patience}) can stop the run within the "
@@ -63,3 +67,98 @@ def risky_monitors(trainer: pl.Trainer, schedule_epochs: float) -> list[str]:
                 "epochs of the schedule, before the network shrank"
             )
     return found
+
+
+def network_settled(trainer: pl.Trainer) -> bool:
+    """Whether the trainer's `DemonPruning` reports the network settled at the current step.
+
+    Settled means the schedule is over and the last removal check removed nothing, so validation metrics describe
+    the final network. Read from the callback itself, not from ``callback_metrics``: ``demp/settled`` is logged at
+    the end of the training epoch, after that epoch's validation.
+
+    Raises:
+        RuntimeError: if the trainer has no `DemonPruning` callback.
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_demp import DemonPruning
+        >>> trainer = Trainer(callbacks=[DemonPruning()], logger=False, enable_progress_bar=False)
+        >>> network_settled(trainer)  # nothing has been checked yet
+        False
+    """
+    from lightning_demp.callback import DemonPruning
+
+    demon = next((c for c in trainer.callbacks if isinstance(c, DemonPruning)), None)  # type: ignore[attr-defined]
+    if demon is None:
+        raise RuntimeError(
+            "A settled-only callback (SettledModelCheckpoint, SettledEarlyStopping) needs a `DemonPruning` callback "
+            "in the same Trainer: add one to `callbacks`, or use Lightning's ModelCheckpoint/EarlyStopping."
+        )
+    return demon.is_settled(trainer.global_step)
+
+
+class SettledModelCheckpoint(ModelCheckpoint):
+    """A `ModelCheckpoint` that saves only once `DemonPruning` reports the network settled.
+
+    Best-of selection on a validation metric (``monitor=...``, ``mode=...``) then compares final, pruned networks
+    only, never an early unpruned epoch whose metric happened to be higher, nor an epoch in the dip of the schedule.
+    It takes `ModelCheckpoint`'s arguments; keep a plain ``ModelCheckpoint(save_last=True)`` beside it for
+    resuming, since this one saves nothing while the schedule runs. `DemonPruning` does not warn about it.
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning.pytorch.callbacks import ModelCheckpoint
+        >>> from lightning_demp import DemonPruning
+        >>> best = SettledModelCheckpoint(monitor="val_acc", mode="max")
+        >>> trainer = Trainer(callbacks=[DemonPruning(), best, ModelCheckpoint(save_last=True)], logger=False)
+        >>> best.monitor
+        'val_acc'
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        network_settled(trainer)  # fail at setup, not after the schedule, when DemonPruning is missing
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if network_settled(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if network_settled(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if network_settled(trainer):
+            super().on_validation_end(trainer, pl_module)
+
+
+class SettledEarlyStopping(EarlyStopping):
+    """An `EarlyStopping` that counts its patience only once `DemonPruning` reports the network settled.
+
+    While units die, validation metrics dip and recover; a patience shorter than the schedule would stop a
+    healthy run. This one ignores the schedule's epochs: its patience starts with the settled network. It takes
+    `EarlyStopping`'s arguments.
+    `DemonPruning` does not warn about it.
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_demp import DemonPruning
+        >>> stop = SettledEarlyStopping(monitor="val_loss", patience=3)
+        >>> trainer = Trainer(callbacks=[DemonPruning(), stop], logger=False, enable_progress_bar=False)
+        >>> stop.patience
+        3
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        network_settled(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if network_settled(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if network_settled(trainer):
+            super().on_validation_end(trainer, pl_module)

@@ -6,13 +6,13 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from helpers.lightning import RandomDataModule, planted_mlp
 from helpers.models import ConvBN
-from lightning_demp import DemonPruning
+from lightning_demp import DemonPruning, SettledEarlyStopping, SettledModelCheckpoint
 from lightning_demp.batchnorm import recalibrate_batchnorm_
 from lightning_demp.demos import ResidualCNNClassifier
 
@@ -97,6 +97,8 @@ def test_schedule_phase_and_settled_flag_are_logged(tmp_path):
         (lambda: ModelCheckpoint(monitor="val_acc", mode="max"), True),
         (lambda: ModelCheckpoint(save_last=True), False),
         (lambda: ModelCheckpoint(monitor="demp/settled", mode="max"), False),
+        (lambda: SettledModelCheckpoint(monitor="val_acc", mode="max"), False),
+        (lambda: SettledEarlyStopping(monitor="val_acc", mode="max", patience=2), False),
     ],
     ids=[
         "early-stopping-short-patience",
@@ -104,6 +106,8 @@ def test_schedule_phase_and_settled_flag_are_logged(tmp_path):
         "best-checkpoint",
         "last-checkpoint",
         "settled-monitor",
+        "settled-model-checkpoint",
+        "settled-early-stopping",
     ],
 )
 def test_a_warning_fires_when_monitoring_would_act_during_the_schedule(tmp_path, make_monitor, risky):
@@ -143,3 +147,89 @@ def test_recalibration_uses_as_many_batches_as_asked_even_beyond_check_batches(t
     pruning = DemonPruning(verbose=False, plot=False, check_batches=1, recalibration_batches=3)  # 4 batches an epoch
     cnn_trainer(tmp_path, [pruning]).fit(ResidualCNNClassifier(width=8), datamodule=Data())
     assert used and set(used) == {3}
+
+
+class SettledAtValidation(Callback):
+    """Records, at each validation, the epoch and whether DemonPruning reported the network settled."""
+
+    def __init__(self, demon: DemonPruning) -> None:
+        self.demon = demon
+        self.records: list[tuple[int, bool]] = []
+
+    def on_validation_end(self, trainer: Trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.records.append((trainer.current_epoch, self.demon.is_settled(trainer.global_step)))
+
+    def first_settled_epoch(self) -> int:
+        return min(epoch for epoch, settled in self.records if settled)
+
+
+def fit_with_a_falling_score(tmp_path, monitor: Callback, max_epochs: int = 8):
+    """Fit the planted MLP (dead units removed at the first check, λ over the first half) with ``monitor``; the
+    model logs ``val_score`` = -epoch, so the best score is always the earliest validation."""
+    seed_everything(0)
+    model = planted_mlp()
+    original_validation_step = model.validation_step
+
+    def validation_step(batch, batch_idx):
+        original_validation_step(batch, batch_idx)
+        model.log("val_score", -float(model.current_epoch))
+
+    model.validation_step = validation_step
+    demon = DemonPruning(
+        regularizer="positive_l2", reg_max=1e-3, schedule_span=0.5, prune_every_n_epochs=1, verbose=False, plot=False
+    )
+    recorder = SettledAtValidation(demon)
+    trainer = Trainer(
+        max_epochs=max_epochs,
+        callbacks=[demon, monitor, recorder],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=RandomDataModule())
+    return trainer, model, recorder
+
+
+def test_settled_model_checkpoint_keeps_the_best_settled_epoch_where_model_checkpoint_keeps_a_larger_network(tmp_path):
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", monitor="val_score", mode="max")
+    _, model, _ = fit_with_a_falling_score(tmp_path, plain)
+    settled = SettledModelCheckpoint(dirpath=tmp_path / "settled", monitor="val_score", mode="max")
+    _, same_model, recorder = fit_with_a_falling_score(tmp_path, settled)
+
+    def shapes(state_dict):
+        return {name: tuple(value.shape) for name, value in state_dict.items()}
+
+    final_shapes = shapes(model.state_dict())
+    assert shapes(same_model.state_dict()) == final_shapes  # the two runs are the same run
+    plain_best = torch.load(plain.best_model_path, weights_only=False)
+    settled_best = torch.load(settled.best_model_path, weights_only=False)
+    assert plain_best["epoch"] == 0
+    assert shapes(plain_best["state_dict"]) != final_shapes  # units removed after it was kept
+    assert settled_best["epoch"] == recorder.first_settled_epoch() > 0
+    assert shapes(settled_best["state_dict"]) == final_shapes
+    saved_epochs = [int(path.stem.split("epoch=")[1].split("-")[0]) for path in (tmp_path / "settled").iterdir()]
+    assert min(saved_epochs) >= recorder.first_settled_epoch()
+
+
+def test_settled_early_stopping_counts_patience_only_once_the_network_has_settled(tmp_path):
+    plain = EarlyStopping(monitor="val_score", mode="max", patience=1)
+    _, _, plain_recorder = fit_with_a_falling_score(tmp_path, plain)
+    assert plain.stopped_epoch == 1  # the falling score stops it inside the schedule
+    assert not any(settled for _, settled in plain_recorder.records)
+
+    settled = SettledEarlyStopping(monitor="val_score", mode="max", patience=1)
+    trainer, _, recorder = fit_with_a_falling_score(tmp_path, settled)
+    assert settled.stopped_epoch == recorder.first_settled_epoch() + 1  # the first settled score, one more epoch
+    assert trainer.current_epoch < 8  # it did stop the run, after the schedule
+
+
+@pytest.mark.parametrize("make_monitor", [SettledModelCheckpoint, SettledEarlyStopping])
+def test_settled_callbacks_without_demon_pruning_are_refused_at_setup(tmp_path, make_monitor):
+    trainer = Trainer(
+        max_epochs=1, callbacks=[make_monitor(monitor="val_acc")], logger=False, enable_progress_bar=False
+    )
+    with pytest.raises(RuntimeError, match="needs a `DemonPruning` callback"):
+        trainer.fit(planted_mlp(), datamodule=RandomDataModule())
