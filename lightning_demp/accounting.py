@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -62,14 +63,70 @@ def batch_size_of(inputs: Any) -> int:
     return 1
 
 
+def attention_flops(
+    query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: Any, **kwargs: Any
+) -> int:
+    """FLOPs of ``softmax(q kᵀ) v``: its two batched matmuls, as torch counts them for the GPU kernels.
+
+    torch's ``FlopCounterMode`` has no formula for the CPU kernel of ``scaled_dot_product_attention``, so on CPU it
+    counted nothing for attention; `count_flops_per_sample` adds this one. ``query_shape`` is
+    ``(batch, heads, queries, head_dim)``, ``key_shape`` and ``value_shape`` alike with the keys.
+
+    Examples:
+        >>> attention_flops((2, 4, 10, 8), (2, 4, 10, 8), (2, 4, 10, 8))  # batch 2, 4 heads, 10 tokens, head dim 8
+        25600
+    """
+    batch, heads, queries, dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (dim + value_dim)
+
+
+def fused_attention_flops(
+    query_shape: Sequence[int],
+    key_shape: Sequence[int],
+    value_shape: Sequence[int],
+    embed_dim: int,
+    num_heads: int,
+    *args: Any,
+    **kwargs: Any,
+) -> int:
+    """FLOPs of ``nn.MultiheadAttention``'s fused inference kernel: q/k/v projections, attention, output projection.
+
+    In eval mode without gradients, ``nn.MultiheadAttention`` runs one fused kernel for which torch's
+    ``FlopCounterMode`` has no formula, so it counted nothing for the whole layer; `count_flops_per_sample` adds
+    this one. Inputs are batch-first ``(batch, tokens, embed_dim)`` or unbatched ``(tokens, embed_dim)``.
+
+    Examples:
+        >>> fused_attention_flops((2, 10, 32), (2, 10, 32), (2, 10, 32), 32, 4)
+        189440
+    """
+    batch = query_shape[0] if len(query_shape) == 3 else 1
+    queries, keys = query_shape[-2], key_shape[-2]
+    head_dim = embed_dim // num_heads
+    projections = 2 * batch * embed_dim * embed_dim * (2 * queries + 2 * keys)  # q, k, v in; the output out
+    return projections + attention_flops(
+        (batch, num_heads, queries, head_dim), (batch, num_heads, keys, head_dim), (batch, num_heads, keys, head_dim)
+    )
+
+
+_EXTRA_FLOP_FORMULAS = {
+    getattr(torch.ops.aten, name): formula
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", attention_flops),
+        ("_native_multi_head_attention", fused_attention_flops),
+    )
+    if hasattr(torch.ops.aten, name)
+}
+
+
 def count_flops_per_sample(module: nn.Module, inputs: Any) -> float:
-    """Forward FLOPs per sample, counted by torch's ``FlopCounterMode`` in eval mode.
+    """Forward FLOPs per sample, counted by torch's ``FlopCounterMode`` in eval mode (attention on CPU included).
 
     Examples:
         >>> count_flops_per_sample(nn.Linear(3, 2), torch.randn(4, 3))
         12.0
     """
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     with eval_mode(module), torch.no_grad(), counter:
         call_with(module, inputs)
     return counter.get_total_flops() / batch_size_of(inputs)

@@ -9,6 +9,7 @@ from torch import nn
 from helpers.lightning import RandomDataModule, planted_transformer, train_with_callback
 from helpers.models import kill_heads_
 from lightning_demp import DemonPruning
+from lightning_demp.accounting import count_flops_per_sample
 from lightning_demp.attention import HeadedAttention, head_readers, plan_head_removal, remove_heads_
 from lightning_demp.demos import TransformerClassifier
 from lightning_demp.detection import ActivationMonitor, dead_check
@@ -142,3 +143,33 @@ def test_with_a_target_removed_heads_count_toward_the_sparsity():
     with_a_head = callback._sparsity_after(model, {}, {"blocks.0.attn": torch.tensor([1])})
     assert without_heads == 0.0
     assert with_a_head == pytest.approx(2 * 16 * 8 * 2 / callback.initial_params, rel=0.05)  # qkv rows, proj columns
+
+
+class TorchSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_flop_counts_include_the_attention_matmuls_on_cpu_for_ours_and_torchs_attention():
+    tokens, dim, heads = 10, 32, 4
+    x = torch.randn(2, tokens, dim)
+    projections = 2 * tokens * dim * (3 * dim) + 2 * tokens * dim * dim  # per sample: qkv in, one out
+    attention = 2 * heads * tokens * tokens * (2 * dim // heads)  # q kᵀ and (softmax) v
+    assert count_flops_per_sample(HeadedAttention(dim, heads), x) == projections + attention
+    # the fused inference kernel of nn.MultiheadAttention was counted as 0 FLOPs, projections included
+    assert count_flops_per_sample(TorchSelfAttention(dim, heads), x) == projections + attention
+
+
+def test_removing_a_head_removes_its_share_of_the_attention_flops():
+    tokens, dim, heads = 10, 32, 4
+    model = nn.Sequential(HeadedAttention(dim, heads))
+    x = torch.randn(2, tokens, dim)
+    before = count_flops_per_sample(model, x)
+    remove_heads_(model, {"0": torch.tensor([1])})
+    head_dim = dim // heads
+    one_head = 2 * tokens * dim * (3 * head_dim) + 2 * tokens * head_dim * dim + 2 * tokens * tokens * 2 * head_dim
+    assert count_flops_per_sample(model, x) == before - one_head
