@@ -16,6 +16,7 @@ run benchmarks/frontier.py --model cnn --decoupled --add-reg-max 0.002 0.07 0.08
 run benchmarks/validation_dip.py
 run benchmarks/validation_dip.py --recalibration-batches 12
 run benchmarks/validation_dip.py --dense
+run benchmarks/validation_dip.py --variants
 run benchmarks/target.py
 run benchmarks/target.py --models mlp --targets 0.8 --force-target --append
 run benchmarks/frontier.py --model transformer --epochs 20
