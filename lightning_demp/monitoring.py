@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_demp.schedules import Schedule
 
@@ -103,7 +104,9 @@ class SettledModelCheckpoint(ModelCheckpoint):
     Best-of selection on a validation metric (``monitor=...``, ``mode=...``) then compares final, pruned networks
     only, never an early unpruned epoch whose metric happened to be higher, nor an epoch in the dip of the schedule.
     It takes `ModelCheckpoint`'s arguments; keep a plain ``ModelCheckpoint(save_last=True)`` beside it for
-    resuming, since this one saves nothing while the schedule runs. `DemonPruning` does not warn about it.
+    resuming, since this one saves nothing while the schedule runs. `DemonPruning` does not warn about it. If the
+    network never settles before the fit ends (a schedule that spans the whole fit, or no removal check after it),
+    it saves nothing and warns at the end of the fit.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -115,22 +118,40 @@ class SettledModelCheckpoint(ModelCheckpoint):
         'val_acc'
     """
 
+    settled_during_fit: bool = False  # whether any of this fit's saving points came after the network settled
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         network_settled(trainer)  # fail at setup, not after the schedule, when DemonPruning is missing
         super().setup(trainer, pl_module, stage)
+        self.settled_during_fit = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self.settled_during_fit:
+            rank_zero_warn(
+                f"`SettledModelCheckpoint(monitor={self.monitor!r})` saved no checkpoint: the network never settled "
+                "during the fit (the schedule ran to the end, or no removal check came after it). Lower "
+                "`DemonPruning(schedule_span=...)` or `prune_every_n_epochs` so that a check follows the schedule, "
+                "and keep `ModelCheckpoint(save_last=True)` beside it."
+            )
+
+    def _settled(self, trainer: pl.Trainer) -> bool:
+        settled = network_settled(trainer)
+        self.settled_during_fit = self.settled_during_fit or settled
+        return settled
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if network_settled(trainer):
+        if self._settled(trainer):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if network_settled(trainer):
+        if self._settled(trainer):
             super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if network_settled(trainer):
+        if self._settled(trainer):
             super().on_validation_end(trainer, pl_module)
 
 
@@ -139,8 +160,7 @@ class SettledEarlyStopping(EarlyStopping):
 
     While units die, validation metrics dip and recover; a patience shorter than the schedule would stop a
     healthy run. This one ignores the schedule's epochs: its patience starts with the settled network. It takes
-    `EarlyStopping`'s arguments.
-    `DemonPruning` does not warn about it.
+    `EarlyStopping`'s arguments. `DemonPruning` does not warn about it.
 
     Examples:
         >>> from lightning.pytorch import Trainer

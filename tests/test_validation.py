@@ -164,7 +164,7 @@ class SettledAtValidation(Callback):
         return min(epoch for epoch, settled in self.records if settled)
 
 
-def fit_with_a_falling_score(tmp_path, monitor: Callback, max_epochs: int = 8):
+def fit_with_a_falling_score(tmp_path, monitor: Callback, max_epochs: int = 8, prune_every_n_epochs: int = 1):
     """Fit the planted MLP (dead units removed at the first check, λ over the first half) with ``monitor``; the
     model logs ``val_score`` = -epoch, so the best score is always the earliest validation."""
     seed_everything(0)
@@ -177,7 +177,12 @@ def fit_with_a_falling_score(tmp_path, monitor: Callback, max_epochs: int = 8):
 
     model.validation_step = validation_step
     demon = DemonPruning(
-        regularizer="positive_l2", reg_max=1e-3, schedule_span=0.5, prune_every_n_epochs=1, verbose=False, plot=False
+        regularizer="positive_l2",
+        reg_max=1e-3,
+        schedule_span=0.5,
+        prune_every_n_epochs=prune_every_n_epochs,
+        verbose=False,
+        plot=False,
     )
     recorder = SettledAtValidation(demon)
     trainer = Trainer(
@@ -212,6 +217,21 @@ def test_settled_model_checkpoint_keeps_the_best_settled_epoch_where_model_check
     assert shapes(settled_best["state_dict"]) == final_shapes
     saved_epochs = [int(path.stem.split("epoch=")[1].split("-")[0]) for path in (tmp_path / "settled").iterdir()]
     assert min(saved_epochs) >= recorder.first_settled_epoch()
+
+
+def test_settled_model_checkpoint_warns_when_the_network_never_settled_during_the_fit(tmp_path):
+    never = SettledModelCheckpoint(dirpath=tmp_path / "never", monitor="val_score", mode="max")
+    with pytest.warns(UserWarning, match="saved no checkpoint: the network never settled"):
+        fit_with_a_falling_score(tmp_path, never, max_epochs=3, prune_every_n_epochs=10)  # only the final check
+    assert never.best_model_path == ""
+    assert not (tmp_path / "never").exists()
+
+    settled = SettledModelCheckpoint(dirpath=tmp_path / "settled", monitor="val_score", mode="max")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_with_a_falling_score(tmp_path, settled, max_epochs=3)
+    assert settled.best_model_path != ""
+    assert not [w for w in caught if "saved no checkpoint" in str(w.message)]
 
 
 def test_settled_early_stopping_counts_patience_only_once_the_network_has_settled(tmp_path):
