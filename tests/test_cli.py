@@ -95,3 +95,50 @@ def test_every_offline_config_fits_a_few_batches_with_a_removal_check(tmp_path, 
         ]
     )
     assert "DemonPruning summary" in capsys.readouterr().out  # the final dead check ran and reported
+
+
+def test_settled_callbacks_are_configured_from_yaml_and_save_only_settled_epochs(tmp_path):
+    config = tmp_path / "settled.yaml"
+    config.write_text(
+        f"""
+seed_everything: 0
+trainer:
+  max_epochs: 4
+  limit_train_batches: 3
+  limit_val_batches: 1
+  logger: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lightning_demp.DemonPruning
+      init_args:
+        regularizer: positive_l2
+        reg_max: 1.0e-4
+        schedule_span: 0.5
+        prune_every_n_epochs: 1
+    - class_path: lightning_demp.SettledModelCheckpoint
+      init_args:
+        dirpath: {tmp_path / "best"}
+        monitor: val_acc
+        mode: max
+        filename: "{{epoch}}"
+        save_top_k: -1
+    - class_path: lightning_demp.SettledEarlyStopping
+      init_args:
+        monitor: val_acc
+        mode: max
+        patience: 1
+model:
+  class_path: lightning_demp.demos.MLPClassifier
+  init_args:
+    input_dim: 64
+    hidden_sizes: [32]
+data:
+  class_path: lightning_demp.demos.DigitsDataModule
+"""
+    )
+    main(["fit", "--config", str(config)])
+    saved = sorted(path.name for path in (tmp_path / "best").iterdir())
+    # the schedule ends with epoch 0: a ModelCheckpoint would keep it; this one starts once a check removes nothing
+    assert "epoch=0.ckpt" not in saved
+    assert saved[-1] == "epoch=3.ckpt"
