@@ -82,26 +82,22 @@ def attention_flops(
 
 
 def fused_attention_flops(
-    query_shape: Sequence[int],
-    key_shape: Sequence[int],
-    value_shape: Sequence[int],
-    embed_dim: int,
-    num_heads: int,
-    *args: Any,
-    **kwargs: Any,
+    query: Tensor, key: Tensor, value: Tensor, embed_dim: int, num_heads: int, *args: Any, **kwargs: Any
 ) -> int:
     """FLOPs of ``nn.MultiheadAttention``'s fused inference kernel: q/k/v projections, attention, output projection.
 
     In eval mode without gradients, ``nn.MultiheadAttention`` runs one fused kernel for which torch's
     ``FlopCounterMode`` has no formula, so it counted nothing for the whole layer; `count_flops_per_sample` adds
-    this one. Inputs are batch-first ``(batch, tokens, embed_dim)`` or unbatched ``(tokens, embed_dim)``.
+    this one. The kernel takes batch-first ``(batch, tokens, embed_dim)`` inputs; nested tensors count 0, as before.
 
     Examples:
-        >>> fused_attention_flops((2, 10, 32), (2, 10, 32), (2, 10, 32), 32, 4)
+        >>> x = torch.randn(2, 10, 32)
+        >>> fused_attention_flops(x, x, x, 32, 4)
         189440
     """
-    batch = query_shape[0] if len(query_shape) == 3 else 1
-    queries, keys = query_shape[-2], key_shape[-2]
+    if query.is_nested or key.is_nested:
+        return 0
+    batch, queries, keys = query.shape[0], query.shape[-2], key.shape[-2]
     head_dim = embed_dim // num_heads
     projections = 2 * batch * embed_dim * embed_dim * (2 * queries + 2 * keys)  # q, k, v in; the output out
     return projections + attention_flops(
@@ -109,11 +105,38 @@ def fused_attention_flops(
     )
 
 
+def fused_encoder_layer_flops(src: Tensor, embed_dim: int, num_heads: int, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of ``nn.TransformerEncoderLayer``'s fused inference kernel: self-attention and the feed-forward block.
+
+    Like `fused_attention_flops`, for the kernel that ``nn.TransformerEncoderLayer`` runs in eval mode without
+    gradients (norms and activations are not counted, as torch counts neither). The first feed-forward weight is
+    the kernel's 15th argument.
+
+    Examples:
+        >>> layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True).eval()
+        >>> with torch.no_grad():
+        ...     count_flops_per_sample(layer, torch.randn(2, 10, 32))
+        176640.0
+    """
+    if src.is_nested:
+        return 0
+    batch, tokens = src.shape[0], src.shape[-2]
+    feedforward = args[11].shape[0]  # ffn_weight_1: (dim_feedforward, embed_dim)
+    return fused_attention_flops(src, src, src, embed_dim, num_heads) + 4 * batch * tokens * embed_dim * feedforward
+
+
+def _raw(formula: Any) -> Any:
+    """Mark ``formula`` as taking the tensors themselves (FlopCounterMode's ``get_raw``), not their shapes."""
+    formula._get_raw = True
+    return formula
+
+
 _EXTRA_FLOP_FORMULAS = {
     getattr(torch.ops.aten, name): formula
     for name, formula in (
         ("_scaled_dot_product_flash_attention_for_cpu", attention_flops),
-        ("_native_multi_head_attention", fused_attention_flops),
+        ("_native_multi_head_attention", _raw(fused_attention_flops)),
+        ("_transformer_encoder_layer_fwd", _raw(fused_encoder_layer_flops)),
     )
     if hasattr(torch.ops.aten, name)
 }

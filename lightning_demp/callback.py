@@ -426,8 +426,10 @@ class DemonPruning(Callback):
             pl_module.log("demp/settled", float(self.is_settled(trainer.global_step)))
 
     def is_settled(self, step: int) -> bool:
-        """The schedule is over and the last check removed nothing: validation metrics describe the final network."""
-        return not self.schedule_active(step) and self.last_removed_count == 0 and self.last_check_step >= 0
+        """The schedule is over, and a check since its end removed nothing: validation metrics describe the final
+        network. A check made while λ was still on does not count: units may die after it."""
+        span_steps = self._reg_schedule.span_steps if self._reg_schedule is not None else 0
+        return not self.schedule_active(step) and self.last_removed_count == 0 and self.last_check_step >= span_steps
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -73,9 +73,9 @@ def risky_monitors(trainer: pl.Trainer, schedule_epochs: float) -> list[str]:
 def network_settled(trainer: pl.Trainer) -> bool:
     """Whether the trainer's `DemonPruning` reports the network settled at the current step.
 
-    Settled means the schedule is over and the last removal check removed nothing, so validation metrics describe
-    the final network. Read from the callback itself, not from ``callback_metrics``: ``demp/settled`` is logged at
-    the end of the training epoch, after that epoch's validation.
+    Settled means the schedule is over and a removal check made since its end removed nothing, so validation
+    metrics describe the final network. Read from the callback itself, not from ``callback_metrics``:
+    ``demp/settled`` is logged at the end of the training epoch, after that epoch's validation.
 
     Raises:
         RuntimeError: if the trainer has no `DemonPruning` callback.
@@ -104,9 +104,10 @@ class SettledModelCheckpoint(ModelCheckpoint):
     Best-of selection on a validation metric (``monitor=...``, ``mode=...``) then compares final, pruned networks
     only, never an early unpruned epoch whose metric happened to be higher, nor an epoch in the dip of the schedule.
     It takes `ModelCheckpoint`'s arguments; keep a plain ``ModelCheckpoint(save_last=True)`` beside it for
-    resuming, since this one saves nothing while the schedule runs. `DemonPruning` does not warn about it. If the
-    network never settles before the fit ends (a schedule that spans the whole fit, or no removal check after it),
-    it saves nothing and warns at the end of the fit.
+    resuming, since this one saves nothing while the schedule runs. `DemonPruning` does not warn about it. If no
+    saving point comes after the network settled (a schedule that spans the whole fit, or no removal check after
+    it), it keeps no checkpoint and warns at the end of the fit. Two saves are not gated: ``save_last`` at the end
+    of training (the final network, after `DemonPruning`'s final check) and ``save_on_exception``.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -118,40 +119,32 @@ class SettledModelCheckpoint(ModelCheckpoint):
         'val_acc'
     """
 
-    settled_during_fit: bool = False  # whether any of this fit's saving points came after the network settled
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         network_settled(trainer)  # fail at setup, not after the schedule, when DemonPruning is missing
         super().setup(trainer, pl_module, stage)
-        self.settled_during_fit = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if not self.settled_during_fit:
+        super().on_train_end(trainer, pl_module)  # save_last: the final network, after DemonPruning's final check
+        if self.save_top_k != 0 and not self.best_model_path:
             rank_zero_warn(
-                f"`SettledModelCheckpoint(monitor={self.monitor!r})` saved no checkpoint: the network never settled "
-                "during the fit (the schedule ran to the end, or no removal check came after it). Lower "
-                "`DemonPruning(schedule_span=...)` or `prune_every_n_epochs` so that a check follows the schedule, "
-                "and keep `ModelCheckpoint(save_last=True)` beside it."
+                f"`SettledModelCheckpoint(monitor={self.monitor!r})` kept no checkpoint: none of this fit's saving "
+                "points came after the network settled (the schedule ran to the end, or no removal check that removed "
+                "nothing came after it). Lower `DemonPruning(schedule_span=...)` or `prune_every_n_epochs` so that a "
+                "check follows the schedule, and keep `ModelCheckpoint(save_last=True)` beside it."
             )
-
-    def _settled(self, trainer: pl.Trainer) -> bool:
-        settled = network_settled(trainer)
-        self.settled_during_fit = self.settled_during_fit or settled
-        return settled
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._settled(trainer):
+        if network_settled(trainer):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._settled(trainer):
+        if network_settled(trainer):
             super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._settled(trainer):
+        if network_settled(trainer):
             super().on_validation_end(trainer, pl_module)
 
 

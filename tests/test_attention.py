@@ -164,6 +164,28 @@ def test_flop_counts_include_the_attention_matmuls_on_cpu_for_ours_and_torchs_at
     assert count_flops_per_sample(TorchSelfAttention(dim, heads), x) == projections + attention
 
 
+@pytest.mark.parametrize(
+    "make_layer",
+    [
+        lambda: TorchSelfAttention(32, 4),
+        lambda: nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True),
+        lambda: nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True), 2, enable_nested_tensor=False
+        ),
+    ],
+    ids=["multihead-attention", "encoder-layer", "encoder"],
+)
+def test_torch_attention_layers_count_the_same_flops_on_their_fused_and_their_plain_path(make_layer):
+    layer, x = make_layer(), torch.randn(2, 10, 32)
+    fused = count_flops_per_sample(layer, x)  # eval, no grad: torch's fused inference kernels
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        plain = count_flops_per_sample(layer, x)  # linear layers and scaled_dot_product_attention
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert fused == plain > 0
+
+
 def test_removing_a_head_removes_its_share_of_the_attention_flops():
     tokens, dim, heads = 10, 32, 4
     model = nn.Sequential(HeadedAttention(dim, heads))

@@ -149,24 +149,26 @@ def test_recalibration_uses_as_many_batches_as_asked_even_beyond_check_batches(t
     assert used and set(used) == {3}
 
 
-class SettledAtValidation(Callback):
-    """Records, at each validation, the epoch and whether DemonPruning reported the network settled."""
+class SettledRecorder(Callback):
+    """Records whether DemonPruning reports the network settled where the monitoring callbacks decide: at the end
+    of validation, and at the end of the training epoch after DemonPruning's check."""
 
     def __init__(self, demon: DemonPruning) -> None:
         self.demon = demon
-        self.records: list[tuple[int, bool]] = []
+        self.at_validation: list[tuple[int, bool]] = []
+        self.at_epoch_end: list[tuple[int, bool]] = []
 
     def on_validation_end(self, trainer: Trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self.records.append((trainer.current_epoch, self.demon.is_settled(trainer.global_step)))
+            self.at_validation.append((trainer.current_epoch, self.demon.is_settled(trainer.global_step)))
 
-    def first_settled_epoch(self) -> int:
-        return min(epoch for epoch, settled in self.records if settled)
+    def on_train_epoch_end(self, trainer: Trainer, pl_module) -> None:
+        self.at_epoch_end.append((trainer.current_epoch, self.demon.is_settled(trainer.global_step)))
 
 
 def fit_with_a_falling_score(tmp_path, monitor: Callback, max_epochs: int = 8, prune_every_n_epochs: int = 1):
-    """Fit the planted MLP (dead units removed at the first check, λ over the first half) with ``monitor``; the
-    model logs ``val_score`` = -epoch, so the best score is always the earliest validation."""
+    """Fit the planted MLP (6 steps per epoch; λ over the first 4 epochs, then checks that find nothing) with
+    ``monitor``; the model logs ``val_score`` = -epoch, so the best score is always the earliest validation."""
     seed_everything(0)
     model = planted_mlp()
     original_validation_step = model.validation_step
@@ -184,10 +186,10 @@ def fit_with_a_falling_score(tmp_path, monitor: Callback, max_epochs: int = 8, p
         verbose=False,
         plot=False,
     )
-    recorder = SettledAtValidation(demon)
+    recorder = SettledRecorder(demon)
     trainer = Trainer(
         max_epochs=max_epochs,
-        callbacks=[demon, monitor, recorder],
+        callbacks=[demon, recorder, monitor],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -195,33 +197,57 @@ def fit_with_a_falling_score(tmp_path, monitor: Callback, max_epochs: int = 8, p
         default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=RandomDataModule())
-    return trainer, model, recorder
+    return trainer, demon, recorder
 
 
-def test_settled_model_checkpoint_keeps_the_best_settled_epoch_where_model_checkpoint_keeps_a_larger_network(tmp_path):
+CHECKPOINT_SAVING_POINTS = {
+    "train-epoch-end": {"monitor": "val_score", "mode": "max", "save_top_k": -1},
+    "validation-end": {"monitor": "val_score", "mode": "max", "save_top_k": -1, "save_on_train_epoch_end": False},
+    "every-train-step": {"every_n_train_steps": 1, "save_top_k": -1},
+}
+
+
+@pytest.mark.parametrize("saving_point", CHECKPOINT_SAVING_POINTS)
+def test_settled_model_checkpoint_saves_only_after_a_check_since_the_schedule_ended_found_nothing(
+    tmp_path, saving_point
+):
+    def saved_states(directory):
+        states = []
+        for path in sorted(directory.iterdir()):
+            checkpoint = torch.load(path, weights_only=False)
+            [state] = [value for key, value in checkpoint["callbacks"].items() if key.startswith("DemonPruning")]
+            states.append((checkpoint["global_step"], state["last_check_step"], state["last_removed_count"]))
+        return states
+
+    options = CHECKPOINT_SAVING_POINTS[saving_point]
+    fit_with_a_falling_score(tmp_path, ModelCheckpoint(dirpath=tmp_path / "plain", **options))
+    _, demon, _ = fit_with_a_falling_score(tmp_path, SettledModelCheckpoint(dirpath=tmp_path / "settled", **options))
+    span = demon._reg_schedule.span_steps
+
+    plain = saved_states(tmp_path / "plain")
+    assert any(step < span for step, _, _ in plain)  # Lightning's keeps networks from inside the schedule
+    settled = saved_states(tmp_path / "settled")
+    assert settled
+    for step, last_check_step, last_removed_count in settled:
+        assert step >= span
+        assert last_check_step >= span  # a check made after the schedule ...
+        assert last_removed_count == 0  # ... that found nothing more to remove
+
+
+def test_settled_model_checkpoint_keeps_the_best_settled_epoch(tmp_path):
     plain = ModelCheckpoint(dirpath=tmp_path / "plain", monitor="val_score", mode="max")
-    _, model, _ = fit_with_a_falling_score(tmp_path, plain)
+    fit_with_a_falling_score(tmp_path, plain)
     settled = SettledModelCheckpoint(dirpath=tmp_path / "settled", monitor="val_score", mode="max")
-    _, same_model, recorder = fit_with_a_falling_score(tmp_path, settled)
+    _, _, recorder = fit_with_a_falling_score(tmp_path, settled)
 
-    def shapes(state_dict):
-        return {name: tuple(value.shape) for name, value in state_dict.items()}
-
-    final_shapes = shapes(model.state_dict())
-    assert shapes(same_model.state_dict()) == final_shapes  # the two runs are the same run
-    plain_best = torch.load(plain.best_model_path, weights_only=False)
-    settled_best = torch.load(settled.best_model_path, weights_only=False)
-    assert plain_best["epoch"] == 0
-    assert shapes(plain_best["state_dict"]) != final_shapes  # units removed after it was kept
-    assert settled_best["epoch"] == recorder.first_settled_epoch() > 0
-    assert shapes(settled_best["state_dict"]) == final_shapes
-    saved_epochs = [int(path.stem.split("epoch=")[1].split("-")[0]) for path in (tmp_path / "settled").iterdir()]
-    assert min(saved_epochs) >= recorder.first_settled_epoch()
+    assert torch.load(plain.best_model_path, weights_only=False)["epoch"] == 0  # inside the schedule
+    first_settled = min(epoch for epoch, settled in recorder.at_epoch_end if settled)
+    assert torch.load(settled.best_model_path, weights_only=False)["epoch"] == first_settled
 
 
-def test_settled_model_checkpoint_warns_when_the_network_never_settled_during_the_fit(tmp_path):
+def test_settled_model_checkpoint_warns_when_no_saving_point_came_after_the_network_settled(tmp_path):
     never = SettledModelCheckpoint(dirpath=tmp_path / "never", monitor="val_score", mode="max")
-    with pytest.warns(UserWarning, match="saved no checkpoint: the network never settled"):
+    with pytest.warns(UserWarning, match="kept no checkpoint: none of this fit's saving points came after"):
         fit_with_a_falling_score(tmp_path, never, max_epochs=3, prune_every_n_epochs=10)  # only the final check
     assert never.best_model_path == ""
     assert not (tmp_path / "never").exists()
@@ -231,19 +257,26 @@ def test_settled_model_checkpoint_warns_when_the_network_never_settled_during_th
         warnings.simplefilter("always")
         fit_with_a_falling_score(tmp_path, settled, max_epochs=3)
     assert settled.best_model_path != ""
-    assert not [w for w in caught if "saved no checkpoint" in str(w.message)]
+    assert not [w for w in caught if "kept no checkpoint" in str(w.message)]
 
 
-def test_settled_early_stopping_counts_patience_only_once_the_network_has_settled(tmp_path):
-    plain = EarlyStopping(monitor="val_score", mode="max", patience=1)
+@pytest.mark.parametrize("check_on_train_epoch_end", [True, False], ids=["train-epoch-end", "validation-end"])
+def test_settled_early_stopping_counts_patience_only_once_the_network_has_settled(tmp_path, check_on_train_epoch_end):
+    plain = EarlyStopping(
+        monitor="val_score", mode="max", patience=1, check_on_train_epoch_end=check_on_train_epoch_end
+    )
     _, _, plain_recorder = fit_with_a_falling_score(tmp_path, plain)
     assert plain.stopped_epoch == 1  # the falling score stops it inside the schedule
-    assert not any(settled for _, settled in plain_recorder.records)
+    assert not any(settled for _, settled in plain_recorder.at_epoch_end)
 
-    settled = SettledEarlyStopping(monitor="val_score", mode="max", patience=1)
+    settled = SettledEarlyStopping(
+        monitor="val_score", mode="max", patience=1, check_on_train_epoch_end=check_on_train_epoch_end
+    )
     trainer, _, recorder = fit_with_a_falling_score(tmp_path, settled)
-    assert settled.stopped_epoch == recorder.first_settled_epoch() + 1  # the first settled score, one more epoch
-    assert trainer.current_epoch < 8  # it did stop the run, after the schedule
+    decisions = recorder.at_epoch_end if check_on_train_epoch_end else recorder.at_validation
+    first_settled = min(epoch for epoch, is_settled in decisions if is_settled)
+    assert settled.stopped_epoch == first_settled + 1  # the first settled score, then one epoch of patience
+    assert trainer.current_epoch < 8  # it did stop the run
 
 
 @pytest.mark.parametrize("make_monitor", [SettledModelCheckpoint, SettledEarlyStopping])
