@@ -19,7 +19,7 @@ from helpers.lightning import (
     planted_residual_cnn,
     planted_transformer,
 )
-from lightning_demp import DemonPruning
+from lightning_demp import DemonPruning, SettledEarlyStopping, SettledModelCheckpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
@@ -40,6 +40,36 @@ def fit_in_two_spawned_processes(tmp_path, model, callback, max_epochs, datamodu
         callbacks=[callback, AssertRanksAgree()],
     )
     trainer.fit(model, datamodule=datamodule or RandomDataModule())  # an assertion failing in a worker fails here
+
+
+def test_ddp_spawn_settled_callbacks_decide_alike_on_every_rank_and_save_only_after_the_schedule(tmp_path):
+    callback = DemonPruning(
+        regularizer="positive_l2", reg_max=1e-3, schedule_span=0.5, prune_every_n_epochs=1, verbose=False, plot=False
+    )
+    best = SettledModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc", mode="max", save_top_k=-1)
+    trainer = Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[
+            callback,
+            best,
+            SettledEarlyStopping(monitor="val_acc", mode="max", patience=10),
+            AssertRanksAgree(),
+        ],
+    )
+    trainer.fit(planted_mlp(), datamodule=RandomDataModule())  # a rank deciding alone would hang the collectives
+    saved = [torch.load(path, weights_only=False) for path in (tmp_path / "best").iterdir()]
+    assert saved
+    for checkpoint in saved:
+        [state] = [value for key, value in checkpoint["callbacks"].items() if key.startswith("DemonPruning")]
+        assert checkpoint["global_step"] >= state["schedule"]["span_steps"] > 0
+        assert state["last_check_step"] >= state["schedule"]["span_steps"] and state["last_removed_count"] == 0
 
 
 def test_ddp_spawn_keeps_ranks_identical_after_every_removal_and_returns_the_pruned_model(tmp_path):
