@@ -98,7 +98,23 @@ def network_settled(trainer: pl.Trainer) -> bool:
     return demon.is_settled(trainer.global_step)
 
 
-class SettledModelCheckpoint(ModelCheckpoint):
+class _ActsOnceSettled(pl.Callback):
+    """Passes the decision hooks of a Lightning monitoring callback through only once the network has settled."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        network_settled(trainer)  # fail at setup, not after the schedule, when DemonPruning is missing
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if network_settled(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if network_settled(trainer):
+            super().on_validation_end(trainer, pl_module)
+
+
+class SettledModelCheckpoint(_ActsOnceSettled, ModelCheckpoint):
     """A `ModelCheckpoint` that saves only once `DemonPruning` reports the network settled.
 
     Best-of selection on a validation metric (``monitor=...``, ``mode=...``) then compares final, pruned networks
@@ -119,10 +135,6 @@ class SettledModelCheckpoint(ModelCheckpoint):
         'val_acc'
     """
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        network_settled(trainer)  # fail at setup, not after the schedule, when DemonPruning is missing
-        super().setup(trainer, pl_module, stage)
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)  # save_last: the final network, after DemonPruning's final check
         if self.save_top_k != 0 and not self.best_model_path:
@@ -139,16 +151,8 @@ class SettledModelCheckpoint(ModelCheckpoint):
         if network_settled(trainer):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if network_settled(trainer):
-            super().on_train_epoch_end(trainer, pl_module)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if network_settled(trainer):
-            super().on_validation_end(trainer, pl_module)
-
-
-class SettledEarlyStopping(EarlyStopping):
+class SettledEarlyStopping(_ActsOnceSettled, EarlyStopping):
     """An `EarlyStopping` that counts its patience only once `DemonPruning` reports the network settled.
 
     While units die, validation metrics dip and recover; a patience shorter than the schedule would stop a
@@ -163,15 +167,3 @@ class SettledEarlyStopping(EarlyStopping):
         >>> stop.patience
         3
     """
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        network_settled(trainer)
-        super().setup(trainer, pl_module, stage)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if network_settled(trainer):
-            super().on_train_epoch_end(trainer, pl_module)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if network_settled(trainer):
-            super().on_validation_end(trainer, pl_module)

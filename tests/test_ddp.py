@@ -27,19 +27,24 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 def fit_in_two_spawned_processes(tmp_path, model, callback, max_epochs, datamodule=None) -> None:
     """Fit under ``ddp_spawn`` (2 CPU processes) with ``AssertRanksAgree`` after ``callback`` at every epoch end."""
-    trainer = Trainer(
+    trainer = two_process_trainer(tmp_path, [callback, AssertRanksAgree()], max_epochs, enable_checkpointing=False)
+    trainer.fit(model, datamodule=datamodule or RandomDataModule())  # an assertion failing in a worker fails here
+
+
+def two_process_trainer(tmp_path, callbacks, max_epochs: int, **options) -> Trainer:
+    """A quiet ``ddp_spawn`` Trainer on 2 CPU processes."""
+    return Trainer(
         strategy="ddp_spawn",
         accelerator="cpu",
         devices=2,
         max_epochs=max_epochs,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[callback, AssertRanksAgree()],
+        callbacks=callbacks,
+        **options,
     )
-    trainer.fit(model, datamodule=datamodule or RandomDataModule())  # an assertion failing in a worker fails here
 
 
 def test_ddp_spawn_settled_callbacks_decide_alike_on_every_rank_and_save_only_after_the_schedule(tmp_path):
@@ -47,22 +52,8 @@ def test_ddp_spawn_settled_callbacks_decide_alike_on_every_rank_and_save_only_af
         regularizer="positive_l2", reg_max=1e-3, schedule_span=0.5, prune_every_n_epochs=1, verbose=False, plot=False
     )
     best = SettledModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc", mode="max", save_top_k=-1)
-    trainer = Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[
-            callback,
-            best,
-            SettledEarlyStopping(monitor="val_acc", mode="max", patience=10),
-            AssertRanksAgree(),
-        ],
-    )
+    stop = SettledEarlyStopping(monitor="val_acc", mode="max", patience=10)
+    trainer = two_process_trainer(tmp_path, [callback, best, stop, AssertRanksAgree()], max_epochs=4)
     trainer.fit(planted_mlp(), datamodule=RandomDataModule())  # a rank deciding alone would hang the collectives
     saved = [torch.load(path, weights_only=False) for path in (tmp_path / "best").iterdir()]
     assert saved
@@ -115,16 +106,8 @@ def test_ddp_spawn_refuses_a_module_that_cannot_take_pruned_shapes_before_traini
     model = planted_mlp()
     object.__setattr__(model, "_demp_resize_on_load", False)
     model._load_state_dict_pre_hooks.clear()
-    trainer = Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[DemonPruning(regularizer="positive_l2", verbose=False)],
-    )
+    callbacks = [DemonPruning(regularizer="positive_l2", verbose=False)]
+    trainer = two_process_trainer(tmp_path, callbacks, max_epochs=1, enable_checkpointing=False)
     with pytest.raises(Exception, match="Call `lightning_demp.enable_resize_on_load"):  # raised in the workers
         trainer.fit(model, datamodule=RandomDataModule())
 
