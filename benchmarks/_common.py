@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -73,6 +74,7 @@ def run_config(
     example = model.example_input_array
     params_before, flops_before = count_parameters(model), count_flops_per_sample(model, example)
     callbacks: list[Callback] = []
+    demp: DemonPruning | None = None
     if with_demp:
         spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
         args = {
@@ -82,7 +84,8 @@ def run_config(
             "plot": False,
             **(callback_overrides or {}),
         }
-        callbacks.append(DemonPruning(**args))
+        demp = DemonPruning(**args)
+        callbacks.append(demp)
     if extra_callbacks is not None:
         callbacks.extend(extra_callbacks(model, epochs))
     trainer = Trainer(
@@ -111,7 +114,6 @@ def run_config(
         "fit_seconds": fit_seconds,
     }
     result["zeroed"] = sum(int((p == 0).sum()) for p in model.parameters()) / params_before
-    demp = next((c for c in callbacks if isinstance(c, DemonPruning)), None)
     if demp is not None:
         result["units_removed"] = 1 - demp.units_kept_fraction()
         result["widths"] = {name: len(kept) for name, kept in demp.kept_units.items()}
@@ -127,7 +129,7 @@ def run_config(
         flush=True,
     )
     if keep is not None:
-        keep["model"], keep["callback"] = model, callbacks[0] if with_demp else None
+        keep["model"], keep["callback"] = model, demp
     return result
 
 
@@ -141,6 +143,18 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 10) -> float:
+    """Median wall time of ``call()`` over ``repeats`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def write_report(name: str, lines: list[str], machine_info: dict[str, Any]) -> None:

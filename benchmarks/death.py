@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, load_config, machine, run_grouped, write_json
+from _common import RESULTS, default_jobs, load_config, machine, run_grouped, write_json, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d_mlp.yaml"
@@ -112,9 +112,7 @@ def main() -> None:
         lines += [f"## {label}", "", "| value | units removed (%) | test acc (%) |", "|---|---|---|"]
         lines += [f"| {r['x']} | {100 * r['units_removed']:.1f} | {100 * r['test_acc']:.1f} |" for r in rows]
         lines.append("")
-    lines.append(f"Machine: {machine()}")
-    (RESULTS / f"death{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(f"death{suffix}.md", lines, machine())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, load_config, machine, run_configs, write_json
+from _common import RESULTS, default_jobs, load_config, machine, run_configs, write_json, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,18 +69,8 @@ def main() -> None:
         f"| DemP | {summarize(demp, 'test_acc')} | {summarize(demp, 'params_removed')} | "
         f"{summarize(demp, 'flops_removed')} | {summarize(demp, 'units_removed')} | {summarize(demp, 'fit_seconds')} |",
     ]
-    text = "\n".join(
-        [
-            f"# Demo vs. dense ({len(seeds)} seed(s), {epochs or config['trainer']['max_epochs']} epochs)",
-            "",
-            *table,
-            "",
-            f"Machine: {payload['machine']}",
-            "",
-        ]
-    )
-    (RESULTS / f"demo_vs_dense{suffix}.md").write_text(text)
-    print(text)
+    title = f"# Demo vs. dense ({len(seeds)} seed(s), {epochs or config['trainer']['max_epochs']} epochs)"
+    write_report(f"demo_vs_dense{suffix}.md", [title, "", *table, ""], payload["machine"])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Times ``branch.index_add_(1, index, source)`` for a growing number of routed cha
 add of the same data (``branch[:, :k] += source``), at batch 256 with 128 channels of 20 positions, the shape of the
 demo CNN's second block. Writes ``benchmarks/results/index_add_cost.json`` and ``.md``.
 
-    python benchmarks/index_add_cost.py           # about 30 s on 2 CPU cores
+    python benchmarks/index_add_cost.py           # about 10 s on 2 CPU cores
     python benchmarks/index_add_cost.py --quick
 """
 
@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_json, write_report
-
-
-def median_seconds(call: Callable[[], object], repeats: int) -> float:
-    for _ in range(20):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _common import machine, median_seconds, write_json, write_report
 
 
 def index_add(branch: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> None:
@@ -54,8 +40,8 @@ def main() -> None:
     for routed in (8, 32, 64, 128):
         index = torch.arange(routed) * (128 // routed)
         source = torch.randn(256, routed, 20)
-        scatter = median_seconds(functools.partial(index_add, branch, index, source), repeats)
-        slice_add = median_seconds(functools.partial(slice_add_, branch, routed, source), repeats)
+        scatter = median_seconds(functools.partial(index_add, branch, index, source), repeats, warmup=20)
+        slice_add = median_seconds(functools.partial(slice_add_, branch, routed, source), repeats, warmup=20)
         rows.append({"routed": routed, "index_add_s": scatter, "slice_add_s": slice_add})
     suffix = "_quick" if args.quick else ""
     write_json(f"index_add_cost{suffix}.json", {"machine": machine(), "rows": rows})

@@ -12,30 +12,16 @@ repeated calls, 2 threads. Writes ``benchmarks/results/step_pieces.json`` and ``
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_json, write_report
+from _common import machine, median_seconds, write_json, write_report
 
 from lightning_demp.demos import ResidualCNNClassifier
 from lightning_demp.regularization import add_penalty_grad_, inject_noise_, live_masks, penalized_params
-
-
-def median_ms(function: Callable[[], object], repeats: int) -> float:
-    for _ in range(10):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -60,7 +46,7 @@ def main() -> None:
         "noise on live entries": lambda: inject_noise_(masks, 1e-5, 0, 5),
         f"for reference: {entries:,} normal numbers": lambda: torch.randn(entries, generator=generator),
     }
-    results = {name: median_ms(function, repeats) for name, function in pieces.items()}
+    results = {name: 1e3 * median_seconds(function, repeats) for name, function in pieces.items()}
     suffix = "_quick" if args.quick else ""
     write_json(f"step_pieces{suffix}.json", {"machine": machine(), "entries": entries, "ms": results})
     lines = [

@@ -24,7 +24,17 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, instantiate, load_config, machine, run_parallel, write_json, write_report
+from _common import (
+    RESULTS,
+    _override,
+    default_jobs,
+    instantiate,
+    load_config,
+    machine,
+    run_parallel,
+    write_json,
+    write_report,
+)
 
 import lightning_demp.callback as callback_module
 from lightning_demp import DemonPruning
@@ -65,8 +75,7 @@ def run(
     """One training of the demo config, its callback and model arguments overridden; with ``dense`` the same loop
     without DemP (``recalibrate_bn`` is then None)."""
     seed_everything(seed)
-    model_spec = {**config["model"], "init_args": {**config["model"]["init_args"], **(model_overrides or {})}}
-    model, data = instantiate(model_spec), instantiate(config["data"])
+    model, data = instantiate(_override(config["model"], model_overrides)), instantiate(config["data"])
     spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
     demp = DemonPruning(
         **{
@@ -211,8 +220,8 @@ def once_learned(run: dict[str, Any], points: float = 5.0) -> list[float]:
     return history[start:]
 
 
-def render_variants(payload: dict[str, Any]) -> None:
-    """The table of ``validation_dip_variants.json``: one row per recipe variant, recalibration on."""
+def render_variants(payload: dict[str, Any], suffix: str) -> None:
+    """The table of ``validation_dip<suffix>.json`` (``--variants``): one row per recipe variant, recalibration on."""
     runs, epochs = payload["runs"], payload["epochs"]
     seeds = sorted({r["seed"] for r in runs})
     lines = [
@@ -245,14 +254,14 @@ def render_variants(payload: dict[str, Any]) -> None:
         "schedule. Runs were side by side, one thread each.",
         "",
     ]
-    write_report("validation_dip_variants.md", lines, payload["machine"])
+    write_report(f"validation_dip{suffix}.md", lines, payload["machine"])
 
 
 def render(suffix: str) -> None:
     """Write the table and the plot from ``validation_dip<suffix>.json``."""
     payload = json.loads((RESULTS / f"validation_dip{suffix}.json").read_text())
     if "_variants" in suffix:
-        render_variants(payload)
+        render_variants(payload, suffix)
         return
     runs, epochs = payload["runs"], payload["epochs"]
     seeds = sorted({r["seed"] for r in runs})

@@ -90,14 +90,14 @@ class HeadedAttention(nn.Module):
             >>> torch.allclose(attention(x), before, atol=1e-6)
             True
         """
-        removed = sorted({int(h) for h in heads.tolist()})
+        removed = {int(h) for h in heads.tolist()}
         if any(h < 0 or h >= self.heads for h in removed):
-            raise ValueError(f"Head positions must lie in [0, {self.heads}), got {removed}.")
+            raise ValueError(f"Head positions must lie in [0, {self.heads}), got {sorted(removed)}.")
         if len(removed) >= self.heads:
             raise ValueError(f"Cannot remove all {self.heads} heads of an attention layer; keep at least one.")
         if not removed:
             return []
-        kept = torch.tensor([h for h in range(self.heads) if h not in set(removed)], dtype=torch.long)
+        kept = torch.tensor([h for h in range(self.heads) if h not in removed], dtype=torch.long)
         within = torch.arange(self.head_dim)
         columns = (kept[:, None] * self.head_dim + within[None, :]).flatten()
         width = self.heads * self.head_dim

@@ -12,13 +12,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from helpers.lightning import (
     FrozenTransformer,
     RandomDataModule,
-    TinyResidualCNN,
     model_checksum,
     optimizer_checksum,
     planted_mlp,
     planted_residual_cnn,
     planted_transformer,
     small_mlp,
+    tiny_residual_cnn,
 )
 from lightning_demp import DemonPruning, load_pruned_checkpoint
 from lightning_demp.demos import MLPClassifier
@@ -78,7 +78,7 @@ def test_checkpoint_after_removal_loads_with_weights_only_and_holds_the_shrunk_w
         (planted_mlp, small_mlp, {**CALLBACK_ARGS, "target_sparsity": 0.25, "target_metric": "units"}, {}),
         (
             lambda: planted_residual_cnn(lr=1e-2),
-            lambda: TinyResidualCNN(lr=1e-2),
+            lambda: tiny_residual_cnn(lr=1e-2),
             {**CALLBACK_ARGS, "regularizer": "l1_norm_scale"},
             {"num_features": 16, "num_classes": 4},
         ),
@@ -98,6 +98,7 @@ def test_crash_and_resume_ends_like_the_uninterrupted_run(tmp_path, build, fresh
     options = {"callback_args": callback_args, "data_args": data_args}
     reference_trainer, reference_callback = fit(tmp_path / "a", reference_model, max_epochs=4, **options)
     assert reference_callback.events  # something was removed before the crash point
+    assert reference_callback.events[0]["step"] < 2 * reference_trainer.num_training_batches
 
     torch.manual_seed(0)
     with pytest.raises(Crash):

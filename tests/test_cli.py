@@ -139,6 +139,7 @@ data:
     )
     main(["fit", "--config", str(config)])
     saved = sorted(path.name for path in (tmp_path / "best").iterdir())
-    # the schedule ends with epoch 0: a ModelCheckpoint would keep it; this one starts once a check removes nothing
+    # the schedule spans epochs 0-1: a ModelCheckpoint would keep epoch 0; this one starts once a check since the
+    # schedule's end removes nothing
     assert "epoch=0.ckpt" not in saved
     assert saved[-1] == "epoch=3.ckpt"

@@ -15,10 +15,12 @@ from lightning.pytorch import Trainer
 from helpers.lightning import (
     AssertRanksAgree,
     RandomDataModule,
+    assert_saved_only_when_settled,
     planted_mlp,
     planted_residual_cnn,
     planted_transformer,
 )
+from helpers.models import kill_linear_units_
 from lightning_demp import DemonPruning, SettledEarlyStopping, SettledModelCheckpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
@@ -55,12 +57,7 @@ def test_ddp_spawn_settled_callbacks_decide_alike_on_every_rank_and_save_only_af
     stop = SettledEarlyStopping(monitor="val_acc", mode="max", patience=10)
     trainer = two_process_trainer(tmp_path, [callback, best, stop, AssertRanksAgree()], max_epochs=4)
     trainer.fit(planted_mlp(), datamodule=RandomDataModule())  # a rank deciding alone would hang the collectives
-    saved = [torch.load(path, weights_only=False) for path in (tmp_path / "best").iterdir()]
-    assert saved
-    for checkpoint in saved:
-        [state] = [value for key, value in checkpoint["callbacks"].items() if key.startswith("DemonPruning")]
-        assert checkpoint["global_step"] >= state["schedule"]["span_steps"] > 0
-        assert state["last_check_step"] >= state["schedule"]["span_steps"] and state["last_removed_count"] == 0
+    assert_saved_only_when_settled(tmp_path / "best")
 
 
 def test_ddp_spawn_keeps_ranks_identical_after_every_removal_and_returns_the_pruned_model(tmp_path):
@@ -88,6 +85,8 @@ def test_ddp_spawn_keeps_ranks_identical_when_heads_go_and_channels_are_reordere
 
 def test_ddp_spawn_keeps_ranks_identical_when_a_target_limits_the_removal(tmp_path):
     model = planted_mlp()
+    kill_linear_units_(model.net[0], [3, 5])
+    kill_linear_units_(model.net[2], [6])
     callback = DemonPruning(
         regularizer="positive_l2",
         reg_max=0.05,
@@ -98,7 +97,7 @@ def test_ddp_spawn_keeps_ranks_identical_when_a_target_limits_the_removal(tmp_pa
         plot=False,
     )
     fit_in_two_spawned_processes(tmp_path, model, callback, max_epochs=2)
-    # 3 units of 22 planted dead: a 10 % target (2.2 units) is reached by the third removed unit, and nothing goes after
+    # 6 units of 22 planted dead: a 10 % target (2.2 units) is reached by the third removed unit, and nothing goes after
     assert 22 - (model.net[0].out_features + model.net[2].out_features) == 3
 
 

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_surgery import remove_dead_
 from torch import Tensor, nn
 
-from helpers.lightning import RandomDataModule, TinyResidualCNN, planted_residual_cnn
+from helpers.lightning import RandomDataModule, planted_residual_cnn, tiny_residual_cnn
 from helpers.models import ResidualCNN, kill_bn_units_, randomize_bn_
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier, ResidualCNNBackbone
@@ -370,7 +370,7 @@ def test_the_callback_reorders_after_removal_and_kept_units_follow_the_new_order
     assert kept[-1] == 1 and sorted(kept) == list(range(8))  # the unrouted output moved last
     assert torch.equal(model.net.block1.conv2.weight.detach(), original_conv2[kept])
 
-    fresh = TinyResidualCNN()
+    fresh = tiny_residual_cnn()
     enable_resize_on_load(fresh)
     fresh.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"])
     assert fresh.net.block1.shortcut.segments == ((0, 0, 7),)

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 
-from helpers.lightning import RandomDataModule, planted_mlp
+from helpers.lightning import RandomDataModule, assert_saved_only_when_settled, planted_mlp, saved_demp_states
 from helpers.models import ConvBN
 from lightning_demp import DemonPruning, SettledEarlyStopping, SettledModelCheckpoint
 from lightning_demp.batchnorm import recalibrate_batchnorm_
@@ -211,27 +211,13 @@ CHECKPOINT_SAVING_POINTS = {
 def test_settled_model_checkpoint_saves_only_after_a_check_since_the_schedule_ended_found_nothing(
     tmp_path, saving_point
 ):
-    def saved_states(directory):
-        states = []
-        for path in sorted(directory.iterdir()):
-            checkpoint = torch.load(path, weights_only=False)
-            [state] = [value for key, value in checkpoint["callbacks"].items() if key.startswith("DemonPruning")]
-            states.append((checkpoint["global_step"], state["last_check_step"], state["last_removed_count"]))
-        return states
-
     options = CHECKPOINT_SAVING_POINTS[saving_point]
     fit_with_a_falling_score(tmp_path, ModelCheckpoint(dirpath=tmp_path / "plain", **options))
-    _, demon, _ = fit_with_a_falling_score(tmp_path, SettledModelCheckpoint(dirpath=tmp_path / "settled", **options))
-    span = demon._reg_schedule.span_steps
+    fit_with_a_falling_score(tmp_path, SettledModelCheckpoint(dirpath=tmp_path / "settled", **options))
 
-    plain = saved_states(tmp_path / "plain")
-    assert any(step < span for step, _, _ in plain)  # Lightning's keeps networks from inside the schedule
-    settled = saved_states(tmp_path / "settled")
-    assert settled
-    for step, last_check_step, last_removed_count in settled:
-        assert step >= span
-        assert last_check_step >= span  # a check made after the schedule ...
-        assert last_removed_count == 0  # ... that found nothing more to remove
+    plain = saved_demp_states(tmp_path / "plain")
+    assert any(step < span for step, span, _, _ in plain)  # Lightning's keeps networks from inside the schedule
+    assert_saved_only_when_settled(tmp_path / "settled")
 
 
 def test_settled_model_checkpoint_keeps_the_best_settled_epoch(tmp_path):

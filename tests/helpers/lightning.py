@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_demp import DemonPruning
 from lightning_demp.demos import (
     ArrayDataModule,
-    DemoClassifier,
     MLPClassifier,
-    ResidualCNNBackbone,
+    ResidualCNNClassifier,
     TransformerClassifier,
 )
 
@@ -97,6 +97,34 @@ def planted_mlp(**kwargs: Any) -> MLPClassifier:
     return model
 
 
+def saved_demp_states(directory: Path) -> list[tuple[int, int, int, int]]:
+    """For each checkpoint in ``directory``: its global step, and DemonPruning's span of the schedule, last check
+    step and units removed by that check."""
+    states = []
+    for path in sorted(directory.iterdir()):
+        checkpoint = torch.load(path, weights_only=False)
+        state = checkpoint["callbacks"]["DemonPruning"]
+        states.append(
+            (
+                checkpoint["global_step"],
+                state["schedule"]["span_steps"],
+                state["last_check_step"],
+                state["last_removed_count"],
+            )
+        )
+    return states
+
+
+def assert_saved_only_when_settled(directory: Path) -> None:
+    """Every checkpoint in ``directory`` was saved after the schedule, after a check since its end found nothing."""
+    states = saved_demp_states(directory)
+    assert states
+    for step, span, last_check_step, last_removed_count in states:
+        assert step >= span > 0
+        assert last_check_step >= span  # a check made after the schedule ...
+        assert last_removed_count == 0  # ... that found nothing more to remove
+
+
 def model_checksum(module: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() for p in module.parameters()))
 
@@ -144,16 +172,12 @@ class FrozenTransformer(TransformerClassifier):
         )
 
 
-class TinyResidualCNN(DemoClassifier):
-    """The decoupled demo CNN (width 8, 4 classes), by default at learning rate 0 so that weights trace back to units."""
-
-    def __init__(self, lr: float = 0.0) -> None:
-        super().__init__(num_classes=4, lr=lr, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
-        self.net = ResidualCNNBackbone(width=8, num_classes=4)
-        self.example_input_array = torch.zeros(2, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def tiny_residual_cnn(lr: float = 0.0) -> ResidualCNNClassifier:
+    """The decoupled demo CNN (width 8, 4 classes, inputs of 16), by default at learning rate 0 so that weights
+    trace back to units."""
+    return ResidualCNNClassifier(
+        width=8, input_length=16, num_classes=4, lr=lr, optimizer="adam", lr_schedule="constant", weight_decay=0.0
+    )
 
 
 def planted_transformer() -> FrozenTransformer:
@@ -165,11 +189,11 @@ def planted_transformer() -> FrozenTransformer:
     return model
 
 
-def planted_residual_cnn(lr: float = 0.0) -> TinyResidualCNN:
-    """`TinyResidualCNN` with stem channel 1 dead (it stays dead: a dead ReLU gets no gradient): block 1 loses it at
+def planted_residual_cnn(lr: float = 0.0) -> ResidualCNNClassifier:
+    """`tiny_residual_cnn` with stem channel 1 dead (it stays dead: a dead ReLU gets no gradient): block 1 loses it at
     its input only, so channels get reordered."""
     from helpers.models import kill_bn_units_
 
-    model = TinyResidualCNN(lr)
+    model = tiny_residual_cnn(lr)
     kill_bn_units_(model.net.stem_bn, [1], shift=-5.0)
     return model
