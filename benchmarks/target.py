@@ -25,11 +25,24 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, load_config, machine, run_grouped, write_json, write_report
+from _common import (
+    RECORDED_CNN_MODEL_ARGS,
+    RESULTS,
+    default_jobs,
+    load_config,
+    machine,
+    run_grouped,
+    write_json,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
-    "cnn": (REPO / "configs" / "mnist1d_cnn.yaml", "frontier_cnn_decoupled.json", {"decoupled": True}),
+    "cnn": (
+        REPO / "configs" / "mnist1d_cnn.yaml",
+        "frontier_cnn_decoupled.json",
+        {"decoupled": True, **RECORDED_CNN_MODEL_ARGS},
+    ),
     "mlp": (REPO / "configs" / "mnist1d_mlp.yaml", "frontier_mlp.json", {}),
 }
 

@@ -272,3 +272,16 @@ def test_settled_callbacks_without_demon_pruning_are_refused_at_setup(tmp_path, 
     )
     with pytest.raises(RuntimeError, match="needs a `DemonPruning` callback"):
         trainer.fit(planted_mlp(), datamodule=RandomDataModule())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_demo_models_hand_their_betas_to_adam(optimizer):
+    model = ResidualCNNClassifier(width=4, optimizer=optimizer, lr_schedule="constant", betas=(0.8, 0.95))
+    assert model.configure_optimizers().defaults["betas"] == (0.8, 0.95)
+    assert model.hparams["betas"] == (0.8, 0.95)  # a resumed or reloaded model keeps them
+
+
+@pytest.mark.parametrize("betas", [(0.9, 1.0), (-0.1, 0.9), (0.9,)])
+def test_demo_models_refuse_betas_outside_zero_one(betas):
+    with pytest.raises(ValueError, match="`betas`"):
+        ResidualCNNClassifier(width=4, betas=betas)
