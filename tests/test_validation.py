@@ -46,6 +46,42 @@ def test_recalibration_does_not_touch_parameters_or_run_dropout():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_once_the_scales_shrink_recalibrated_eval_mode_predicts_what_the_training_network_predicts():
+    """The dip's mechanism at the λ peak: most BatchNorm scales are pushed toward zero, the running statistics of
+    the layers after them go stale, and eval mode stops computing what the network computes in training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 16, 5, padding=2),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Conv1d(16, 16, 3, padding=1),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    batches = [torch.randn(64, 1, 40) for _ in range(8)]
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):  # running statistics that describe the network as it was
+            for x in batches:
+                model(x)
+        model[1].weight[:12].mul_(1e-3)  # the λ peak: 12 of 16 scales close to zero
+        inputs = torch.cat(batches[:4])
+        in_training = model(inputs)  # batch statistics: what training sees
+        model.eval()
+        stale = model(inputs)
+        recalibrate_batchnorm_(model, batches, lambda m, b: m(b))
+        recalibrated = model(inputs)
+
+    def distance(logits):  # how far from the training network's logits, relative to their spread
+        return float((logits - in_training).norm() / (in_training - in_training.mean(dim=0)).norm())
+
+    assert distance(stale) > 1.0
+    assert distance(recalibrated) < 0.1
+
+
 def cnn_trainer(tmp_path, callbacks, max_epochs=2):
     return Trainer(
         max_epochs=max_epochs,
