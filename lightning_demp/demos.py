@@ -38,9 +38,9 @@ class DemoClassifier(pl.LightningModule):
         weight_decay: Decoupled weight decay (AdamW) or coupled L2 (Adam, SGD).
         optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
         lr_schedule: ``"one_cycle"`` (torch's OneCycleLR stepped per step) or ``"constant"``.
-        betas: Adam's and AdamW's ``betas`` (SGD ignores them). Under ``"one_cycle"`` the first is cycled by OneCycleLR (0.85 to
-            0.95); the second, the second-moment decay, is kept. A faster second moment (0.95 instead of torch's
-            0.999) keeps the network steadier while units die: see ``docs/faq.md#val-acc-drops``.
+        betas: Adam's and AdamW's ``betas`` (SGD ignores them). Under ``"one_cycle"`` the first is cycled by
+            OneCycleLR (0.85 to 0.95); the second, the second-moment decay, is kept. A faster second moment (0.95
+            instead of torch's 0.999) keeps the network steadier while units die: see ``docs/faq.md#val-acc-drops``.
 
     Examples:
         >>> class TinyClassifier(DemoClassifier):
