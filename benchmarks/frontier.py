@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RECORDED_CNN_MODEL_ARGS, RESULTS, default_jobs, load_config, machine, run_configs, write_json
+from _common import RESULTS, default_jobs, load_config, machine, run_configs, with_recorded_betas, write_json
 from peers import model_pruning_callbacks, torch_pruning_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def main() -> None:
         return
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 4 if args.quick else args.epochs
-    config = load_config(CONFIGS[args.model])
+    config = with_recorded_betas(load_config(CONFIGS[args.model]))
     runs: dict[str, list[dict[str, Any]]] = {}
 
     def record(label: str, run: dict[str, Any]) -> None:
@@ -176,7 +176,7 @@ def main() -> None:
             flush=True,
         )
 
-    model_overrides = {"decoupled": args.decoupled, **RECORDED_CNN_MODEL_ARGS} if args.model == "cnn" else {}
+    model_overrides = {"decoupled": args.decoupled} if args.model == "cnn" else {}
     sweep = DECOUPLED_SWEEP if args.decoupled else SWEEPS[args.model]
     if args.add_reg_max:  # more DemP points, merged into the committed results of the same run
         extend(args, config, model_overrides, epochs)

@@ -26,16 +26,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    RECORDED_CNN_MODEL_ARGS,
-    _override,
-    instantiate,
-    load_config,
-    machine,
-    run_config,
-    write_json,
-    write_report,
-)
+from _common import instantiate, load_config, machine, run_config, with_recorded_betas, write_json, write_report
 
 from lightning_demp import DemonPruning
 from lightning_demp.accounting import count_flops_per_sample
@@ -117,8 +108,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    config = load_config(CONFIG)
-    config["model"] = _override(config["model"], RECORDED_CNN_MODEL_ARGS)
+    config = with_recorded_betas(load_config(CONFIG))
     epochs = 10 if args.quick else config["trainer"]["max_epochs"]
     repeats = 2 if args.quick else 5
 

@@ -26,23 +26,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
-    RECORDED_CNN_MODEL_ARGS,
     RESULTS,
     default_jobs,
     load_config,
     machine,
     run_grouped,
+    with_recorded_betas,
     write_json,
     write_report,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
-    "cnn": (
-        REPO / "configs" / "mnist1d_cnn.yaml",
-        "frontier_cnn_decoupled.json",
-        {"decoupled": True, **RECORDED_CNN_MODEL_ARGS},
-    ),
+    "cnn": (REPO / "configs" / "mnist1d_cnn.yaml", "frontier_cnn_decoupled.json", {"decoupled": True}),
     "mlp": (REPO / "configs" / "mnist1d_mlp.yaml", "frontier_mlp.json", {}),
 }
 
@@ -93,7 +89,7 @@ def main() -> None:
     keyed_tasks: list[tuple[tuple[str, float], dict[str, Any]]] = []
     for model in models:
         config_path, _, model_overrides = MODELS[model]
-        config = load_config(config_path)
+        config = with_recorded_betas(load_config(config_path))
         for target in args.targets:
             for seed in seeds:
                 keyed_tasks.append(

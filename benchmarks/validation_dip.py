@@ -54,16 +54,20 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 class ValAccuracy(Callback):
-    """``val_acc`` after every validation, and the same network's accuracy on the training set, in eval mode with
-    the same running statistics: a dip in both is the network's own, not stale BatchNorm statistics."""
+    """``val_acc`` after every validation; with ``on_training_set``, also the same network's accuracy on the training
+    set, in eval mode with the same running statistics: a dip in both is the network's own, not stale BatchNorm
+    statistics (a forward pass over the whole training set per epoch, so only the runs that report it pay for it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_training_set: bool = False) -> None:
+        self.on_training_set = on_training_set
         self.history: list[tuple[int, float]] = []
         self.train_history: list[float] = []
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
         if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
             self.history.append((trainer.global_step, float(trainer.callback_metrics["val_acc"])))
+            if not self.on_training_set:
+                return
             inputs, targets = trainer.datamodule.train_set.tensors  # type: ignore[attr-defined]
             with torch.no_grad():
                 predictions = pl_module(inputs.to(pl_module.device)).argmax(dim=-1).cpu()
@@ -81,7 +85,7 @@ def run(
     variant: str | None = None,
 ) -> dict[str, Any]:
     """One training of the demo config, its callback and model arguments overridden; with ``dense`` the same loop
-    without DemP (``recalibrate_bn`` is then None)."""
+    without DemP (``recalibrate_bn`` is then None). A ``variant`` run also records the training-set accuracy."""
     seed_everything(seed)
     model, data = instantiate(_override(config["model"], model_overrides)), instantiate(config["data"])
     spec = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("DemonPruning"))
@@ -95,7 +99,7 @@ def run(
             **(callback_overrides or {}),
         }
     )
-    accuracy = ValAccuracy()
+    accuracy = ValAccuracy(on_training_set=variant is not None)
     spent = [0.0]
     original = callback_module.recalibrate_batchnorm_
 
@@ -222,19 +226,25 @@ def after_warm_up(run: dict[str, Any], points: float = 5.0) -> float:
     return min(once_learned(run, points), default=float("nan"))
 
 
+def learned_start(run: dict[str, Any], points: float = 5.0) -> tuple[int, list[float]]:
+    """Val accuracies during the schedule, and the index of the first one within ``points`` of the final accuracy."""
+    during = [acc for step, acc in run["history"] if step <= run["span_steps"]]
+    return next((i for i, acc in enumerate(during) if acc >= run["final_val_acc"] - points / 100), len(during)), during
+
+
 def once_learned(run: dict[str, Any], points: float = 5.0) -> list[float]:
     """Val accuracies during the schedule from the first one within ``points`` of the final accuracy."""
-    history = [acc for step, acc in run["history"] if step <= run["span_steps"]]
-    start = next((i for i, acc in enumerate(history) if acc >= run["final_val_acc"] - points / 100), len(history))
-    return history[start:]
+    start, during = learned_start(run, points)
+    return during[start:]
 
 
 def train_accuracy_at_the_lowest(run: dict[str, Any]) -> float:
     """Eval-mode accuracy on the training set at the epoch of the lowest once-learned validation accuracy."""
-    learned, during = once_learned(run), [step for step, _ in run["history"] if step <= run["span_steps"]]
-    if not learned or not run.get("train_history"):
+    start, during = learned_start(run)
+    if start == len(during) or not run.get("train_history"):
         return float("nan")
-    return float(run["train_history"][len(during) - len(learned) + learned.index(min(learned))])
+    lowest = min(range(start, len(during)), key=during.__getitem__)
+    return float(run["train_history"][lowest])
 
 
 def render_variants(payload: dict[str, Any], suffix: str) -> None:

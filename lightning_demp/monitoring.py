@@ -55,7 +55,7 @@ def risky_monitors(trainer: pl.Trainer, schedule_epochs: float) -> list[str]:
         monitor = getattr(callback, "monitor", None)
         if not monitor or str(monitor).startswith("demp/"):
             continue
-        if isinstance(callback, (SettledModelCheckpoint, SettledEarlyStopping)):
+        if isinstance(callback, _ActsOnceSettled):
             continue
         if isinstance(callback, EarlyStopping) and callback.patience * every < schedule_epochs:
             found.append(
