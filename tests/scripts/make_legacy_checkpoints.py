@@ -18,10 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.lightning import RandomDataModule, planted_mlp, planted_residual_cnn  # noqa: E402
-
-from lightning_demp import DemonPruning  # noqa: E402
-from lightning_demp.demos import ArrayDataModule  # noqa: E402
+from helpers.lightning import RandomDataModule, planted_mlp, planted_residual_cnn
+from lightning_demp import DemonPruning
+from lightning_demp.demos import ArrayDataModule
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
