@@ -126,12 +126,12 @@ def run_config(
     }
     result["zeroed"] = sum(int((p == 0).sum()) for p in model.parameters()) / params_before
     if demp is not None:
-        result["units_removed"] = 1 - demp.units_kept_fraction()
+        result["units_removed"] = 1 - demp.ledger.units_kept_fraction()
         result["widths"] = {name: len(kept) for name, kept in demp.kept_units.items()}
-        result["events"] = demp.events
+        result["events"] = [event.to_dict() for event in demp.events]
         if demp.kept_heads:
             result["heads"] = {name: len(kept) for name, kept in demp.kept_heads.items()}
-            result["initial_heads"] = dict(demp.initial_heads)
+            result["initial_heads"] = dict(demp.ledger.initial_heads)
         if return_callback_state:
             result["callback_state"] = demp.state_dict()
     print(

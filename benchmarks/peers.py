@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_demp.attention import HeadedAttention
-from lightning_demp.surgery import PrunableGraph
+from lightning_demp.graph import PrunableGraph
 
 
 def _prunable_layers(model: LightningModule) -> tuple[list[nn.Module], list[nn.Module]]:

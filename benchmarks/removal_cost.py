@@ -39,12 +39,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, write_json
 
-from lightning_demp import DemonPruning
 from lightning_demp.accounting import count_flops_per_sample, count_parameters
+from lightning_demp.demos.cifar_models import cifar_resnet18, cifar_vgg16_bn
 from lightning_demp.detection import ActivationMonitor, dead_check
-from lightning_demp.models import cifar_resnet18, cifar_vgg16_bn
+from lightning_demp.graph import PrunableGraph
 from lightning_demp.optim import remap_optimizer_
-from lightning_demp.surgery import PrunableGraph
+from lightning_demp.permutation import order_routed_channels_
+from lightning_demp.policy import decide_removal
+from lightning_demp.removal import remove_units_
 
 STEPS_PER_EPOCH = 390  # 50,000 CIFAR-10 training images at batch 128
 CHECK_BATCHES = 3
@@ -107,23 +109,22 @@ def removal_event(
     monitor = ActivationMonitor(graph.readers())
     seconds["graph_build"] = time.perf_counter() - start  # with the first monitor, as DemonPruning's setup does
 
-    callback = DemonPruning(regularizer="l2", verbose=False, plot=False)
-    callback.kept_units = {g.name: list(range(g.num_units)) for g in graph.groups() if g.blocked is None}
+    removable = {g.name for g in graph.groups() if g.blocked is None}
 
     start = time.perf_counter()
     stats = dead_check(model, monitor, check, lambda module, batch: module(batch))
     seconds["dead_check"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    plan = callback.plan_removal(graph.groups(), stats)
+    plan = decide_removal(model, graph.groups(), stats, threshold=0.0, min_units=1, removable=removable).plan.units
     seconds["plan"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    remaps = graph.remove_units_(plan)
+    remaps = remove_units_(graph, plan)
     seconds["remove_units"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    _, order_remaps = graph.order_routed_channels_()
+    _, order_remaps = order_routed_channels_(graph)
     seconds["reorder"] = time.perf_counter() - start
 
     start = time.perf_counter()

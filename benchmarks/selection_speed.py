@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, write_json, write_report
 
 from lightning_demp.demos import ResidualBlock1d, ResidualCNNBackbone
+from lightning_demp.graph import PrunableGraph
+from lightning_demp.permutation import order_routed_channels_
+from lightning_demp.removal import remove_units_
 from lightning_demp.selection import ChannelSelect
-from lightning_demp.surgery import PrunableGraph
 
 
 class StaticSum(nn.Module):
@@ -93,9 +95,9 @@ def pruned_pair(
                 assert fraction is not None
                 count = min(group.num_units - 1, round(fraction * group.num_units))
             plan[group.name] = torch.randperm(group.num_units, generator=generator)[:count].sort().values
-    graph.remove_units_(plan)
+    remove_units_(graph, plan)
     if reorder:
-        graph.order_routed_channels_()
+        order_routed_channels_(graph)
     static = copy.deepcopy(model)
     sides = {}
     for name, module in list(static.named_modules()):

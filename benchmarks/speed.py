@@ -128,7 +128,7 @@ def main() -> None:
     # 2. Inference: compact vs. dense vs. ModelPruning's masked model (same zeroed unit fraction, dense shapes).
     compact = keep["model"].net
     dense = instantiate(config["model"]).net
-    unit_fraction = 1 - keep["callback"].units_kept_fraction()
+    unit_fraction = 1 - keep["callback"].ledger.units_kept_fraction()
 
     def masked_copy(model: nn.Module) -> nn.Module:  # a masked module's weight is not a leaf: copy, then mask
         copied = copy.deepcopy(model)

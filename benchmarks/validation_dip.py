@@ -37,7 +37,7 @@ from _common import (
     write_report,
 )
 
-import lightning_demp.callback as callback_module
+import lightning_demp.core as core_module
 from lightning_demp import DemonPruning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def run(
     )
     accuracy = ValAccuracy(on_training_set=variant is not None)
     spent = [0.0]
-    original = callback_module.recalibrate_batchnorm_
+    original = core_module.recalibrate_batchnorm_
 
     def timed(*args: Any, **kwargs: Any) -> int:
         start = time.perf_counter()
@@ -110,7 +110,7 @@ def run(
         finally:
             spent[0] += time.perf_counter() - start
 
-    callback_module.recalibrate_batchnorm_ = timed
+    core_module.recalibrate_batchnorm_ = timed
     try:
         trainer = Trainer(
             max_epochs=epochs,
@@ -125,11 +125,11 @@ def run(
         trainer.fit(model, datamodule=data)
         fit_seconds = time.perf_counter() - start
     finally:
-        callback_module.recalibrate_batchnorm_ = original
+        core_module.recalibrate_batchnorm_ = original
     if dense:  # the steps DemP's schedule would have spanned in this loop
         span = round(spec["init_args"]["schedule_span"] * trainer.global_step)
     else:
-        span = demp._reg_schedule.span_steps if demp._reg_schedule else 0
+        span = demp.pruner.reg_schedule.span_steps if demp.pruner.reg_schedule else 0
     during = [acc for step, acc in accuracy.history if step <= span]
     return {
         "seed": seed,
@@ -141,7 +141,7 @@ def run(
         "min_val_acc_during_schedule": min(during),
         "final_val_acc": accuracy.history[-1][1],
         "recalibration_seconds": spent[0],
-        "recalibrations": 0 if dense else demp.recalibrations,
+        "recalibrations": 0 if dense else demp.pruner.recalibrations,
         "recalibration_seconds_per_epoch": spent[0] / epochs,
         "fit_seconds": fit_seconds,
         "params_removed": 1 - sum(p.numel() for p in model.parameters()) / 150218,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
-from torch import Tensor
+
+from lightning_demp.core import Collectives
+from lightning_demp.units import RemovalPlan
 
 
 def check_supported(strategy: Strategy) -> None:
@@ -35,11 +37,20 @@ def spawns_processes(trainer: Trainer) -> bool:
     return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
 
 
-def broadcast_plan(trainer: Trainer, plan: dict[str, Tensor]) -> dict[str, Tensor]:
+def collectives(trainer: Trainer) -> Collectives:
+    """The broadcast, rewrap and averaging of ``trainer``'s strategy, for `DemonPruner.removal_event`."""
+    return Collectives(
+        broadcast_plan=lambda plan: broadcast_plan(trainer, plan),
+        after_surgery=lambda: rewrap_after_surgery(trainer),
+        average_batchnorm=lambda module: average_batchnorm_statistics(trainer, module),
+    )
+
+
+def broadcast_plan(trainer: Trainer, plan: RemovalPlan) -> RemovalPlan:
     """Make every process hold rank 0's removal plan, and fail loudly if a rank had computed another one."""
     if trainer.world_size <= 1:
         return plan
-    local = {name: idxs.cpu().tolist() for name, idxs in sorted(plan.items())}
+    local = plan.to_lists()
     chosen = trainer.strategy.broadcast(local, src=0)
     agreed = trainer.strategy.reduce_boolean_decision(local == chosen, all=True)
     if not agreed:
@@ -47,7 +58,7 @@ def broadcast_plan(trainer: Trainer, plan: dict[str, Tensor]) -> dict[str, Tenso
             "`DemonPruning` computed different removal plans on different processes although the statistics were "
             "reduced; refusing to prune so that the replicas cannot drift apart. Please report this with your setup."
         )
-    return {name: torch.tensor(idxs, dtype=torch.long) for name, idxs in chosen.items()}
+    return RemovalPlan.from_lists(chosen)
 
 
 def rewrap_after_surgery(trainer: Trainer) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_demp.detection import eval_mode
+from lightning_demp._modes import eval_mode
 
 
 def count_parameters(module: nn.Module) -> int:

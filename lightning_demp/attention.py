@@ -147,9 +147,7 @@ def head_activity(attention: HeadedAttention, max_abs: Tensor) -> Tensor:
     return max_abs.detach().float().cpu().view(attention.heads, attention.head_dim).amax(dim=1)
 
 
-def plan_head_removal(
-    model: nn.Module, stats: Mapping[str, Mapping[str, Tensor]], threshold: float = 0.0
-) -> dict[str, Tensor]:
+def plan_head_removal(model: nn.Module, max_abs: Mapping[str, Tensor], threshold: float = 0.0) -> dict[str, Tensor]:
     """Dead heads of every `HeadedAttention` whose ``proj`` input was observed: ``|output| <= threshold`` everywhere.
 
     The most active head of a layer always stays, so that no attention layer loses all its heads; a layer with
@@ -157,15 +155,15 @@ def plan_head_removal(
 
     Examples:
         >>> model = nn.Sequential(HeadedAttention(4, 2))
-        >>> plan_head_removal(model, {"0.proj": {"max_abs": torch.tensor([0.0, 0.0, 0.3, 0.2])}})
+        >>> plan_head_removal(model, {"0.proj": torch.tensor([0.0, 0.0, 0.3, 0.2])})
         {'0': tensor([0])}
     """
     plan = {}
     for name, attention in attention_layers(model).items():
-        observed = stats.get(f"{name}.proj")
+        observed = max_abs.get(f"{name}.proj")
         if observed is None:
             continue
-        activity = head_activity(attention, observed["max_abs"])
+        activity = head_activity(attention, observed)
         if not bool(torch.isfinite(activity).all()):
             continue
         dead = torch.nonzero(activity <= threshold).flatten()

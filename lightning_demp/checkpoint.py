@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_demp.surgery import resize_like_
+from lightning_demp.resize import resize_like_
 
 
 def load_pruned_checkpoint(model: nn.Module, checkpoint_path: str | Path, map_location: Any = "cpu") -> nn.Module:

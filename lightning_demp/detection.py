@@ -23,6 +23,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_demp._modes import eval_mode
+from lightning_demp.units import ReaderStats, Statistics, UnitGroup
+
 log = logging.getLogger(__name__)
 
 
@@ -86,9 +89,6 @@ class UnitActivity(Metric):
         if self.track_range:
             stats["max_value"], stats["min_value"] = self.max_value, self.min_value
         return stats
-
-
-_PER_FEATURE = ("max_abs", "max_value", "min_value")
 
 
 def reader_feature_dim(module: nn.Module) -> int:
@@ -192,7 +192,7 @@ class ActivationMonitor:
         if not self.paused and args and isinstance(args[0], Tensor):
             self.activity[name].update(args[0])
 
-    def compute(self) -> dict[str, dict[str, Tensor]]:
+    def compute(self) -> dict[str, ReaderStats]:
         """Reduce (across processes when distributed) and return every reader's statistics.
 
         Per-feature states stay one-dimensional for a reader of one feature (torchmetrics squeezes one-element
@@ -201,30 +201,13 @@ class ActivationMonitor:
         stats = {}
         for name, activity in self.activity.items():
             computed = activity.compute()
-            stats[name] = {key: value.reshape(-1) if key in _PER_FEATURE else value for key, value in computed.items()}
+            stats[name] = ReaderStats(
+                max_abs=computed["max_abs"].reshape(-1),
+                num_samples=int(computed["num_samples"]),
+                max_value=computed["max_value"].reshape(-1) if "max_value" in computed else None,
+                min_value=computed["min_value"].reshape(-1) if "min_value" in computed else None,
+            )
         return stats
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards.
-
-    Examples:
-        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
-        >>> _ = model[1].eval()  # a submodule the user keeps in eval mode
-        >>> with eval_mode(model):
-        ...     model.training, model[0].training
-        (False, False)
-        >>> model.training, model[0].training, model[1].training
-        (True, True, False)
-    """
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags.items():
-            module.training = training
 
 
 def dead_check(
@@ -232,7 +215,7 @@ def dead_check(
     monitor: ActivationMonitor,
     batches: Iterable[Any],
     forward: Callable[[nn.Module, Any], Any],
-) -> dict[str, dict[str, Tensor]]:
+) -> dict[str, ReaderStats]:
     """Run the paper's dead check: an eval-mode, gradient-free pass over ``batches`` with the hooks attached.
 
     BatchNorm uses its running statistics; every module's train/eval flag is restored afterwards.
@@ -250,7 +233,7 @@ def dead_check(
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
         >>> monitor = ActivationMonitor({"2": model[2]})
         >>> stats = dead_check(model, monitor, [torch.randn(8, 2)], lambda m, b: m(b))
-        >>> int(stats["2"]["num_samples"])
+        >>> stats["2"].num_samples
         8
     """
     monitor.reset()
@@ -284,6 +267,40 @@ def unit_activity(
         values = max_abs.detach().float().cpu()[feature_idxs]
         activity.scatter_reduce_(0, root_idxs, values, reduce="amax")
     return activity
+
+
+def group_activity(group: UnitGroup, stats: Statistics) -> Tensor:
+    """`unit_activity` of ``group``: each unit's largest ``|value|`` at any of its readers.
+
+    Examples:
+        >>> from lightning_demp.units import ReaderSlice
+        >>> group = UnitGroup("fc1", 2, readers=[ReaderSlice("fc2", torch.arange(2), torch.arange(2))])
+        >>> group_activity(group, {"fc2": ReaderStats(max_abs=torch.tensor([0.0, 0.5]), num_samples=4)})
+        tensor([0.0000, 0.5000])
+    """
+    return unit_activity(
+        group.num_units, [(stats[r.reader].max_abs, r.feature_idxs, r.unit_idxs) for r in group.readers]
+    )
+
+
+def group_range(group: UnitGroup, stats: Statistics) -> Tensor:
+    """`unit_range` of ``group`` (its readers' statistics must track the range).
+
+    Examples:
+        >>> from lightning_demp.units import ReaderSlice
+        >>> group = UnitGroup("fc1", 2, readers=[ReaderSlice("fc2", torch.arange(2), torch.arange(2))])
+        >>> maxima, minima = torch.tensor([1.0, 0.5]), torch.tensor([1.0, -0.5])
+        >>> observed = ReaderStats(torch.ones(2), 4, max_value=maxima, min_value=minima)
+        >>> group_range(group, {"fc2": observed})
+        tensor([0., 1.])
+    """
+    readers = []
+    for r in group.readers:
+        observed = stats[r.reader]
+        if observed.max_value is None or observed.min_value is None:
+            raise ValueError(f"The statistics of reader `{r.reader}` do not track the range of values.")
+        readers.append((observed.max_value, observed.min_value, r.feature_idxs, r.unit_idxs))
+    return unit_range(group.num_units, readers)
 
 
 def find_dead_units(activity: Tensor, threshold: float = 0.0) -> Tensor:

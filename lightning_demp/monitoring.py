@@ -12,12 +12,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_demp.core import DemonPruner
 from lightning_demp.schedules import Schedule
 
 PHASE_RISING, PHASE_FALLING, PHASE_DONE = 0, 1, 2
 
 
-def schedule_phase(schedule: Schedule, step: int, pct_start: float = 0.3) -> int:
+def schedule_phase(schedule: Schedule, step: int) -> int:
     """0 while the strength rises (to its peak), 1 while it falls or holds inside the span, 2 once the span is over.
 
     Examples:
@@ -27,8 +28,8 @@ def schedule_phase(schedule: Schedule, step: int, pct_start: float = 0.3) -> int
     """
     if step >= schedule.span_steps:
         return PHASE_DONE
-    rising = type(schedule).__name__ in ("OneCycleSchedule", "LinearWarmupSchedule")
-    return PHASE_RISING if rising and step < pct_start * schedule.span_steps else PHASE_FALLING
+    peak_at = getattr(schedule, "peak_step", 0)  # schedules that rise first say where they peak
+    return PHASE_RISING if step < peak_at else PHASE_FALLING
 
 
 def risky_monitors(trainer: pl.Trainer, schedule_epochs: float) -> list[str]:
@@ -70,6 +71,20 @@ def risky_monitors(trainer: pl.Trainer, schedule_epochs: float) -> list[str]:
     return found
 
 
+def warn_about_monitors(trainer: pl.Trainer, schedule: Schedule | None, total_steps: int | None) -> None:
+    """Warn (on rank 0) about each callback that `risky_monitors` finds within the schedule's span."""
+    if schedule is None or not total_steps:
+        return
+    steps_per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))
+    risky = risky_monitors(trainer, schedule.span_steps / steps_per_epoch)
+    if risky:
+        rank_zero_warn(
+            "`DemonPruning`: " + "; ".join(risky) + ". Validation metrics dip while units die and BatchNorm "
+            "statistics move; monitor them once `demp/settled` is 1 (see the docs' monitoring recipe), or raise "
+            "the patience past the schedule."
+        )
+
+
 def network_settled(trainer: pl.Trainer) -> bool:
     """Whether the trainer's `DemonPruning` reports the network settled at the current step.
 
@@ -87,15 +102,16 @@ def network_settled(trainer: pl.Trainer) -> bool:
         >>> network_settled(trainer)  # nothing has been checked yet
         False
     """
-    from lightning_demp.callback import DemonPruning
-
-    demon = next((c for c in trainer.callbacks if isinstance(c, DemonPruning)), None)  # type: ignore[attr-defined]
-    if demon is None:
+    pruner = next(  # the callback's core; found without importing the callback (it imports this module)
+        (c.pruner for c in trainer.callbacks if isinstance(getattr(c, "pruner", None), DemonPruner)),  # type: ignore[attr-defined]
+        None,
+    )
+    if pruner is None:
         raise RuntimeError(
             "A settled-only callback (SettledModelCheckpoint, SettledEarlyStopping) needs a `DemonPruning` callback "
             "in the same Trainer: add one to `callbacks`, or use Lightning's ModelCheckpoint/EarlyStopping."
         )
-    return demon.is_settled(trainer.global_step)
+    return pruner.is_settled(trainer.global_step)
 
 
 class _ActsOnceSettled(pl.Callback):

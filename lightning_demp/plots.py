@@ -6,13 +6,16 @@ be plotted at the end of training or later from a saved checkpoint with `plot_ch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_demp.schedules import make_schedule
+
+log = logging.getLogger(__name__)
 
 
 def units_over_steps(state: Mapping[str, Any]) -> tuple[list[int], dict[str, list[int]]]:
@@ -108,3 +111,32 @@ def plot_checkpoint(checkpoint_path: str | Path, png_path: str | Path) -> Any:
     if not states:
         raise ValueError(f"No DemonPruning state in `{checkpoint_path}`: was the callback attached when it was saved?")
     return plot_run(states[0], png_path)
+
+
+def save_run_plot(state: Mapping[str, Any], directory: Path, loggers: Sequence[Any] = (), step: int = 0) -> str | None:
+    """Draw `plot_run` into ``directory/demp_units.png`` and send it to loggers that take figures (TensorBoard).
+
+    Returns:
+        The PNG's path, or ``None`` when matplotlib is not installed (a message says so).
+
+    Examples:
+        >>> import tempfile
+        >>> state = {"initial_widths": {"fc1": 8}, "events": [{"step": 3, "widths": {"fc1": 5}}], "schedule": None}
+        >>> save_run_plot(state, Path(tempfile.mkdtemp())).endswith("demp_units.png")
+        True
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("DemonPruning: install matplotlib to get the units-over-training plot.")
+        return None
+    figure = plot_run(state)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "demp_units.png"
+    figure.savefig(path, dpi=120)
+    for logger in loggers:
+        add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+        if callable(add_figure):
+            add_figure("demp/units", figure, global_step=step)
+    plt.close(figure)
+    return str(path)

@@ -10,14 +10,15 @@ convolution sees the constant only away from the borders, so units read by one a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from lightning_demp.detection import unit_range
-from lightning_demp.surgery import UnitGroup
+from lightning_demp.detection import group_range
+from lightning_demp.optim import add_param_next_to_
+from lightning_demp.units import Statistics, UnitGroup
 
 
 @dataclass(frozen=True)
@@ -51,37 +52,32 @@ def can_fold_into(module: nn.Module) -> bool:
     return False
 
 
-def constant_units(
-    group: UnitGroup, stats: Mapping[str, Mapping[str, Tensor]], modules: Mapping[str, nn.Module], tolerance: float
-) -> Tensor:
+def constant_units(group: UnitGroup, stats: Statistics, modules: Mapping[str, nn.Module], tolerance: float) -> Tensor:
     """Units of ``group`` whose value at every reader varies by at most ``tolerance`` and can be folded.
 
     Examples:
-        >>> from lightning_demp.surgery import ReaderSlice
+        >>> from lightning_demp.units import ReaderSlice, ReaderStats
         >>> group = UnitGroup("fc1", 2, readers=[ReaderSlice("fc2", torch.arange(2), torch.arange(2))])
-        >>> stats = {"fc2": {"max_value": torch.tensor([0.7, 2.0]), "min_value": torch.tensor([0.7, -1.0])}}
+        >>> maxima, minima = torch.tensor([0.7, 2.0]), torch.tensor([0.7, -1.0])
+        >>> stats = {"fc2": ReaderStats(torch.ones(2), 8, max_value=maxima, min_value=minima)}
         >>> constant_units(group, stats, {"fc2": nn.Linear(2, 1)}, tolerance=1e-6)
         tensor([0])
     """
     if not group.readers or not all(can_fold_into(modules[r.reader]) for r in group.readers):
         return torch.zeros(0, dtype=torch.long)
-    readers = [
-        (stats[r.reader]["max_value"], stats[r.reader]["min_value"], r.feature_idxs, r.unit_idxs) for r in group.readers
-    ]
-    return torch.nonzero(unit_range(group.num_units, readers) <= tolerance).flatten()
+    return torch.nonzero(group_range(group, stats) <= tolerance).flatten()
 
 
-def folds_for(
-    groups: Sequence[UnitGroup], stats: Mapping[str, Mapping[str, Tensor]], plan: Mapping[str, Tensor]
-) -> list[Fold]:
+def folds_for(groups: Sequence[UnitGroup], stats: Statistics, plan: Mapping[str, Tensor]) -> list[Fold]:
     """The folds that make removing ``plan``'s units exact: each reader gets the constants of its removed features.
 
     A feature whose constant is 0 (a dead unit) needs no fold and is skipped.
 
     Examples:
-        >>> from lightning_demp.surgery import ReaderSlice
+        >>> from lightning_demp.units import ReaderSlice, ReaderStats
         >>> group = UnitGroup("fc1", 3, readers=[ReaderSlice("fc2", torch.arange(3), torch.arange(3))])
-        >>> stats = {"fc2": {"max_value": torch.tensor([0.5, 2.0, 0.0]), "min_value": torch.tensor([0.5, -1.0, 0.0])}}
+        >>> maxima, minima = torch.tensor([0.5, 2.0, 0.0]), torch.tensor([0.5, -1.0, 0.0])
+        >>> stats = {"fc2": ReaderStats(torch.ones(3), 8, max_value=maxima, min_value=minima)}
         >>> folds = folds_for([group], stats, {"fc1": torch.tensor([0, 2])})  # unit 2 is dead: nothing to fold
         >>> [(fold.reader, fold.feature_idxs, fold.values) for fold in folds]
         [('fc2', tensor([0]), tensor([0.5000]))]
@@ -92,11 +88,12 @@ def folds_for(
         if units is None or not len(units):
             continue
         for reader in group.readers:
-            if "max_value" not in stats[reader.reader]:
+            observed = stats[reader.reader]
+            if observed.max_value is None or observed.min_value is None:
                 continue
             chosen = torch.isin(reader.unit_idxs, units)
             features = reader.feature_idxs[chosen]
-            values = (stats[reader.reader]["max_value"] + stats[reader.reader]["min_value"]).cpu()[features] / 2
+            values = (observed.max_value + observed.min_value).cpu()[features] / 2
             nonzero = values != 0
             if bool(nonzero.any()):
                 folds.append(Fold(reader.reader, features[nonzero], values[nonzero]))
@@ -138,3 +135,47 @@ def fold_constant_inputs_(reader: nn.Module, fold: Fold, norm_after: nn.Module |
         new_bias = nn.Parameter(contribution.clone(), requires_grad=weight.requires_grad)
     reader.bias = new_bias
     return new_bias
+
+
+class SaturationFolding:
+    """The opt-in saturation part: which units are constant, and folding their constants before they go.
+
+    Args:
+        tolerance: A unit is constant when its value at every reader varies by at most this.
+
+    Examples:
+        >>> part = SaturationFolding(tolerance=1e-6)
+        >>> part.tracks_range
+        True
+    """
+
+    tracks_range = True  # the statistics must record each feature's range
+
+    def __init__(self, tolerance: float) -> None:
+        self.tolerance = tolerance
+        self.modules: Mapping[str, nn.Module] = {}
+
+    def bind(self, model: nn.Module) -> None:
+        """Look readers up in ``model`` (call again after the model changed)."""
+        self.modules = dict(model.named_modules())
+
+    def extra_units(self, group: UnitGroup, stats: Statistics) -> Tensor:
+        """The constant units of ``group`` that can be folded (`constant_units`)."""
+        return constant_units(group, stats, self.modules, self.tolerance)
+
+    def fold_(
+        self,
+        groups: Sequence[UnitGroup],
+        stats: Statistics,
+        plan: Mapping[str, Tensor],
+        norm_after: Callable[[str], nn.Module | None],
+        optimizers: Sequence[torch.optim.Optimizer],
+    ) -> None:
+        """Move the constant contribution of the planned units into their readers; new biases join the optimizers."""
+        for fold in folds_for(groups, stats, plan):
+            reader = self.modules[fold.reader]
+            new_bias = fold_constant_inputs_(reader, fold, norm_after(fold.reader))
+            weight = reader.weight
+            if new_bias is not None and isinstance(weight, Tensor):
+                for optimizer in optimizers:
+                    add_param_next_to_(optimizer, weight, new_bias)

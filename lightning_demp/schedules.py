@@ -64,6 +64,11 @@ class OneCycleSchedule:
     div_factor: float = 25.0
     final_div_factor: float = 1e4
 
+    @property
+    def peak_step(self) -> float:
+        """The step at which the rise ends and the strength reaches ``peak``."""
+        return self.pct_start * self.span_steps
+
     def value(self, step: int) -> float:
         """Return λ_t (or σ_t) at ``step``."""
         initial = self.peak / self.div_factor
@@ -106,6 +111,11 @@ class LinearWarmupSchedule:
     peak: float
     span_steps: int
     pct_start: float = 0.3
+
+    @property
+    def peak_step(self) -> float:
+        """The step at which the rise ends and the strength reaches ``peak``."""
+        return self.pct_start * self.span_steps
 
     def value(self, step: int) -> float:
         """Return the strength at ``step``."""

@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_demp.detection import unit_activity
-from lightning_demp.surgery import UnitGroup
+from lightning_demp.detection import group_activity
+from lightning_demp.ledger import PruningLedger
+from lightning_demp.sizes import SizeTable
+from lightning_demp.units import RemovalPlan, Statistics, UnitGroup
 
 TargetMetric = Literal["params", "flops", "units"]
 TARGET_METRICS: tuple[str, ...] = ("params", "flops", "units")
@@ -70,7 +72,7 @@ class StrengthController:
 
 
 def least_active_units(
-    groups: Sequence[UnitGroup], stats: Mapping[str, Mapping[str, Tensor]], min_units: int, fraction: float = 0.02
+    groups: Sequence[UnitGroup], stats: Statistics, min_units: int, fraction: float = 0.02
 ) -> dict[str, Tensor]:
     """The ``fraction`` least active removable units over all groups (at least one), as a removal plan.
 
@@ -79,18 +81,16 @@ def least_active_units(
     alive, and removing them changes the network's function.
 
     Examples:
-        >>> from lightning_demp.surgery import ReaderSlice
+        >>> from lightning_demp.units import ReaderSlice, ReaderStats
         >>> group = UnitGroup("fc1", 4, readers=[ReaderSlice("fc2", torch.arange(4), torch.arange(4))])
-        >>> least_active_units([group], {"fc2": {"max_abs": torch.tensor([3.0, 0.5, 2.0, 1.0])}}, min_units=1)
+        >>> least_active_units([group], {"fc2": ReaderStats(torch.tensor([3.0, 0.5, 2.0, 1.0]), 8)}, min_units=1)
         {'fc1': tensor([1])}
     """
     candidates: list[tuple[float, str, int]] = []
     for group in groups:
         if group.blocked is not None or not group.readers or any(r.reader not in stats for r in group.readers):
             continue
-        activity = unit_activity(
-            group.num_units, [(stats[r.reader]["max_abs"], r.feature_idxs, r.unit_idxs) for r in group.readers]
-        )
+        activity = group_activity(group, stats)
         relative = activity / activity.mean().clamp(min=1e-12)
         order = torch.sort(relative, stable=True).indices[: max(0, group.num_units - min_units)]
         candidates += [(float(relative[i]), group.name, int(i)) for i in order]
@@ -159,3 +159,81 @@ def limit_plan_to_target(
         else:
             low = middle + 1
     return prefix(high)
+
+
+class SparsityTarget:
+    """The opt-in target part: steer the strength, keep each event within the target, close a shortfall.
+
+    Sparsity is measured on the ledger and a `SizeTable` of the model as it is (no copy of the model): the removed
+    fraction of the parameters, the forward FLOPs or the units.
+
+    Args:
+        target: The sparsity to reach by the end of the schedule span, in (0, 1).
+        metric: What it measures: ``"params"``, ``"flops"`` or ``"units"``.
+        force: Remove the least active live units at the final check when the target was not reached.
+
+    Examples:
+        >>> part = SparsityTarget(0.5, "units", force=False)
+        >>> ledger = PruningLedger(initial_widths={"fc1": 4}, kept_units={"fc1": [0, 1, 2]})
+        >>> part.measured(ledger, None), part.sparsity_after(ledger, None, RemovalPlan({"fc1": torch.tensor([0])}))
+        (0.25, 0.5)
+    """
+
+    def __init__(self, target: float, metric: TargetMetric, force: bool) -> None:
+        self.target = target
+        self.metric = metric
+        self.force = force
+        self.controller = StrengthController(target)
+
+    @property
+    def scale(self) -> float:
+        """The factor on λ_t and σ_t."""
+        return self.controller.scale
+
+    def measured(self, ledger: PruningLedger, table: SizeTable | None) -> float:
+        """The sparsity now."""
+        if self.metric == "units":
+            return 1.0 - ledger.units_kept_fraction()
+        assert table is not None
+        if self.metric == "flops":
+            return 1.0 - table.flops / ledger.initial_flops if ledger.initial_flops else 0.0
+        return 1.0 - table.params / ledger.initial_params if ledger.initial_params else 0.0
+
+    def sparsity_after(self, ledger: PruningLedger, table: SizeTable | None, plan: RemovalPlan) -> float:
+        """The sparsity removing ``plan`` would leave. Heads are not units: they count for params and FLOPs only."""
+        if self.metric == "units":
+            initial = sum(ledger.initial_widths.values())
+            return self.measured(ledger, table) + (plan.num_units / initial if initial else 0.0)
+        assert table is not None
+        if self.metric == "flops":
+            return 1.0 - table.flops_after(plan) / ledger.initial_flops if ledger.initial_flops else 0.0
+        return 1.0 - table.params_after(plan) / ledger.initial_params if ledger.initial_params else 0.0
+
+    def limit(self, plan: RemovalPlan, ledger: PruningLedger, table: SizeTable | None) -> RemovalPlan:
+        """The part of ``plan`` that stays within the target: nothing once it is reached; units up to one past it;
+        dead heads only when they fit whole."""
+        if self.measured(ledger, table) >= self.target:
+            return RemovalPlan()
+        units = limit_plan_to_target(
+            plan.units, lambda part: self.sparsity_after(ledger, table, RemovalPlan(units=part)), self.target
+        )
+        limited = plan.with_units(units)
+        if limited.heads and self.sparsity_after(ledger, table, limited) > self.target:
+            limited = limited.with_heads({})
+        return limited
+
+    def update_strength(self, progress: float, measured: float) -> float:
+        """After an event: adjust the strength scale toward the planned ramp (`StrengthController`)."""
+        return self.controller.update(measured, planned_sparsity(progress, self.target))
+
+    def shortfall(self, groups: Sequence[UnitGroup], stats: Statistics, min_units: int) -> RemovalPlan:
+        """The next chunk of least active live units to remove toward the target (`least_active_units`)."""
+        return RemovalPlan(units=least_active_units(groups, stats, min_units))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's scale (saved as ``strength_scale``)."""
+        return {"strength_scale": self.controller.scale}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the scale."""
+        self.controller.scale = float(state.get("strength_scale", 1.0))

@@ -8,13 +8,15 @@ from torch import nn
 
 from helpers.lightning import RandomDataModule, planted_transformer, train_with_callback
 from helpers.models import kill_heads_
-from lightning_demp import DemonPruning
+from lightning_demp import DemonPruner, PruningConfig, RemovalPlan
 from lightning_demp.accounting import count_flops_per_sample, count_parameters
 from lightning_demp.attention import HeadedAttention, head_readers, plan_head_removal, remove_heads_
 from lightning_demp.demos import TransformerClassifier
 from lightning_demp.detection import ActivationMonitor, dead_check
+from lightning_demp.graph import PrunableGraph
 from lightning_demp.optim import remap_optimizer_
-from lightning_demp.surgery import PrunableGraph, enable_resize_on_load
+from lightning_demp.resize import enable_resize_on_load
+from lightning_demp.sizes import SizeTable
 
 
 def test_headed_attention_computes_what_multihead_attention_computes_with_the_same_weights():
@@ -79,12 +81,12 @@ def test_dead_heads_are_found_at_the_projection_input_and_one_head_always_stays(
     kill_heads_(model[0], [1, 2])
     monitor = ActivationMonitor(head_readers(model))
     stats = dead_check(model, monitor, [torch.randn(6, 5, 8) for _ in range(2)], lambda module, batch: module(batch))
-    assert plan_head_removal(model, stats)["0"].tolist() == [1, 2]
+    assert plan_head_removal(model, {name: reader.max_abs for name, reader in stats.items()})["0"].tolist() == [1, 2]
     kill_heads_(model[0], [0, 3])  # everything dead: the most active (first, on a tie) stays
     monitor.reset()
     stats = dead_check(model, monitor, [torch.randn(6, 5, 8)], lambda module, batch: module(batch))
-    assert plan_head_removal(model, stats)["0"].tolist() == [1, 2, 3]
-    nonfinite = {"0.proj": {"max_abs": torch.tensor([float("nan")] + [0.0] * 7)}}
+    assert plan_head_removal(model, {name: reader.max_abs for name, reader in stats.items()})["0"].tolist() == [1, 2, 3]
+    nonfinite = {"0.proj": torch.tensor([float("nan")] + [0.0] * 7)}
     assert plan_head_removal(model, nonfinite) == {}
 
 
@@ -124,7 +126,7 @@ def test_the_callback_removes_a_dead_head_and_the_optimizer_holds_the_new_parame
 
     assert model.blocks[0].attn.heads == 1 and model.blocks[1].attn.heads == 2
     assert callback.kept_heads == {"blocks.0.attn": [0], "blocks.1.attn": [0, 1]}
-    assert callback.events[-1]["heads_removed"] == {"blocks.0.attn": 1}
+    assert callback.events[-1].heads_removed == {"blocks.0.attn": 1}
     held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters()}
     metrics = callback.size_metrics(model)
@@ -133,14 +135,17 @@ def test_the_callback_removes_a_dead_head_and_the_optimizer_holds_the_new_parame
 
 def test_with_a_target_removed_heads_count_toward_the_sparsity():
     model = TransformerClassifier(dim=16, depth=1, heads=2, hidden=32)
-    callback = DemonPruning(target_sparsity=0.5, target_metric="params", verbose=False, plot=False)
-    callback._example_input = model.example_input_array
-    callback.initial_params = count_parameters(model)
-    without_heads = callback._sparsity_after(model, {})
-    with_a_head = callback._sparsity_after(model, {}, {"blocks.0.attn": torch.tensor([1])})
+    pruner = DemonPruner(PruningConfig(target_sparsity=0.5, target_metric="params"))
+    pruner.prepare(model, model.example_input_array)
+    assert pruner.target is not None
+    table = SizeTable.of(pruner.graph, model.example_input_array[:1])
+    without_heads = pruner.target.sparsity_after(pruner.ledger, table, RemovalPlan())
+    with_a_head = pruner.target.sparsity_after(
+        pruner.ledger, table, RemovalPlan(heads={"blocks.0.attn": torch.tensor([1])})
+    )
     assert without_heads == 0.0
     head_params = 3 * 8 * (16 + 1) + 8 * 16  # its q/k/v rows of qkv (with their biases), its columns of proj
-    assert with_a_head == pytest.approx(head_params / callback.initial_params, abs=1e-12)
+    assert with_a_head == pytest.approx(head_params / count_parameters(model), abs=1e-12)
 
 
 class TorchSelfAttention(nn.Module):

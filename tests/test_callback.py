@@ -101,7 +101,7 @@ def test_planted_dead_units_are_removed_and_the_optimizer_trains_what_remains(tm
     assert model.net[2].out_features == len(callback.kept_units["net.2"]) <= 9
     assert model.net[4].in_features == model.net[2].out_features
     assert model.net[4].out_features == 3  # the output layer is never pruned
-    assert callback.events and callback.events[0]["epoch"] == 0
+    assert callback.events and callback.events[0].epoch == 0
     # Parameters changed after the first removal (the optimizer was not left holding stale tensors).
     for key, value in snapshots[2].items():
         if snapshots[1][key].shape == value.shape:
@@ -113,7 +113,7 @@ def test_removal_happens_at_the_last_epoch_even_off_the_cadence(tmp_path):
     _, model, callback = train_with_callback(
         tmp_path, model=planted_mlp(), max_epochs=2, prune_every_n_epochs=7, reg_max=0.0, noise_std=0.0
     )
-    assert [event["epoch"] for event in callback.events] == [1]
+    assert [event.epoch for event in callback.events] == [1]
     assert {1, 8}.isdisjoint(callback.kept_units["net.0"])
 
 
@@ -127,7 +127,7 @@ def test_training_stopped_by_max_steps_gets_the_final_check(tmp_path):
         noise_std=0.0,
         trainer_kwargs={"max_steps": 9},
     )
-    assert callback.last_check_step == 9
+    assert callback.ledger.last_check_step == 9
     assert {1, 8}.isdisjoint(callback.kept_units["net.0"])
 
 

@@ -22,7 +22,7 @@ from helpers.lightning import (
 )
 from lightning_demp import DemonPruning, load_pruned_checkpoint
 from lightning_demp.demos import MLPClassifier
-from lightning_demp.surgery import layer_widths
+from lightning_demp.resize import layer_widths
 
 CALLBACK_ARGS = {
     "regularizer": "positive_l2",
@@ -98,7 +98,7 @@ def test_crash_and_resume_ends_like_the_uninterrupted_run(tmp_path, build, fresh
     options = {"callback_args": callback_args, "data_args": data_args}
     reference_trainer, reference_callback = fit(tmp_path / "a", reference_model, max_epochs=4, **options)
     assert reference_callback.events  # something was removed before the crash point
-    assert reference_callback.events[0]["step"] < 2 * reference_trainer.num_training_batches
+    assert reference_callback.events[0].step < 2 * reference_trainer.num_training_batches
 
     torch.manual_seed(0)
     with pytest.raises(Crash):
@@ -112,7 +112,7 @@ def test_crash_and_resume_ends_like_the_uninterrupted_run(tmp_path, build, fresh
     assert layer_widths(resumed_model) == layer_widths(reference_model)
     assert resumed_callback.kept_units == reference_callback.kept_units
     assert resumed_callback.kept_heads == reference_callback.kept_heads
-    assert [e["step"] for e in resumed_callback.events] == [e["step"] for e in reference_callback.events]
+    assert [e.step for e in resumed_callback.events] == [e.step for e in reference_callback.events]
     assert resumed_callback.strength_scale == reference_callback.strength_scale
     for (name, resumed), reference in zip(resumed_model.named_parameters(), reference_model.parameters()):
         assert torch.equal(resumed, reference), name
@@ -134,8 +134,8 @@ def test_resume_restores_the_schedules_where_they_were(tmp_path):
         tmp_path, small_mlp(), max_epochs=3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), extra_callbacks=[Record()]
     )
     assert seen["first_step"] == trainer.global_step == 12
-    assert callback._reg_schedule.span_steps == round(0.9 * 18)
-    assert callback._last_reg_strength == pytest.approx(callback._reg_schedule.value(17))
+    assert callback.pruner.reg_schedule.span_steps == round(0.9 * 18)
+    assert callback.pruner.last_reg_strength == pytest.approx(callback.pruner.reg_schedule.value(17))
 
 
 @pytest.mark.parametrize("entry", ["validate", "test", "predict"])

@@ -18,7 +18,7 @@ from helpers.models import (
     randomize_bn_,
 )
 from lightning_demp.detection import ActivationMonitor, UnitActivity, dead_check, find_dead_units, unit_activity
-from lightning_demp.surgery import PrunableGraph
+from lightning_demp.graph import PrunableGraph
 
 
 def dead_units_by_group(model: nn.Module, inputs: torch.Tensor, threshold: float = 0.0) -> dict[str, list[int]]:
@@ -28,7 +28,7 @@ def dead_units_by_group(model: nn.Module, inputs: torch.Tensor, threshold: float
     result = {}
     for group in graph.groups():
         if group.blocked is None:
-            readers = [(stats[r.reader]["max_abs"], r.feature_idxs, r.unit_idxs) for r in group.readers]
+            readers = [(stats[r.reader].max_abs, r.feature_idxs, r.unit_idxs) for r in group.readers]
             result[group.name] = find_dead_units(unit_activity(group.num_units, readers), threshold).tolist()
     return result
 
@@ -138,6 +138,6 @@ def test_a_layer_down_to_one_unit_is_still_checked(track_range):
     monitor = ActivationMonitor({"2": model[2]}, track_range=track_range)
     stats = dead_check(model, monitor, [torch.randn(8, 3)], lambda m, b: m(b))
     keys = ["max_abs", "max_value", "min_value"] if track_range else ["max_abs"]
-    assert all(stats["2"][key].shape == (1,) for key in keys)
-    activity = unit_activity(1, [(stats["2"]["max_abs"], torch.arange(1), torch.arange(1))])
+    assert all(getattr(stats["2"], key).shape == (1,) for key in keys)
+    activity = unit_activity(1, [(stats["2"].max_abs, torch.arange(1), torch.arange(1))])
     assert find_dead_units(activity).tolist() == [0]

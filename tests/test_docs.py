@@ -46,4 +46,4 @@ def test_surgery_is_the_only_module_that_imports_torch_pruning():
         for module in [*_public_modules(), importlib.import_module("lightning_demp._strategy")]
         if re.search(r"^\s*(import|from)\s+torch_pruning\b", inspect.getsource(module), re.MULTILINE)
     ]
-    assert importers == ["lightning_demp.surgery"]
+    assert importers == ["lightning_demp.graph"]

@@ -14,7 +14,7 @@ from torch import nn
 from helpers.lightning import RandomDataModule, planted_mlp, small_mlp
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier
-from lightning_demp.surgery import TracingError
+from lightning_demp.graph import TracingError
 
 
 class NoNormNoExample(DemoClassifier):
@@ -97,12 +97,14 @@ def test_misconfiguration_is_reported_before_any_optimizer_step(model_cls, data_
 def test_validation_forwards_never_change_the_statistics(tmp_path):
     recorded = {}
 
-    class Record(DemonPruning):
-        def plan_removal(self, groups, stats):
-            recorded[len(recorded)] = {name: s["num_samples"].item() for name, s in stats.items()}
-            return super().plan_removal(groups, stats)
+    callback = DemonPruning(regularizer="positive_l2", check_mode="train_forwards", check_batches=2, verbose=False)
+    decide = callback.pruner.decide
 
-    callback = Record(regularizer="positive_l2", check_mode="train_forwards", check_batches=2, verbose=False)
+    def record(model, stats):
+        recorded[len(recorded)] = {name: reader.num_samples for name, reader in stats.items()}
+        return decide(model, stats)
+
+    callback.pruner.decide = record
     trainer = Trainer(
         max_epochs=1,
         callbacks=[callback],
@@ -136,7 +138,7 @@ def test_a_nan_loss_does_not_corrupt_the_callback_state(tmp_path):
         trainer.fit(model, datamodule=RandomDataModule())  # the NaN spreads to the weights; no decision is made
     state = callback.state_dict()
     assert state["kept_units"]["net.0"] == list(range(12))
-    assert all(math.isfinite(v) for v in [callback._last_reg_strength, callback._last_noise_std])
+    assert all(math.isfinite(v) for v in [callback.pruner.last_reg_strength, callback.pruner.last_noise_std])
 
 
 def test_callback_and_model_pickle_and_deepcopy_in_the_middle_of_fit(tmp_path):
@@ -165,7 +167,7 @@ def test_callback_and_model_pickle_and_deepcopy_in_the_middle_of_fit(tmp_path):
     kept_then, restored_callback, deep_copied, unpickled = copies
     assert restored_callback.kept_units == kept_then
     assert any(len(kept) < 12 for kept in kept_then.values())
-    assert restored_callback._graph is None
+    assert not restored_callback.pruner.prepared
     assert deep_copied.net[0].out_features == unpickled.net[0].out_features <= 10
     x = torch.randn(2, 6)
     torch.testing.assert_close(deep_copied(x), unpickled(x))

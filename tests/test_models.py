@@ -13,9 +13,9 @@ from test_surgery import remove_dead_
 from torch import nn
 
 from helpers.models import kill_bn_units_, kill_linear_units_, randomize_bn_
-from lightning_demp.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, CIFAR10Dataset, augment_image
 from lightning_demp.cli import main
-from lightning_demp.models import (
+from lightning_demp.demos.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, CIFAR10Dataset, augment_image
+from lightning_demp.demos.cifar_models import (
     CIFARResNet18Classifier,
     CIFARVGG16Classifier,
     cifar_resnet18,
@@ -318,5 +318,5 @@ def test_cifar_configs_parse(name, capsys, monkeypatch):
         main(["fit", "--config", str(REPO / "configs" / name), "--print_config"])
     assert info.value.code in (0, None)
     out = capsys.readouterr().out
-    assert "lightning_demp.cifar.CIFAR10DataModule" in out
+    assert "lightning_demp.demos.cifar.CIFAR10DataModule" in out
     assert "l1_norm_scale" in out and "one_cycle" in out

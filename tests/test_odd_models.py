@@ -8,7 +8,8 @@ from test_surgery import remove_dead_
 from torch import nn
 
 from helpers.models import kill_bn_units_, kill_linear_units_, make_alive_, randomize_bn_
-from lightning_demp.surgery import PrunableGraph, layer_widths
+from lightning_demp.graph import PrunableGraph
+from lightning_demp.resize import layer_widths
 
 
 class TiedWeights(nn.Module):

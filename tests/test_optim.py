@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from helpers.models import MLP, kill_linear_units_, make_alive_
+from lightning_demp.graph import PrunableGraph
 from lightning_demp.optim import ParamRemap, remap_optimizer_
-from lightning_demp.surgery import PrunableGraph
+from lightning_demp.removal import remove_units_
 
 OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
@@ -36,7 +37,7 @@ def test_state_is_sliced_step_kept_and_one_more_step_matches_a_hand_built_refere
     old_state = {key: copy.deepcopy(optimizer.state[param]) for key, param in model.named_parameters()}
     old_params = {key: param.detach().clone() for key, param in model.named_parameters()}
 
-    remaps = PrunableGraph(model, torch.randn(2, 6)).remove_units_({"fc1": torch.tensor([1, 4])})
+    remaps = remove_units_(PrunableGraph(model, torch.randn(2, 6)), {"fc1": torch.tensor([1, 4])})
     remap_optimizer_(optimizer, remaps)
 
     kept = torch.tensor([i for i in range(12) if i not in (1, 4)])
@@ -78,7 +79,7 @@ def test_parameters_keep_changing_and_the_lr_scheduler_keeps_its_optimizer():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     train_steps(model, optimizer, 2)
-    remap_optimizer_(optimizer, PrunableGraph(model, torch.randn(2, 6)).remove_units_({"fc2": torch.tensor([3])}))
+    remap_optimizer_(optimizer, remove_units_(PrunableGraph(model, torch.randn(2, 6)), {"fc2": torch.tensor([3])}))
     before = {key: param.detach().clone() for key, param in model.named_parameters()}
     train_steps(model, optimizer, 1)
     scheduler.step()

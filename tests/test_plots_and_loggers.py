@@ -39,7 +39,7 @@ def test_plot_file_is_written_in_the_log_dir_and_shows_every_layer_and_event(tmp
     top, bottom = figure.axes[:2]
     assert [text.get_text() for text in top.get_legend().get_texts()] == ["net.0", "net.2"]
     steps, widths = units_over_steps(callback.state_dict())
-    assert steps == [0, *(event["step"] for event in callback.events)]
+    assert steps == [0, *(event.step for event in callback.events)]
     assert widths["net.0"][0] == 12 and widths["net.0"][-1] == len(callback.kept_units["net.0"])
     line = top.get_lines()[0]
     assert list(line.get_xdata())[-1] == trainer.global_step  # drawn to the end of training

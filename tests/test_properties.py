@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_demp.detection import ActivationMonitor, dead_check, find_dead_units, unit_activity
+from lightning_demp.graph import PrunableGraph
 from lightning_demp.optim import remap_optimizer_
-from lightning_demp.surgery import PrunableGraph
+from lightning_demp.removal import remove_units_
 
 settings.register_profile("ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("nightly", max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -86,7 +87,7 @@ def plan_dead(model, graph, inputs):
     plan, groups = {}, {}
     for group in graph.groups():
         if group.blocked is None:
-            readers = [(stats[r.reader]["max_abs"], r.feature_idxs, r.unit_idxs) for r in group.readers]
+            readers = [(stats[r.reader].max_abs, r.feature_idxs, r.unit_idxs) for r in group.readers]
             dead = find_dead_units(unit_activity(group.num_units, readers))
             if len(dead):
                 plan[group.name], groups[group.name] = dead, group
@@ -127,7 +128,7 @@ def test_removal_preserves_outputs_removes_only_dead_units_and_keeps_optimizer_s
         if units:
             assert set(units) <= set(plan.get(name, torch.tensor([], dtype=torch.long)).tolist())
 
-    remaps = graph.remove_units_(plan)
+    remaps = remove_units_(graph, plan)
     remap_optimizer_(optimizer, remaps)
     torch.testing.assert_close(model(inputs), before, rtol=1e-5, atol=1e-5)
 

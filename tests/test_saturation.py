@@ -11,8 +11,10 @@ from helpers.lightning import RandomDataModule
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier
 from lightning_demp.detection import ActivationMonitor, dead_check
+from lightning_demp.graph import PrunableGraph
+from lightning_demp.removal import remove_units_
+from lightning_demp.resize import layer_widths
 from lightning_demp.saturation import constant_units, fold_constant_inputs_, folds_for
-from lightning_demp.surgery import PrunableGraph, layer_widths
 
 
 def remove_constant_(model: nn.Module, inputs: torch.Tensor, tolerance: float = 1e-6) -> dict[str, int]:
@@ -24,7 +26,7 @@ def remove_constant_(model: nn.Module, inputs: torch.Tensor, tolerance: float = 
     plan = {name: units for name, units in plan.items() if len(units)}
     for fold in folds_for(groups, stats, plan):
         fold_constant_inputs_(modules[fold.reader], fold, graph.norm_after(fold.reader))
-    graph.remove_units_(plan)
+    remove_units_(graph, plan)
     return {name: len(units) for name, units in plan.items()}
 
 

@@ -12,11 +12,15 @@ from torch import Tensor, nn
 from helpers.lightning import RandomDataModule, planted_residual_cnn, tiny_residual_cnn
 from helpers.models import ResidualCNN, kill_bn_units_, randomize_bn_
 from lightning_demp import DemonPruning
+from lightning_demp.decouple import DecouplingError, decouple_residuals_
 from lightning_demp.demos import DemoClassifier, ResidualCNNBackbone
-from lightning_demp.models import CIFARResNet, cifar_resnet18
+from lightning_demp.demos.cifar_models import CIFARResNet, cifar_resnet18
+from lightning_demp.graph import PrunableGraph
 from lightning_demp.optim import remap_optimizer_
-from lightning_demp.selection import ChannelSelect, DecouplingError, decouple_residuals_, residual_sum
-from lightning_demp.surgery import PrunableGraph, enable_resize_on_load, layer_widths, resize_like_
+from lightning_demp.permutation import order_routed_channels_, permute_units_
+from lightning_demp.removal import remove_units_
+from lightning_demp.resize import enable_resize_on_load, layer_widths, resize_like_
+from lightning_demp.selection import ChannelSelect, residual_sum
 
 
 def test_a_stream_channel_dead_at_the_block_input_goes_while_the_block_output_keeps_it():
@@ -301,7 +305,7 @@ def _remove_at_random_(graph: PrunableGraph, fraction: float, seed: int) -> list
         for group in graph.groups()
         if group.blocked is None
     }
-    return graph.remove_units_(plan)
+    return remove_units_(graph, plan)
 
 
 @pytest.mark.parametrize(
@@ -326,7 +330,7 @@ def test_reordering_routes_every_selection_in_one_run_keeping_outputs_and_optimi
         optimizer.state[param] = {"exp_avg": param.detach().clone(), "step": torch.tensor(3.0)}
     before = model(example)
 
-    orders, remaps = graph.order_routed_channels_()
+    orders, remaps = order_routed_channels_(graph)
     remap_optimizer_(optimizer, remaps)
 
     assert orders and all(len(select.segments) == 1 for select in selections)
@@ -335,7 +339,7 @@ def test_reordering_routes_every_selection_in_one_run_keeping_outputs_and_optimi
     for param in model.parameters():  # the state moved with its parameter
         assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
         assert optimizer.state[param]["step"].item() == 3.0
-    again, _ = graph.order_routed_channels_()
+    again, _ = order_routed_channels_(graph)
     assert again == {}  # already in order
 
 
@@ -345,12 +349,12 @@ def test_an_order_that_is_not_a_permutation_or_a_group_that_cannot_be_reordered_
     depthwise_group = graph.groups()[0]  # the depthwise convolution roots the group of `0`'s channels
     assert depthwise_group.name == "2" and not depthwise_group.permutable
     with pytest.raises(ValueError, match=r"\['2'\] cannot be reordered"):
-        graph.permute_units_({"2": torch.tensor([1, 0, 2, 3])})
+        permute_units_(graph, {"2": torch.tensor([1, 0, 2, 3])})
     with pytest.raises(ValueError, match=r"\['0'\] name no group of units; the groups are \['2', '3'\]"):
-        graph.permute_units_({"0": torch.tensor([1, 0, 2, 3])})
+        permute_units_(graph, {"0": torch.tensor([1, 0, 2, 3])})
     plain = PrunableGraph(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), torch.randn(2, 2))
     with pytest.raises(ValueError, match="`0` must be a permutation of its 3 units"):
-        plain.permute_units_({"0": torch.tensor([0, 0, 1])})
+        permute_units_(plain, {"0": torch.tensor([0, 0, 1])})
 
 
 def test_the_callback_reorders_after_removal_and_kept_units_follow_the_new_order(tmp_path):
@@ -398,9 +402,9 @@ def test_reordering_keeps_the_function_when_a_layer_reads_the_group_twice_throug
     randomize_bn_(model)
     x = torch.randn(4, 1, 12)
     graph = PrunableGraph(model, x)
-    graph.remove_units_({"stem": torch.tensor([1, 4]), "block.conv2": torch.tensor([2])})
+    remove_units_(graph, {"stem": torch.tensor([1, 4]), "block.conv2": torch.tensor([2])})
     before = model(x)
-    orders, _ = graph.order_routed_channels_()
+    orders, _ = order_routed_channels_(graph)
     assert "block.conv2" in orders  # the concatenated group moved
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
@@ -408,7 +412,7 @@ def test_reordering_keeps_the_function_when_a_layer_reads_the_group_twice_throug
 def test_a_blocked_group_is_never_reordered():
     graph = PrunableGraph(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)), torch.randn(2, 2))
     with pytest.raises(ValueError, match=r"\['2'\] cannot be reordered: `2` produces the model output"):
-        graph.permute_units_({"2": torch.tensor([1, 0])})
+        permute_units_(graph, {"2": torch.tensor([1, 0])})
 
 
 class _TwoResiduals(nn.Module):

@@ -18,7 +18,9 @@ from helpers.models import (
     randomize_bn_,
 )
 from lightning_demp.detection import ActivationMonitor, dead_check, find_dead_units, unit_activity
-from lightning_demp.surgery import PrunableGraph, TracingError, layer_widths, resize_like_
+from lightning_demp.graph import PrunableGraph, TracingError
+from lightning_demp.removal import remove_units_
+from lightning_demp.resize import layer_widths, resize_like_
 
 
 def remove_dead_(model: nn.Module, inputs: torch.Tensor) -> dict[str, int]:
@@ -27,11 +29,11 @@ def remove_dead_(model: nn.Module, inputs: torch.Tensor) -> dict[str, int]:
     plan = {}
     for group in graph.groups():
         if group.blocked is None:
-            readers = [(stats[r.reader]["max_abs"], r.feature_idxs, r.unit_idxs) for r in group.readers]
+            readers = [(stats[r.reader].max_abs, r.feature_idxs, r.unit_idxs) for r in group.readers]
             dead = find_dead_units(unit_activity(group.num_units, readers))
             if len(dead):
                 plan[group.name] = dead
-    graph.remove_units_(plan)
+    remove_units_(graph, plan)
     return {name: len(idxs) for name, idxs in plan.items()}
 
 
@@ -103,7 +105,7 @@ def test_repeated_removals_on_one_graph_stay_function_preserving():
         group = next(g for g in graph.groups() if g.name == "conv1")
         kill_bn_units_(model.bn1, units)
         reference = model(inputs)
-        graph.remove_units_({group.name: torch.tensor(units)})
+        remove_units_(graph, {group.name: torch.tensor(units)})
         torch.testing.assert_close(model(inputs), reference, rtol=1e-5, atol=1e-5)
     assert layer_widths(model)["conv1"] == 5
 

@@ -50,7 +50,7 @@ def test_removal_stops_once_the_target_is_reached(tmp_path):
         tmp_path, model=model, max_epochs=3, reg_max=0.0, noise_std=0.0, target_sparsity=0.2, target_metric="units"
     )
     first = callback.events[0]
-    assert first["reason"] == "dead"
+    assert first.reason == "dead"
     assert len(callback.events) == 1  # nothing more after the target was passed by that one event
     assert callback.measured_sparsity(model) >= 0.2
     assert callback.strength_scale == pytest.approx(1e-3)  # λ and σ turned down
@@ -72,7 +72,7 @@ def test_force_target_meets_the_target_with_the_least_active_units(tmp_path):
     )
     measured = callback.measured_sparsity(model)
     assert 0.3 <= measured <= 0.3 + 1 / 48 + 1e-9  # one unit past at most
-    assert all(event["reason"] == "force_target" for event in callback.events)
+    assert all(event.reason == "force_target" for event in callback.events)
     assert {0, 1, 2, 3}.isdisjoint(callback.kept_units["net.0"])
 
 
@@ -85,7 +85,8 @@ def test_the_strength_scale_multiplies_the_logged_lambda_and_is_saved(tmp_path):
     restored = DemonPruning(regularizer="positive_l2", target_sparsity=0.9)
     restored.load_state_dict(callback.state_dict())
     assert restored.strength_scale == callback.strength_scale
-    assert restored._controller.scale == callback.strength_scale
+    assert restored.pruner.target is not None
+    assert restored.pruner.target.controller.scale == callback.strength_scale
 
 
 @pytest.mark.parametrize("metric", ["params", "units"])

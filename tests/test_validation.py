@@ -105,8 +105,10 @@ def test_recalibration_runs_before_validation_during_the_schedule_and_after_remo
     cnn_trainer(tmp_path, [on]).fit(ResidualCNNClassifier(width=8), datamodule=Data())
     off = DemonPruning(verbose=False, plot=False, recalibrate_bn=False)
     cnn_trainer(tmp_path, [off]).fit(ResidualCNNClassifier(width=8), datamodule=Data())
-    assert on.recalibrations == 1 + len(on.events)  # the validation of epoch 0 (inside the schedule), each removal
-    assert off.recalibrations == 0
+    assert on.pruner.recalibrations == 1 + len(
+        on.events
+    )  # the validation of epoch 0 (inside the schedule), each removal
+    assert off.pruner.recalibrations == 0
 
 
 def test_schedule_phase_and_settled_flag_are_logged(tmp_path):
@@ -122,7 +124,7 @@ def test_schedule_phase_and_settled_flag_are_logged(tmp_path):
     trainer.fit(planted_mlp(), datamodule=RandomDataModule())
     metrics = trainer.callback_metrics
     assert metrics["demp/schedule_phase"].item() == 2.0  # the schedule spans the first half only
-    assert metrics["demp/settled"].item() == float(callback.last_removed_count == 0)
+    assert metrics["demp/settled"].item() == float(callback.ledger.last_removed_count == 0)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +168,7 @@ def test_a_warning_fires_when_monitoring_would_act_during_the_schedule(tmp_path,
 
 
 def test_recalibration_uses_as_many_batches_as_asked_even_beyond_check_batches(tmp_path, monkeypatch):
-    import lightning_demp.callback as callback_module
+    import lightning_demp.core as callback_module
 
     used = []
     original = callback_module.recalibrate_batchnorm_

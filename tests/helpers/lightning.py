@@ -52,6 +52,22 @@ def small_mlp(**kwargs: Any) -> MLPClassifier:
     return MLPClassifier(**options)
 
 
+def quiet_trainer(tmp_path: Any, **kwargs: Any) -> Trainer:
+    """A Trainer on one CPU process that prints nothing and writes only under ``tmp_path``: no logger, checkpoint,
+    progress bar or model summary unless ``kwargs`` ask for them."""
+    options: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    options.update(kwargs)
+    return Trainer(**options)
+
+
 def train_with_callback(
     tmp_path: Any,
     model: Any = None,
@@ -69,16 +85,11 @@ def train_with_callback(
     callback_kwargs.setdefault("verbose", False)
     callback = DemonPruning(**callback_kwargs)
     model = model if model is not None else small_mlp()
-    trainer = Trainer(
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=max_epochs,
         callbacks=[callback, *(trainer_kwargs or {}).get("callbacks", [])],
         logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
         log_every_n_steps=1,
         **{key: value for key, value in (trainer_kwargs or {}).items() if key != "callbacks"},
     )

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_demp.demos import DemoClassifier, OptimizerName
+from lightning_demp.demos.classifier import DemoClassifier, OptimizerName
 from lightning_demp.selection import ChannelSelect, residual_sum
 
 VGGVariant = Literal["standard", "demp"]

@@ -1,0 +1,492 @@
+"""The framework-free pruner: DemP on any ``nn.Module`` and its optimizers, with or without a Trainer.
+
+`DemonPruner` holds the graph, the activity monitor, the ledger and the policies. A training loop calls it at four
+places: `DemonPruner.regularize_` before each optimizer step (the regularizer's gradient; the live-entry masks for
+the noise), `DemonPruner.add_noise_` after it, `DemonPruner.remember_batch` with each training batch, and
+`DemonPruner.removal_event` at the epoch ends where units should go. `DemonPruning` is this class wired to
+Lightning's hooks; under DDP it passes `Collectives` that broadcast the plan and rebuild the wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_demp.accounting import call_with, count_flops_per_sample, count_parameters
+from lightning_demp.attention import attention_layers, head_readers, remove_heads_
+from lightning_demp.batchnorm import recalibrate_batchnorm_
+from lightning_demp.config import PruningConfig
+from lightning_demp.detection import ActivationMonitor, dead_check
+from lightning_demp.graph import PrunableGraph
+from lightning_demp.ledger import PruningLedger, RemovalEvent
+from lightning_demp.optim import remap_optimizer_
+from lightning_demp.permutation import order_routed_channels_
+from lightning_demp.policy import decide_removal
+from lightning_demp.regularization import add_penalty_grad_, inject_noise_, live_masks, penalized_params
+from lightning_demp.removal import remove_units_
+from lightning_demp.saturation import SaturationFolding
+from lightning_demp.schedules import Schedule, make_schedule
+from lightning_demp.sizes import SizeTable
+from lightning_demp.target import SparsityTarget
+from lightning_demp.units import RemovalPlan, Statistics
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def _same(plan: RemovalPlan) -> RemovalPlan:
+    return plan
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """What a distributed run must do at a removal; the defaults are right for one process.
+
+    Attributes:
+        broadcast_plan: Make every process hold rank 0's plan (and fail if they disagree).
+        after_surgery: Rebuild what wraps the model (DDP's gradient buckets) once parameters were replaced.
+        average_batchnorm: Average BatchNorm running statistics over processes after a recalibration.
+    """
+
+    broadcast_plan: Callable[[RemovalPlan], RemovalPlan] = _same
+    after_surgery: Callable[[], None] = _nothing
+    average_batchnorm: Callable[[nn.Module], None] = _nothing
+
+
+def first_input(batch: Any) -> Any:
+    """The model input of a batch: the batch itself when it is a tensor, else its first element (``(x, y)``)."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    raise TypeError(
+        f"Cannot find the model input in a batch of type {type(batch).__name__}; pass `forward=` to `DemonPruner` "
+        "(or override `DemonPruning.batch_to_input`)."
+    )
+
+
+def call_on_first_input(model: nn.Module, batch: Any) -> Any:
+    """The default forward of the dead check: ``model`` called on `first_input` of ``batch``."""
+    return call_with(model, first_input(batch))
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def first_samples(inputs: Any, count: int = 2) -> Any:
+    """The first ``count`` samples of a tensor, or of every tensor in a tuple, list or dict."""
+    if isinstance(inputs, Tensor) and inputs.dim() > 0:
+        return inputs[:count]
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(first_samples(value, count) for value in inputs)
+    if isinstance(inputs, dict):
+        return {key: first_samples(value, count) for key, value in inputs.items()}
+    return inputs
+
+
+class DemonPruner:
+    """DemP on a plain model: regularize and add noise at every step, remove dead units at events.
+
+    Args:
+        config: The settings (validated by `PruningConfig`).
+        forward: ``forward(model, batch)`` runs the model on one training batch (for the dead check and the
+            BatchNorm recalibration); by default the model is called on `first_input` of the batch.
+        warn: Where warnings go (the callback passes Lightning's ``rank_zero_warn``).
+        info: Where progress messages go; ``None`` for none.
+
+    Examples:
+        A plain training loop, no Lightning:
+
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        >>> pruner = DemonPruner(PruningConfig(regularizer="positive_l2", reg_max=1.0))
+        >>> batches = [(torch.randn(32, 4), torch.randint(0, 2, (32,))) for _ in range(8)]
+        >>> pruner.prepare(model, batches[0][0][:2], total_steps=16)
+        >>> for step in range(16):
+        ...     x, y = batches[step % 8]
+        ...     pruner.remember_batch((x, y))
+        ...     optimizer.zero_grad()
+        ...     nn.functional.cross_entropy(model(x), y).backward()
+        ...     pruner.regularize_(optimizer, model, step)
+        ...     optimizer.step()
+        ...     pruner.add_noise_()
+        >>> event = pruner.removal_event(model, [optimizer], step=16, epoch=1, final=True)
+        >>> model[0].out_features == len(pruner.ledger.kept_units["0"]) == model[2].in_features
+        True
+    """
+
+    def __init__(
+        self,
+        config: PruningConfig,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        warn: Callable[[str], None] | None = None,
+        info: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.forward = forward if forward is not None else call_on_first_input
+        self.warn = warn if warn is not None else _warn
+        self.info = info
+        self.ledger = PruningLedger()
+        self.target = (
+            SparsityTarget(config.target_sparsity, config.target_metric, config.force_target)
+            if config.target_sparsity is not None
+            else None
+        )
+        self.saturation = (
+            SaturationFolding(config.saturation_tolerance) if config.saturation_tolerance is not None else None
+        )
+        self.graph: PrunableGraph | None = None
+        self.monitor: ActivationMonitor | None = None
+        self.reg_schedule: Schedule | None = None
+        self.noise_schedule: Schedule | None = None
+        self.total_steps: int | None = None
+        self.loaded_schedule: dict[str, Any] | None = None  # the record of a checkpoint, until a schedule is laid
+        self.example_input: Any = None
+        self.recent_batches: deque[Any] = deque(maxlen=config.batches_kept)
+        self.recalibrations = 0  # BatchNorm recalibrations done in this process
+        self.last_reg_strength = 0.0
+        self.last_noise_std = 0.0
+        self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
+        self._prunable_param_ids: set[int] = set()
+
+    # ------------------------------------------------------------------ setting up
+    def prepare(self, model: nn.Module, example_input: Any, total_steps: int | None = None) -> None:
+        """Trace ``model``, create the monitor, record the starting size; lay the schedules over ``total_steps``."""
+        self.example_input = example_input
+        self.graph = PrunableGraph(model, example_input, exclude=self.config.exclude)
+        self.monitor = self._new_monitor()
+        flops = count_flops_per_sample(model, first_samples(example_input, 1))
+        heads = {name: attention.heads for name, attention in attention_layers(model).items()}
+        self.ledger.start(self.graph.groups(), heads, count_parameters(model), flops)
+        if self.saturation is not None:
+            self.saturation.bind(model)
+        self._prunable_param_ids = self._find_prunable_param_ids()
+        if total_steps is not None:
+            self.lay_out(total_steps)
+
+    def lay_out(self, total_steps: int) -> None:
+        """Lay λ_t and σ_t over ``schedule_span`` of ``total_steps`` optimizer steps."""
+        self.total_steps = total_steps
+        span_steps = max(1, round(self.config.schedule_span * total_steps))
+        self.reg_schedule = make_schedule(self.config.schedule, self.config.reg_max, span_steps)
+        self.noise_schedule = make_schedule(self.config.schedule, self.config.noise_std, span_steps)
+
+    @property
+    def prepared(self) -> bool:
+        """Whether `prepare` traced a model."""
+        return self.graph is not None
+
+    @property
+    def strength_scale(self) -> float:
+        """The factor on λ_t and σ_t (steered when a target is set, else 1)."""
+        return self.target.scale if self.target is not None else 1.0
+
+    # ------------------------------------------------------------------ every step
+    def remember_batch(self, batch: Any) -> None:
+        """Keep a reference to a training batch for the next dead check and recalibration."""
+        self.recent_batches.append(batch)
+
+    def forget_batches(self) -> None:
+        """Drop the kept batches (at an epoch start: each check sees its own epoch's batches)."""
+        self.recent_batches.clear()
+
+    def regularize_(self, optimizer: torch.optim.Optimizer, model: nn.Module, step: int) -> None:
+        """Before the step: add λ_t·∇R to the gradients; note the live entries for the noise after the step."""
+        assert self.reg_schedule is not None, "call `prepare` first"
+        assert self.noise_schedule is not None
+        self.last_reg_strength = self.reg_schedule.value(step) * self.strength_scale
+        self.last_noise_std = self.noise_schedule.value(step) * self.strength_scale
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._pending_noise = (step, self.last_noise_std, live_masks(params)) if self.last_noise_std > 0 else None
+        if self.last_reg_strength > 0:
+            penalized = penalized_params(optimizer, model, self.config.regularizer)
+            if self.config.penalize == "prunable":
+                penalized = [p for p in penalized if id(p) in self._prunable_param_ids]
+            add_penalty_grad_(penalized, self.config.regularizer, self.last_reg_strength)
+
+    def add_noise_(self) -> None:
+        """After the step: σ_t noise on the entries that had a gradient (reproducible from the seed and step)."""
+        if self._pending_noise is None:
+            return
+        step, std, masks = self._pending_noise
+        self._pending_noise = None
+        inject_noise_(masks, std, self.config.seed, step)
+
+    def schedule_active(self, step: int) -> bool:
+        """Whether λ_t/σ_t are still inside their span at ``step``."""
+        return self.reg_schedule is not None and step < self.reg_schedule.span_steps
+
+    def is_settled(self, step: int) -> bool:
+        """The schedule is over, and a check since its end removed nothing: validation metrics describe the final
+        network. A check made while λ was still on does not count: units may die after it."""
+        span_steps = self.reg_schedule.span_steps if self.reg_schedule is not None else 0
+        ledger = self.ledger
+        return (
+            not self.schedule_active(step) and ledger.last_removed_count == 0 and ledger.last_check_step >= span_steps
+        )
+
+    # ------------------------------------------------------------------ observing
+    @contextmanager
+    def observe(self) -> Iterator[None]:
+        """Record activity of the forwards run inside the block (fresh statistics)."""
+        assert self.monitor is not None, "call `prepare` first"
+        self.monitor.reset()
+        with self.monitor.observe():
+            yield
+
+    def start_observing(self) -> None:
+        """Start recording the training forwards that follow (``check_mode="train_forwards"``; idempotent)."""
+        assert self.monitor is not None, "call `prepare` first"
+        if not self.monitor.is_observing:
+            self.monitor.reset()
+            self.monitor.attach()
+
+    def stop_observing(self) -> Statistics | None:
+        """Stop recording; the statistics of the recorded forwards, or ``None`` when some reader saw nothing."""
+        if self.monitor is None or not self.monitor.is_observing:
+            return None
+        self.monitor.detach()
+        stats = self.monitor.compute()
+        return stats if all(reader.num_samples > 0 for reader in stats.values()) else None
+
+    def pause_observing(self, paused: bool) -> None:
+        """While paused, attached hooks record nothing (validation forwards never enter a decision)."""
+        if self.monitor is not None:
+            self.monitor.paused = paused
+
+    def statistics(self, model: nn.Module) -> Statistics | None:
+        """The paper's dead check: an eval-mode, gradient-free pass over the kept batches (``None`` without any)."""
+        assert self.monitor is not None, "call `prepare` first"
+        if not self.recent_batches:
+            return None
+        return dead_check(model, self.monitor, list(self.recent_batches), self.forward)
+
+    # ------------------------------------------------------------------ deciding and applying
+    def decide(self, model: nn.Module, stats: Statistics) -> RemovalPlan:
+        """The units and heads to remove from ``stats`` (within the target, when one is set)."""
+        assert self.graph is not None, "call `prepare` first"
+        decision = decide_removal(
+            model,
+            self.graph.groups(),
+            stats,
+            threshold=self.config.dead_threshold,
+            min_units=self.config.min_units,
+            removable=self.ledger.kept_units.keys(),
+            extra_units=self.saturation.extra_units if self.saturation is not None else None,
+        )
+        for message in decision.warnings:
+            self.warn(f"`DemonPruning`: {message}")
+        return decision.plan
+
+    def removal_event(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        stats: Statistics | None = None,
+        *,
+        step: int,
+        epoch: int,
+        final: bool = False,
+        collectives: Collectives = Collectives(),
+    ) -> RemovalEvent | None:
+        """A whole removal event: check (unless ``stats`` are given), decide, broadcast, fold, remove, steer.
+
+        Returns:
+            The event record when something was removed, else ``None``.
+        """
+        self.ledger.last_check_step = step
+        if self.graph is None or self.monitor is None:
+            return None
+        stats = stats if stats is not None else self.statistics(model)
+        if stats is None:
+            return None
+        table = self._size_table()
+        plan = collectives.broadcast_plan(self.decide(model, stats))
+        if self.target is not None:  # identical on every rank: same model, same plan
+            plan = self.target.limit(plan, self.ledger, table)
+        self.ledger.last_removed_count = plan.num_units + plan.num_heads
+        if plan.units and self.saturation is not None:
+            optimizer_list = list(optimizers)
+            self.saturation.fold_(self.graph.groups(), stats, plan.units, self.graph.norm_after, optimizer_list)
+        event = self.apply(model, plan, optimizers, step=step, epoch=epoch, collectives=collectives) if plan else None
+        if self.target is not None and final and self.target.force:
+            event = self._close_shortfall(model, optimizers, stats, step, epoch, collectives) or event
+        if self.target is not None and self.reg_schedule is not None:
+            measured = self.target.measured(self.ledger, self._size_table())
+            self.target.update_strength(step / self.reg_schedule.span_steps, measured)
+        return event
+
+    def apply(
+        self,
+        model: nn.Module,
+        plan: RemovalPlan,
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        step: int,
+        epoch: int,
+        reason: str = "dead",
+        collectives: Collectives = Collectives(),
+    ) -> RemovalEvent:
+        """Surgery, optimizer remap, rewrap and bookkeeping for one plan (identical on every process)."""
+        assert self.graph is not None, "call `prepare` first"
+        start = time.perf_counter()
+        remaps = remove_units_(self.graph, plan.units)
+        orders, order_remaps = order_routed_channels_(self.graph)  # selections become single slice adds
+        head_remaps = remove_heads_(model, plan.heads)
+        for optimizer in optimizers:
+            remap_optimizer_(optimizer, remaps + order_remaps + head_remaps)
+        collectives.after_surgery()
+        if any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()):
+            torch.compiler.reset()  # drop graphs guarded on the old shapes instead of piling up recompiles
+        self.ledger.record_removal(plan, orders)
+        self.monitor = self._new_monitor()
+        if self.saturation is not None:
+            self.saturation.bind(model)
+        self._prunable_param_ids = self._find_prunable_param_ids()
+        self.ledger.current_flops = count_flops_per_sample(model, first_samples(self.example_input, 1))
+        self.recalibrate(model, collectives)
+        ledger = self.ledger
+        event = RemovalEvent(
+            step=step,
+            epoch=epoch,
+            reason=reason,
+            removed={name: len(idxs) for name, idxs in plan.units.items()},
+            widths={name: len(kept) for name, kept in ledger.kept_units.items()},
+            heads_removed={name: len(h) for name, h in plan.heads.items()} if plan.heads else None,
+            heads={name: len(kept) for name, kept in ledger.kept_heads.items()} if ledger.kept_heads else None,
+            params=count_parameters(model),
+            flops_kept=ledger.flops_kept_fraction(),
+            seconds=time.perf_counter() - start,
+        )
+        ledger.events.append(event)
+        if self.info is not None:
+            what = "units" if reason == "dead" else "least active live units (force_target)"
+            self.info(
+                f"DemonPruning: removed {plan.num_units} {what} from {len(plan.units)} layers"
+                + (f" and {plan.num_heads} dead attention heads" if plan.num_heads else "")
+                + f": {ledger.units_kept_fraction():.0%} of units, {ledger.flops_kept_fraction():.0%} of FLOPs kept."
+            )
+        return event
+
+    def recalibrate(self, model: nn.Module, collectives: Collectives = Collectives()) -> bool:
+        """Re-estimate BatchNorm running statistics on the most recent kept batches (when enabled)."""
+        if not self.config.recalibrate_bn or not self.recent_batches:
+            return False
+        batches = list(self.recent_batches)[-self.config.recalibration_batches :]
+        if not recalibrate_batchnorm_(model, batches, self.forward):
+            return False
+        collectives.average_batchnorm(model)
+        self.recalibrations += 1
+        return True
+
+    def _close_shortfall(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        stats: Statistics,
+        step: int,
+        epoch: int,
+        collectives: Collectives,
+    ) -> RemovalEvent | None:
+        """Opt-in last step: remove the least active live units, in small chunks, until the target is met."""
+        assert self.target is not None
+        assert self.graph is not None
+        assert self.monitor is not None
+        forced, event = 0, None
+        while self.target.measured(self.ledger, self._size_table()) < self.target.target:
+            plan = self.target.shortfall(self.graph.groups(), stats, self.config.min_units)
+            if not plan:
+                self.warn("`DemonPruning(force_target=True)`: every group is at `min_units`; target not met.")
+                break
+            plan = collectives.broadcast_plan(plan)
+            event = self.apply(
+                model, plan, optimizers, step=step, epoch=epoch, reason="force_target", collectives=collectives
+            )
+            forced += plan.num_units
+            stats = dead_check(model, self.monitor, list(self.recent_batches), self.forward)
+        if forced and self.info is not None:
+            measured = self.target.measured(self.ledger, self._size_table())
+            self.info(
+                f"DemonPruning: force_target removed {forced} live units (not function-preserving) to reach "
+                f"{measured:.1%} {self.target.metric} sparsity (target {self.target.target:.1%})."
+            )
+        return event
+
+    def _size_table(self) -> SizeTable | None:
+        if self.target is None or self.target.metric == "units" or self.graph is None:
+            return None
+        return SizeTable.of(self.graph, first_samples(self.example_input, 1))
+
+    def _new_monitor(self) -> ActivationMonitor:
+        assert self.graph is not None
+        readers = {**self.graph.readers(), **head_readers(self.graph.model)}
+        return ActivationMonitor(readers, track_range=self.saturation is not None)
+
+    def _find_prunable_param_ids(self) -> set[int]:
+        """Ids of the parameters of each unblocked group's producer and its BatchNorm, for ``penalize="prunable"``
+        (empty otherwise). Ids, not parameters: the surgery replaces parameters, so this is redone after removals."""
+        if self.config.penalize != "prunable" or self.graph is None:
+            return set()
+        modules = dict(self.graph.model.named_modules())
+        ids: set[int] = set()
+        for group in self.graph.groups():
+            if group.blocked is None:
+                layers = [modules[group.name], self.graph.norm_after(group.name)]
+                ids.update(id(p) for layer in layers if layer is not None for p in layer.parameters(recurse=False))
+        return ids
+
+    # ------------------------------------------------------------------ checkpoints
+    def schedule_record(self) -> dict[str, Any] | None:
+        """The schedule as plain values (for plots of a saved run); the loaded one until a schedule is laid out."""
+        if self.reg_schedule is None:
+            return self.loaded_schedule
+        return {
+            "name": self.config.schedule,
+            "reg_max": self.config.reg_max,
+            "noise_std": self.config.noise_std,
+            "span_steps": self.reg_schedule.span_steps,
+            "total_steps": self.total_steps,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values: the ledger, the strength scale and the schedule record."""
+        return {
+            "version": STATE_VERSION,
+            **self.ledger.state_dict(),
+            "strength_scale": self.strength_scale,
+            "schedule": self.schedule_record(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict` (also one written by an earlier release)."""
+        self.loaded_schedule = state.get("schedule")
+        self.ledger.load_state_dict(state)
+        if self.target is not None:
+            self.target.load_state_dict(state)
+
+    def detach(self) -> None:
+        """Remove the monitor's hooks and drop a pending noise draw (after an exception)."""
+        if self.monitor is not None:
+            self.monitor.detach()
+        self._pending_noise = None
+
+    def release(self) -> None:
+        """Detach hooks and forget the traced graph (at teardown)."""
+        self.detach()
+        self.graph = None
+        self.monitor = None
+        self.recent_batches.clear()

@@ -1,0 +1,443 @@
+"""The dependency graph: which units are coupled, where they are read; the only module that imports Torch-Pruning.
+
+`PrunableGraph` traces a model once with Torch-Pruning's ``DependencyGraph`` and describes every group of
+coupled units as a `UnitGroup`: the producers whose outputs carry the units (Linear/Conv out-features and
+channels, with their BatchNorm), and the *readers*, the Linear/Conv layers whose input receives them, with the
+mapping from each reader feature back to the unit it carries (through flatten, concatenation and residual sums).
+`PrunableGraph.cut` says which layers a removal touches; `lightning_demp.removal` and
+`lightning_demp.permutation` act on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_demp._modes import eval_mode
+from lightning_demp.attention import HeadedAttention
+from lightning_demp.selection import ChannelSelect
+from lightning_demp.units import ReaderSlice, UnitGroup
+
+_OPTYPE = tp.ops.OPTYPE
+# Module types whose units we can remove exactly: per-channel layers and the Linear/Conv producers/readers.
+_SUPPORTED_MODULE_TYPES = {_OPTYPE.CONV, _OPTYPE.LINEAR, _OPTYPE.BN, _OPTYPE.DEPTHWISE_CONV, _OPTYPE.PRELU}
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class ChannelSelectPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning handler: input and output channels of a `ChannelSelect` are removed independently.
+
+    Examples:
+        >>> pruner, select = ChannelSelectPruner(), ChannelSelect(4)
+        >>> _ = pruner.prune_in_channels(select, [1])
+        >>> pruner.get_in_channels(select), pruner.get_out_channels(select)
+        (3, 4)
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, ChannelSelect)
+        removed = set(idxs)
+        layer.keep_outputs_(torch.tensor([i for i in range(layer.out_channels) if i not in removed], dtype=torch.long))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, ChannelSelect)
+        removed = set(idxs)
+        layer.keep_inputs_(torch.tensor([i for i in range(layer.in_channels) if i not in removed], dtype=torch.long))
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        assert isinstance(layer, ChannelSelect)
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        assert isinstance(layer, ChannelSelect)
+        return layer.in_channels
+
+
+class HeadedAttentionPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning handler: a `HeadedAttention` is one layer from ``dim`` input to ``dim`` output channels.
+
+    Registering it keeps Torch-Pruning from tracing inside it, where the heads' reshapes would couple ``qkv``'s
+    output features with ``proj``'s input features as if they were units. Heads are removed by
+    `HeadedAttention.remove_heads_`, outside the dependency graph; the residual width it reads and writes is
+    coupled with LayerNorm in a transformer block and stays blocked.
+
+    Examples:
+        >>> pruner, attention = HeadedAttentionPruner(), HeadedAttention(dim=8, heads=2)
+        >>> _ = pruner.prune_in_channels(attention, [0, 1])
+        >>> pruner.get_in_channels(attention), pruner.get_out_channels(attention), attention.head_dim
+        (6, 8, 4)
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, HeadedAttention)
+        tp.prune_linear_out_channels(layer.proj, list(idxs))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, HeadedAttention)
+        tp.prune_linear_in_channels(layer.qkv, list(idxs))
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        assert isinstance(layer, HeadedAttention)
+        return layer.proj.out_features
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        assert isinstance(layer, HeadedAttention)
+        return layer.qkv.in_features
+
+
+@contextlib.contextmanager
+def _metrics_hidden(model: nn.Module) -> Iterator[None]:
+    """Take torchmetrics metrics out of ``model``'s module tree while Torch-Pruning builds its graph.
+
+    ``Metric.__eq__`` builds a compositional metric (always truthy), and Torch-Pruning compares modules with ``==``
+    and ``in`` when it registers customized layers: a LightningModule holding metrics would have every layer
+    treated as ignored. Metrics take no part in ``forward``, so the trace is the same without them; they are put
+    back, in their places, on exit. Nothing outside ``model`` changes.
+    """
+    from torchmetrics import Metric
+
+    hidden: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, Metric):
+                hidden.append((parent, name, child))
+    positions = {id(parent): list(parent._modules) for parent, _, _ in hidden}
+    for parent, name, _ in hidden:
+        del parent._modules[name]
+    try:
+        yield
+    finally:
+        restored: dict[int, nn.Module] = {}
+        for parent, name, child in hidden:
+            parent._modules[name] = child
+            restored[id(parent)] = parent
+        for parent_id, parent in restored.items():  # keep the registration order (state_dict key order)
+            order = positions[parent_id]
+            items = sorted(parent._modules.items(), key=lambda item: order.index(item[0]))
+            parent._modules.clear()
+            parent._modules.update(items)
+
+
+class TracingError(RuntimeError):
+    """The dependency graph could not be built from the example input.
+
+    Examples:
+        >>> try:
+        ...     PrunableGraph(nn.Linear(4, 2), torch.randn(2, 3))  # the input has the wrong width
+        ... except TracingError as error:
+        ...     print(type(error.__cause__).__name__)
+        RuntimeError
+    """
+
+
+def _layer_width(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    return None
+
+
+def match_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[str]]:
+    """Return, for each glob pattern, the names of the modules of ``model`` it matches.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> match_modules(model, ["0", "2*", "head"])
+        {'0': ['0'], '2*': ['2'], 'head': []}
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    return {pattern: [name for name in names if fnmatch.fnmatchcase(name, pattern)] for pattern in patterns}
+
+
+class PrunableGraph:
+    """Torch-Pruning's dependency graph of ``model``, seen as groups of removable units.
+
+    Args:
+        model: The module to prune (the LightningModule itself, not a DDP wrapper).
+        example_inputs: Inputs for one forward: a tensor, a tuple of positional arguments or a dict of keyword
+            arguments (Lightning's ``example_input_array`` convention).
+        exclude: Module names or glob patterns whose output units are never removed.
+
+    Raises:
+        TracingError: When tracing fails; the original error is attached as ``__cause__``.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> graph = PrunableGraph(model, torch.randn(2, 4))
+        >>> [(group.name, group.num_units, group.blocked is None) for group in graph.groups()]
+        [('0', 8, True), ('2', 2, False)]
+        >>> graph.norm_after("0") is None, graph.output_layers
+        (True, ['2'])
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, exclude: Sequence[str] = ()) -> None:
+        self.model = model
+        self.exclude = list(exclude)
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for param in frozen:  # Torch-Pruning traces autograd: a frozen layer would be invisible to it
+            param.requires_grad_(True)
+        try:
+            with torch.enable_grad(), warnings.catch_warnings(), _metrics_hidden(model), eval_mode(model):
+                warnings.simplefilter("ignore")  # eval mode: the trace leaves BatchNorm running statistics alone
+                self._graph = tp.DependencyGraph().build_dependency(
+                    model,
+                    example_inputs=example_inputs,
+                    verbose=False,
+                    customized_pruners={ChannelSelect: ChannelSelectPruner(), HeadedAttention: HeadedAttentionPruner()},
+                )
+        except Exception as error:
+            raise TracingError(
+                f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
+                f"({type(error).__name__}: {error}). Make `forward` run on `example_input_array` and traceable by "
+                "autograd (tensor outputs, no Python branches on tensor values)."
+            ) from error
+        finally:
+            for param in frozen:
+                param.requires_grad_(False)
+        self._names = {module: name for name, module in model.named_modules()}
+        self._output_layers = self._find_output_layers()
+        self._groups: list[UnitGroup] | None = None
+        self._groups_signature: tuple[Any, ...] = ()
+
+    def name_of(self, module: nn.Module) -> str:
+        """The module name of ``module`` in the traced model (its class name when it is not part of it)."""
+        return self._names.get(module, type(module).__name__)
+
+    @property
+    def output_layers(self) -> list[str]:
+        """Names of the layers whose outputs reach the model output directly (never pruned)."""
+        return sorted(self._names[module] for module in self._output_layers)
+
+    def _find_output_layers(self) -> set[nn.Module]:
+        sinks = [node for node in self._graph.module2node.values() if not node.outputs]
+        found: set[nn.Module] = set()
+        seen: set[int] = set()
+        stack = list(sinks)
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node.module, _LAYER_TYPES):
+                found.add(node.module)
+                continue
+            stack.extend(node.inputs)
+        return found
+
+    def _excluded_modules(self) -> set[nn.Module]:
+        matches = match_modules(self.model, self.exclude)
+        by_name = dict(self.model.named_modules())
+        return {by_name[name] for names in matches.values() for name in names}
+
+    def _modules_sharing_parameters(self) -> dict[nn.Module, str]:
+        """Modules holding a parameter that another module also holds (tied weights), with the other's name."""
+        owners: dict[int, list[nn.Module]] = {}
+        for module in self.model.modules():
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), []).append(module)
+        shared: dict[nn.Module, str] = {}
+        for modules in owners.values():
+            for module in modules if len(modules) > 1 else ():
+                other = next(m for m in modules if m is not module)
+                shared[module] = self._names.get(other, type(other).__name__)
+        return shared
+
+    def norm_after(self, name: str) -> nn.Module | None:
+        """The BatchNorm that directly and only consumes the output of layer ``name``, if any."""
+        node = self._graph.module2node.get(dict(self.model.named_modules())[name])
+        if node is None or len(node.outputs) != 1:
+            return None
+        module = node.outputs[0].module
+        return module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+
+    def readers(self) -> dict[str, nn.Module]:
+        """Every Linear/Conv layer that reads a unit of some group, by name."""
+        modules = dict(self.model.named_modules())
+        return {reader.reader: modules[reader.reader] for group in self.groups() for reader in group.readers}
+
+    def groups(self) -> list[UnitGroup]:
+        """Describe every group of coupled units, blocked or not, in the model's current shape.
+
+        The description is cached and rebuilt only when the model's parameter shapes changed since (a removal),
+        so that asking several times per event costs one analysis.
+        """
+        signature = _shape_signature(self.model)
+        if self._groups is None or self._groups_signature != signature:
+            self._groups = self._describe_groups()
+            self._groups_signature = signature
+        return list(self._groups)
+
+    def _describe_groups(self) -> list[UnitGroup]:
+        excluded = self._excluded_modules()
+        shared = self._modules_sharing_parameters()
+        graph = self._graph
+        result = []
+        for tp_group in graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES):
+            root = tp_group[0].dep.target.module
+            group = UnitGroup(name=self._names[root], num_units=int(_layer_width(root) or 0))
+            reasons: list[str] = []
+            for item in tp_group.items:
+                dep = item.dep
+                module = dep.target.module
+                if not isinstance(module, nn.Module) or dep.target.type not in (
+                    *_SUPPORTED_MODULE_TYPES,
+                    _OPTYPE.LN,
+                    _OPTYPE.GN,
+                    _OPTYPE.IN,
+                    _OPTYPE.PARAMETER,
+                    _OPTYPE.MHA,
+                    _OPTYPE.EMBED,
+                    _OPTYPE.LSTM,
+                    _OPTYPE.CUSTOMIZED,
+                ):
+                    continue  # functional ops (add, relu, flatten, cat, ...): Torch-Pruning maps indices through them
+                name = self._names.get(module, type(module).__name__)
+                if name not in group.members:
+                    group.members.append(name)
+                is_select = isinstance(module, ChannelSelect)
+                if dep.target.type not in _SUPPORTED_MODULE_TYPES and not is_select:
+                    reasons.append(f"it is coupled with `{name}` ({type(module).__name__}), which mixes units")
+                    group.permutable = False
+                    continue
+                if module in shared:
+                    reasons.append(f"`{name}` shares parameters with `{shared[module]}`")
+                is_out = graph.is_out_channel_pruning_fn(dep.handler)
+                if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
+                    reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")
+                if is_out and module in self._output_layers:
+                    reasons.append(f"`{name}` produces the model output")
+                if is_out and module in excluded:
+                    reasons.append(f"`{name}` is excluded")
+                if reorderable_tensors(module, is_out) is None or not _reads_each_unit_equally(
+                    item.root_idxs, group.num_units
+                ):
+                    group.permutable = False
+                touched = ReaderSlice(
+                    reader=name,
+                    feature_idxs=torch.as_tensor(list(item.idxs), dtype=torch.long),
+                    unit_idxs=torch.as_tensor(list(item.root_idxs), dtype=torch.long),
+                )
+                if graph.is_in_channel_pruning_fn(dep.handler) and isinstance(module, (*_LAYER_TYPES, ChannelSelect)):
+                    group.readers.append(touched)
+                elif is_out and is_select:
+                    group.selection_outputs.append(touched)
+            if not group.readers and not reasons:
+                reasons.append("no Linear/Conv layer reads its units")
+            group.blocked = "; ".join(dict.fromkeys(reasons)) or None
+            result.append(group)
+        order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
+        return sorted(result, key=lambda group: order[group.name])
+
+    def cut(self, name: str, unit_idxs: Sequence[int]) -> GroupCut:
+        """What removing (or, with every index, reordering) units ``unit_idxs`` of group ``name`` touches.
+
+        Raises:
+            KeyError: When ``name`` is not the root layer of a group, with the group names.
+        """
+        modules = dict(self.model.named_modules())
+        root = modules.get(name)
+        if root is None or _layer_width(root) is None:
+            names = [group.name for group in self.groups()]
+            raise KeyError(f"`{name}` names no group of units; the groups are {names} (their root layers).")
+        pruner = self._graph.get_pruner_of_module(root)
+        tp_group = self._graph.get_pruning_group(root, pruner.prune_out_channels, list(unit_idxs))
+        layers = []
+        for item in tp_group.items:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module) or isinstance(module, nn.Parameter):
+                continue
+            layers.append(
+                CoupledLayer(
+                    module=module,
+                    name=self._names.get(module, type(module).__name__),
+                    is_out=self._graph.is_out_channel_pruning_fn(item.dep.handler),
+                    idxs=[int(i) for i in item.idxs],
+                    root_idxs=[int(i) for i in item.root_idxs],
+                    per_unit=item.dep.target.type in _SUPPORTED_MODULE_TYPES or isinstance(module, ChannelSelect),
+                )
+            )
+        return GroupCut(name, layers, tp_group)
+
+
+@dataclass(frozen=True)
+class CoupledLayer:
+    """One side of one layer that a group's units run through.
+
+    Attributes:
+        module: The layer.
+        name: Its module name.
+        is_out: Whether the units are its outputs (a producer, or a per-channel layer) or its inputs (a reader).
+        idxs: The layer's features on that side that carry the chosen units.
+        root_idxs: For each of ``idxs``, the unit (in the group's numbering) it carries.
+        per_unit: Whether the layer holds tensors that follow the units (Linear, Conv, BatchNorm, PReLU,
+            `ChannelSelect`); functional ops that Torch-Pruning maps indices through do not.
+    """
+
+    module: nn.Module
+    name: str
+    is_out: bool
+    idxs: list[int]
+    root_idxs: list[int]
+    per_unit: bool
+
+
+class GroupCut:
+    """A group's removal as Torch-Pruning planned it: the layers it touches (`layers`) and `apply`."""
+
+    def __init__(self, name: str, layers: list[CoupledLayer], tp_group: Any) -> None:
+        self.name = name
+        self.layers = layers
+        self._tp_group = tp_group
+
+    def apply(self) -> None:
+        """Slice every coupled layer (Torch-Pruning replaces the parameters)."""
+        self._tp_group.prune(record_history=False)
+
+
+def _shape_signature(model: nn.Module) -> tuple[Any, ...]:
+    """Shapes of every parameter and buffer: changes whenever units are removed."""
+    return tuple((name, tuple(t.shape)) for name, t in (*model.named_parameters(), *model.named_buffers()))
+
+
+def _reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:
+    """Whether a layer side carries every unit of a group the same number of times (a condition of reordering)."""
+    counts = torch.bincount(torch.as_tensor(list(root_idxs), dtype=torch.long), minlength=num_units)
+    return bool((counts == counts[0]).all()) if counts.numel() else True
+
+
+def reorderable_tensors(module: nn.Module, is_out: bool) -> list[tuple[str, int]] | None:
+    """``(attribute, dimension)`` of every tensor that follows a reordering of ``module``'s output (``is_out``) or
+    input units, or ``None`` when the module's units cannot be reordered in place.
+
+    Examples:
+        >>> reorderable_tensors(nn.Linear(2, 3), is_out=True), reorderable_tensors(nn.Linear(2, 3), is_out=False)
+        ([('weight', 0), ('bias', 0)], [('weight', 1)])
+    """
+    if isinstance(module, ChannelSelect):
+        return []
+    if isinstance(module, nn.Linear):
+        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups != 1 or module.transposed:
+            return None
+        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
+    if isinstance(module, nn.PReLU):
+        return [("weight", 0)] if module.num_parameters > 1 else []
+    if not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.buffers(False)):
+        return []  # holds no per-unit tensor (activation, pooling, ...)
+    return None

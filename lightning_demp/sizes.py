@@ -1,0 +1,168 @@
+"""What a plan would leave: parameters and forward FLOPs after a removal, from width tables, without a copy.
+
+A `SizeTable` records, for every parameter that a removable group (or an attention layer's heads) runs through,
+which unit each index of each dimension carries, and for every Linear/Conv layer the output positions per sample
+(a Linear layer reading ``[batch, tokens, features]`` has ``tokens`` of them, a convolution one per output pixel).
+Removing units shrinks those dimensions; a layer's forward FLOPs are ``2 · positions · weight.numel()`` (what
+torch's ``FlopCounterMode`` counts for a matmul or a convolution), and attention's own FLOPs are proportional to
+the number of heads. So the sizes after any plan follow from the table in a few additions, where measuring them
+would take a deep copy of the model and a new trace for every candidate plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_demp._modes import eval_mode
+from lightning_demp.accounting import batch_size_of, call_with, count_flops_per_sample, count_parameters
+from lightning_demp.attention import HeadedAttention, attention_layers
+from lightning_demp.graph import PrunableGraph
+from lightning_demp.units import RemovalPlan
+
+_Unit = tuple[str, int]  # (group name, or "heads:<attention layer>"; position)
+
+
+def _unit_axes(module: nn.Module, is_out: bool) -> list[tuple[str, int]]:
+    """``(parameter, dimension)`` along which ``module``'s units run on one side (outputs or inputs)."""
+    if isinstance(module, nn.Linear):
+        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
+        if module.groups > 1:  # depthwise: one set of channels, on the output dimension of the weight
+            return [("weight", 0 if not module.transposed else 1), ("bias", 0)]
+        return [("weight", out_dim), ("bias", 0)] if is_out else [("weight", in_dim)]
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.PReLU)):
+        return [("weight", 0), ("bias", 0)]
+    return []
+
+
+@dataclass
+class SizeTable:
+    """Parameters and forward FLOPs per sample now, and after a `RemovalPlan`, for one shape of the model.
+
+    Build it with `SizeTable.of`; it describes the model as it is, so build a new one after each removal.
+
+    Examples:
+        >>> from lightning_demp.removal import remove_units_
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> graph, x = PrunableGraph(model, torch.randn(2, 4)), torch.randn(1, 4)
+        >>> table = SizeTable.of(graph, x)
+        >>> plan = RemovalPlan(units={"0": torch.tensor([1, 5])})
+        >>> table.params, table.params_after(plan), table.flops_after(plan)
+        (58, 44, 72.0)
+        >>> _ = remove_units_(graph, plan.units)
+        >>> count_parameters(model), count_flops_per_sample(model, x)
+        (44, 72.0)
+    """
+
+    params: int
+    flops: float
+    shapes: dict[int, list[int]] = field(default_factory=dict)  # id(parameter) -> its shape
+    axes: dict[tuple[int, int], list[_Unit | None]] = field(default_factory=dict)  # (id, dim) -> unit per index
+    positions: dict[int, float] = field(default_factory=dict)  # id(weight) -> output positions per sample
+    attention: dict[str, float] = field(default_factory=dict)  # attention layer -> its own FLOPs per head
+
+    @classmethod
+    def of(cls, graph: PrunableGraph, example_input: object) -> SizeTable:
+        """The table of ``graph.model`` as it is now; ``example_input`` holds one sample (or a few)."""
+        model = graph.model
+        table = cls(params=count_parameters(model), flops=count_flops_per_sample(model, example_input))
+        for group in graph.groups():
+            if group.blocked is not None:
+                continue
+            for layer in graph.cut(group.name, list(range(group.num_units))).layers:
+                if not layer.per_unit:
+                    continue
+                is_out = layer.is_out or isinstance(layer.module, nn.modules.batchnorm._BatchNorm)
+                for attribute, dim in _unit_axes(layer.module, is_out):
+                    table._mark(layer.module, attribute, dim, layer.idxs, [(group.name, u) for u in layer.root_idxs])
+        for name, attention in attention_layers(model).items():
+            table._mark_heads(name, attention)
+        table._measure_positions(model, example_input)
+        return table
+
+    def _mark(self, module: nn.Module, attribute: str, dim: int, idxs: list[int], units: list[_Unit]) -> None:
+        param = getattr(module, attribute, None)
+        if not isinstance(param, nn.Parameter):
+            return
+        self.shapes[id(param)] = list(param.shape)
+        axis = self.axes.setdefault((id(param), dim), [None] * param.shape[dim])
+        for idx, unit in zip(idxs, units, strict=True):
+            axis[idx] = unit
+
+    def _mark_heads(self, name: str, attention: HeadedAttention) -> None:
+        heads, width = attention.heads, attention.head_dim
+        per_index = [(f"heads:{name}", i // width) for i in range(heads * width)]
+        self._mark(attention.qkv, "weight", 0, list(range(3 * heads * width)), per_index * 3)
+        self._mark(attention.qkv, "bias", 0, list(range(3 * heads * width)), per_index * 3)
+        self._mark(attention.proj, "weight", 1, list(range(heads * width)), per_index)
+
+    def _measure_positions(self, model: nn.Module, example_input: object) -> None:
+        batch = batch_size_of(example_input)
+        handles = []
+
+        def record_layer(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            if isinstance(module, nn.Linear):
+                positions = output.numel() / output.shape[-1]
+            elif getattr(module, "transposed", False):  # torch counts a transposed convolution at its input
+                positions = args[0].numel() / args[0].shape[1]
+            else:
+                positions = output.numel() / output.shape[1]
+            self.positions[id(module.weight)] = positions / batch
+
+        def record_attention(name: str, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            tokens = args[0].shape[-2]
+            assert isinstance(module, HeadedAttention)
+            self.attention[name] = 4.0 * tokens * tokens * module.head_dim  # attention_flops, per head and sample
+
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(module.weight, Tensor):
+                handles.append(module.register_forward_hook(record_layer))
+            elif isinstance(module, HeadedAttention):
+                handles.append(module.register_forward_hook(lambda m, a, o, n=name: record_attention(n, m, a, o)))
+        try:
+            with eval_mode(model), torch.no_grad():
+                call_with(model, example_input)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _new_shapes(self, plan: RemovalPlan) -> dict[int, list[int]]:
+        removed: set[_Unit] = {(name, int(i)) for name, idxs in plan.units.items() for i in idxs.tolist()}
+        removed |= {(f"heads:{name}", int(i)) for name, idxs in plan.heads.items() for i in idxs.tolist()}
+        shapes = {key: list(shape) for key, shape in self.shapes.items()}
+        for (param_id, dim), units in self.axes.items():
+            shapes[param_id][dim] -= sum(1 for unit in units if unit in removed)
+        return shapes
+
+    def params_after(self, plan: RemovalPlan) -> int:
+        """Parameters left after removing ``plan``."""
+        shapes = self._new_shapes(plan)
+        change = sum(_numel(shapes[key]) - _numel(shape) for key, shape in self.shapes.items())
+        return self.params + change
+
+    def flops_after(self, plan: RemovalPlan) -> float:
+        """Forward FLOPs per sample left after removing ``plan``."""
+        shapes = self._new_shapes(plan)
+        change = sum(
+            2.0 * positions * (_numel(shapes[key]) - _numel(self.shapes[key]))
+            for key, positions in self.positions.items()
+            if key in self.shapes
+        )
+        change -= sum(self.attention.get(name, 0.0) * len(idxs) for name, idxs in plan.heads.items())
+        return self.flops + change
+
+    def removed(self, plan: RemovalPlan) -> Mapping[str, float]:
+        """Parameters and FLOPs ``plan`` takes away."""
+        return {"params": self.params - self.params_after(plan), "flops": self.flops - self.flops_after(plan)}
+
+
+def _numel(shape: list[int]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
