@@ -153,3 +153,46 @@ def count_flops_per_sample(module: nn.Module, inputs: Any) -> float:
     with eval_mode(module), torch.no_grad(), counter:
         call_with(module, inputs)
     return counter.get_total_flops() / batch_size_of(inputs)
+
+
+def first_input(batch: Any) -> Any:
+    """The model input of a batch: the batch itself when it is a tensor, else its first element (``(x, y)``).
+
+    Examples:
+        >>> first_input((torch.ones(2, 3), torch.zeros(2))).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    raise TypeError(
+        f"Cannot find the model input in a batch of type {type(batch).__name__}; pass `forward=` to `DemonPruner` "
+        "(or override `DemonPruning.batch_to_input`)."
+    )
+
+
+def call_on_first_input(model: nn.Module, batch: Any) -> Any:
+    """The default forward of the dead check: ``model`` called on `first_input` of ``batch``.
+
+    Examples:
+        >>> call_on_first_input(nn.Linear(3, 1), (torch.ones(2, 3), None)).shape
+        torch.Size([2, 1])
+    """
+    return call_with(model, first_input(batch))
+
+
+def first_samples(inputs: Any, count: int = 2) -> Any:
+    """The first ``count`` samples of a tensor, or of every tensor in a tuple, list or dict.
+
+    Examples:
+        >>> first_samples({"x": torch.ones(5, 3)}, 2)["x"].shape
+        torch.Size([2, 3])
+    """
+    if isinstance(inputs, Tensor) and inputs.dim() > 0:
+        return inputs[:count]
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(first_samples(value, count) for value in inputs)
+    if isinstance(inputs, dict):
+        return {key: first_samples(value, count) for key, value in inputs.items()}
+    return inputs

@@ -15,13 +15,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 from lightning_demp import _strategy
-from lightning_demp.accounting import batch_size_of, call_with, count_parameters
+from lightning_demp.accounting import batch_size_of, call_with, count_parameters, first_input, first_samples
 from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice, check_int
-from lightning_demp.core import DemonPruner, first_samples
+from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
 from lightning_demp.graph import match_modules
 from lightning_demp.ledger import RemovalEvent
@@ -226,14 +226,13 @@ class DemonPruning(Callback):
 
         The default takes a tensor batch as is, and the first element of a tuple or list (``(x, y)``).
         """
-        if isinstance(batch, Tensor):
-            return batch
-        if isinstance(batch, (tuple, list)) and batch:
-            return batch[0]
-        raise TypeError(
-            f"`DemonPruning` cannot find the model input in a batch of type {type(batch).__name__}. Set "
-            "`example_input_array` on your LightningModule and override `DemonPruning.batch_to_input(batch)`."
-        )
+        try:
+            return first_input(batch)
+        except TypeError:
+            raise TypeError(
+                f"`DemonPruning` cannot find the model input in a batch of type {type(batch).__name__}. Set "
+                "`example_input_array` on your LightningModule and override `DemonPruning.batch_to_input(batch)`."
+            ) from None
 
     def forward_for_check(self, pl_module: pl.LightningModule, batch: Any) -> Any:
         """Run ``pl_module`` on one batch during the dead check; override when ``forward`` needs more."""

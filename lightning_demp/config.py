@@ -37,7 +37,12 @@ def check_number(name: str, value: Any, *, low: float, low_inclusive: bool, high
 
 
 def check_int(name: str, value: Any, *, low: int) -> int:
-    """``value`` if it is an int ``>= low``, else an error naming ``name``."""
+    """``value`` if it is an int ``>= low``, else an error naming ``name``.
+
+    Examples:
+        >>> check_int("min_units", 2, low=1)
+        2
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__} {value!r}.")
     if value < low:
@@ -46,14 +51,24 @@ def check_int(name: str, value: Any, *, low: int) -> int:
 
 
 def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool, else an error naming ``name``."""
+    """``value`` if it is a bool, else an error naming ``name``.
+
+    Examples:
+        >>> check_bool("verbose", False)
+        False
+    """
     if not isinstance(value, bool):
         raise TypeError(f"Expected `{name}` to be a bool, got {type(value).__name__} {value!r}.")
     return value
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``, else an error naming ``name`` and the choices."""
+    """``value`` if it is one of ``choices``, else an error naming ``name`` and the choices.
+
+    Examples:
+        >>> check_choice("schedule", "constant", ("one_cycle", "constant"))
+        'constant'
+    """
     if not isinstance(value, str):
         raise TypeError(f"Expected `{name}` to be one of {tuple(choices)}, got {type(value).__name__} {value!r}.")
     if value not in choices:

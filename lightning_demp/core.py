@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_demp.accounting import call_with, count_flops_per_sample, count_parameters
+from lightning_demp.accounting import call_on_first_input, count_flops_per_sample, count_parameters, first_samples
 from lightning_demp.attention import attention_layers, head_readers, remove_heads_
 from lightning_demp.batchnorm import recalibrate_batchnorm_
 from lightning_demp.config import PruningConfig
@@ -55,6 +55,10 @@ def _nothing(*args: Any) -> None:
 class Collectives:
     """What a distributed run must do at a removal; the defaults are right for one process.
 
+    Examples:
+        >>> Collectives().broadcast_plan(RemovalPlan()) == RemovalPlan()
+        True
+
     Attributes:
         broadcast_plan: Make every process hold rank 0's plan (and fail if they disagree).
         after_surgery: Rebuild what wraps the model (DDP's gradient buckets) once parameters were replaced.
@@ -66,36 +70,8 @@ class Collectives:
     average_batchnorm: Callable[[nn.Module], None] = _nothing
 
 
-def first_input(batch: Any) -> Any:
-    """The model input of a batch: the batch itself when it is a tensor, else its first element (``(x, y)``)."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    raise TypeError(
-        f"Cannot find the model input in a batch of type {type(batch).__name__}; pass `forward=` to `DemonPruner` "
-        "(or override `DemonPruning.batch_to_input`)."
-    )
-
-
-def call_on_first_input(model: nn.Module, batch: Any) -> Any:
-    """The default forward of the dead check: ``model`` called on `first_input` of ``batch``."""
-    return call_with(model, first_input(batch))
-
-
 def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
-
-
-def first_samples(inputs: Any, count: int = 2) -> Any:
-    """The first ``count`` samples of a tensor, or of every tensor in a tuple, list or dict."""
-    if isinstance(inputs, Tensor) and inputs.dim() > 0:
-        return inputs[:count]
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(first_samples(value, count) for value in inputs)
-    if isinstance(inputs, dict):
-        return {key: first_samples(value, count) for key, value in inputs.items()}
-    return inputs
 
 
 class DemonPruner:

@@ -384,6 +384,12 @@ class CoupledLayer:
         root_idxs: For each of ``idxs``, the unit (in the group's numbering) it carries.
         per_unit: Whether the layer holds tensors that follow the units (Linear, Conv, BatchNorm, PReLU,
             `ChannelSelect`); functional ops that Torch-Pruning maps indices through do not.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> layers = PrunableGraph(model, torch.randn(2, 2)).cut("0", [1]).layers
+        >>> [(layer.name, layer.is_out) for layer in layers if layer.per_unit]  # the ReLU between is a functional op
+        [('0', True), ('2', False)]
     """
 
     module: nn.Module
@@ -395,7 +401,14 @@ class CoupledLayer:
 
 
 class GroupCut:
-    """A group's removal as Torch-Pruning planned it: the layers it touches (`layers`) and `apply`."""
+    """A group's removal as Torch-Pruning planned it: the layers it touches (`layers`) and `apply`.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> PrunableGraph(model, torch.randn(2, 2)).cut("0", [1]).apply()
+        >>> model[0].out_features, model[2].in_features
+        (2, 2)
+    """
 
     def __init__(self, name: str, layers: list[CoupledLayer], tp_group: Any) -> None:
         self.name = name

@@ -72,7 +72,14 @@ def risky_monitors(trainer: pl.Trainer, schedule_epochs: float) -> list[str]:
 
 
 def warn_about_monitors(trainer: pl.Trainer, schedule: Schedule | None, total_steps: int | None) -> None:
-    """Warn (on rank 0) about each callback that `risky_monitors` finds within the schedule's span."""
+    """Warn (on rank 0) about each callback that `risky_monitors` finds within the schedule's span.
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_demp.schedules import OneCycleSchedule
+        >>> trainer = Trainer(max_epochs=10, logger=False, enable_progress_bar=False)
+        >>> warn_about_monitors(trainer, OneCycleSchedule(1.0, 90), total_steps=100)  # nothing risky: no warning
+    """
     if schedule is None or not total_steps:
         return
     steps_per_epoch = max(1, total_steps // max(1, trainer.max_epochs or 1))

@@ -134,6 +134,11 @@ def selection_routes(graph: PrunableGraph) -> list[SelectionRoute]:
 
     A side is ``None`` (never reordered) when its channels do not all belong to one group, or the group is
     blocked or not permutable.
+
+    Examples:
+        >>> from lightning_demp.demos import ResidualCNNBackbone
+        >>> [route.name for route in selection_routes(PrunableGraph(ResidualCNNBackbone(width=4), torch.randn(2, 40)))]
+        ['block1.shortcut', 'block2.shortcut']
     """
     groups = graph.groups()
     sides: dict[str, dict[bool, tuple[str, Tensor]]] = {}

@@ -28,6 +28,10 @@ class Decision:
     Attributes:
         plan: The units and heads to remove.
         warnings: Messages for the user (a group held at ``min_units``, non-finite statistics).
+
+    Examples:
+        >>> Decision(RemovalPlan(), ("a group kept `min_units=1`",)).warnings
+        ('a group kept `min_units=1`',)
     """
 
     plan: RemovalPlan

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
-from helpers.lightning import RandomDataModule, small_mlp, tiny_residual_cnn
+from helpers.lightning import RandomDataModule, quiet_trainer, small_mlp, tiny_residual_cnn
 from lightning_demp import DemonPruning, load_pruned_checkpoint
 
 DATA = Path(__file__).parent / "data"
@@ -53,16 +52,7 @@ def test_a_legacy_checkpoint_resumes_with_its_removal_history(tmp_path, name):
     build, datamodule, callback_args = CASES[name]
     saved = torch.load(DATA / f"{name}.ckpt", weights_only=False)["callbacks"]["DemonPruning"]
     callback = DemonPruning(verbose=False, plot=False, **callback_args)
-    trainer = Trainer(
-        max_epochs=3,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[callback])
     model = build()
     trainer.fit(model, datamodule=datamodule(), ckpt_path=DATA / f"{name}.ckpt")
     state = callback.state_dict()
