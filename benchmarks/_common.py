@@ -17,10 +17,11 @@ from typing import Any
 import lightning
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 
 from lightning_demp import DemonPruning
 from lightning_demp.accounting import count_flops_per_sample, count_parameters
+from lightning_demp.demos.quiet import quiet_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -99,16 +100,7 @@ def run_config(
         callbacks.append(demp)
     if extra_callbacks is not None:
         callbacks.extend(extra_callbacks(model, epochs))
-    trainer = Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(".", max_epochs=epochs, callbacks=callbacks)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start

@@ -1,8 +1,8 @@
 """Cost of one DemP removal event on the CIFAR ResNet-18 and VGG-16, against a training step and an epoch (CPU).
 
-A removal event, as ``DemonPruning._removal_event`` runs it: the dead check (an eval-mode pass over
+A removal event, as ``DemonPruner.removal_event`` runs it: the dead check (an eval-mode pass over
 ``check_batches`` training batches with the activity hooks attached), planning (group statistics → dead units),
-the surgery (``PrunableGraph.remove_units_``), the reordering that keeps each ``ChannelSelect`` one contiguous run
+the surgery (``remove_units_``), the reordering that keeps each ``ChannelSelect`` one contiguous run
 (``order_routed_channels_``), the optimizer remap (AdamW moments sliced in place), rewrapping DDP
 (a no-op on one device, not timed) and the bookkeeping after a removal (a new activity monitor for the new widths
 and a FLOP recount). Building the dependency graph happens once per fit and is reported apart.
@@ -57,9 +57,9 @@ PIECES = ["dead_check", "plan", "remove_units", "reorder", "remap_optimizer", "b
 LABELS = {
     "graph_build": "graph build (`PrunableGraph`, once per fit)",
     "dead_check": f"dead check (eval pass, {CHECK_BATCHES} × 128 images, hooks on)",
-    "plan": "planning (`graph.groups()` + `plan_removal`)",
-    "remove_units": "surgery (`graph.remove_units_`)",
-    "reorder": "reordering for the selections (`graph.order_routed_channels_`)",
+    "plan": "planning (`graph.groups()` + `decide_removal`)",
+    "remove_units": "surgery (`remove_units_`)",
+    "reorder": "reordering for the selections (`order_routed_channels_`)",
     "remap_optimizer": "optimizer remap (`remap_optimizer_`, AdamW)",
     "ddp_rewrap": "DDP rewrap",
     "bookkeeping": "bookkeeping (new monitor + FLOP recount)",

@@ -30,6 +30,7 @@ from _common import instantiate, load_config, machine, run_config, with_recorded
 
 from lightning_demp import DemonPruning
 from lightning_demp.accounting import count_flops_per_sample
+from lightning_demp.demos.quiet import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d_cnn.yaml"
@@ -88,17 +89,7 @@ def step_times(config: dict[str, Any], with_demp: bool, epochs: int) -> list[flo
                 plot=False,
             ),
         )
-    trainer = Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(".", max_epochs=epochs, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=data)
     return timer.seconds[5:]  # drop warm-up steps
 

@@ -39,6 +39,7 @@ from _common import (
 
 import lightning_demp.core as core_module
 from lightning_demp import DemonPruning
+from lightning_demp.demos.quiet import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d_cnn.yaml"
@@ -112,24 +113,14 @@ def run(
 
     core_module.recalibrate_batchnorm_ = timed
     try:
-        trainer = Trainer(
-            max_epochs=epochs,
-            callbacks=[accuracy] if dense else [demp, accuracy],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-        )
+        trainer = quiet_trainer(".", max_epochs=epochs, callbacks=[accuracy] if dense else [demp, accuracy])
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         fit_seconds = time.perf_counter() - start
     finally:
         core_module.recalibrate_batchnorm_ = original
-    if dense:  # the steps DemP's schedule would have spanned in this loop
-        span = round(spec["init_args"]["schedule_span"] * trainer.global_step)
-    else:
-        span = demp.pruner.reg_schedule.span_steps if demp.pruner.reg_schedule else 0
+    # dense: the steps DemP's schedule would have spanned in this loop
+    span = round(spec["init_args"]["schedule_span"] * trainer.global_step) if dense else demp.pruner.pressure.span_steps
     during = [acc for step, acc in accuracy.history if step <= span]
     return {
         "seed": seed,

@@ -2,8 +2,9 @@
 
 from lightning_demp.callback import DemonPruning
 from lightning_demp.checkpoint import load_pruned_checkpoint
+from lightning_demp.collectives import Collectives
 from lightning_demp.config import PruningConfig
-from lightning_demp.core import Collectives, DemonPruner
+from lightning_demp.core import DemonPruner
 from lightning_demp.detection import ActivationMonitor, UnitActivity, dead_check, find_dead_units, unit_activity
 from lightning_demp.graph import PrunableGraph, TracingError
 from lightning_demp.ledger import PruningLedger, RemovalEvent

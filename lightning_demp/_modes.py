@@ -1,4 +1,4 @@
-"""Train/eval flags: one way to change them for a while and give every module its own flag back."""
+"""Temporary changes to a module tree: train/eval flags given back to every module, metrics hidden while tracing."""
 
 from __future__ import annotations
 
@@ -43,3 +43,36 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     with kept_modes(model):
         model.eval()
         yield
+
+
+@contextmanager
+def metrics_hidden(model: nn.Module) -> Iterator[None]:
+    """Take torchmetrics metrics out of ``model``'s module tree while Torch-Pruning builds its graph.
+
+    ``Metric.__eq__`` builds a compositional metric (always truthy), and Torch-Pruning compares modules with ``==``
+    and ``in`` when it registers customized layers: a LightningModule holding metrics would have every layer
+    treated as ignored. Metrics take no part in ``forward``, so the trace is the same without them; they are put
+    back, in their places, on exit. Nothing outside ``model`` changes.
+    """
+    from torchmetrics import Metric
+
+    hidden: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, Metric):
+                hidden.append((parent, name, child))
+    positions = {id(parent): list(parent._modules) for parent, _, _ in hidden}
+    for parent, name, _ in hidden:
+        del parent._modules[name]
+    try:
+        yield
+    finally:
+        restored: dict[int, nn.Module] = {}
+        for parent, name, child in hidden:
+            parent._modules[name] = child
+            restored[id(parent)] = parent
+        for parent_id, parent in restored.items():  # keep the registration order (state_dict key order)
+            order = positions[parent_id]
+            items = sorted(parent._modules.items(), key=lambda item: order.index(item[0]))
+            parent._modules.clear()
+            parent._modules.update(items)

@@ -1,4 +1,4 @@
-"""Lightning strategy glue: the only module touching strategy internals.
+"""Lightning glue: the only module touching strategy internals, and what the callback reads off the Trainer.
 
 Supported: single-device strategies and DDP (``ddp``, ``ddp_spawn``, ``ddp_fork``, ...). Strategies that shard
 parameters (FSDP, DeepSpeed, ModelParallel) are refused: a module-level removal would be silently undone by the
@@ -7,11 +7,13 @@ sharded copy (``lightning.md`` §2).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
-from lightning_demp.core import Collectives
+from lightning_demp.collectives import Collectives
 from lightning_demp.units import RemovalPlan
 
 
@@ -81,3 +83,22 @@ def average_batchnorm_statistics(trainer: Trainer, module: torch.nn.Module) -> N
         for statistic in (norm.running_mean, norm.running_var):
             if statistic is not None:
                 statistic.copy_(trainer.strategy.reduce(statistic.clone(), reduce_op="mean"))
+
+
+def is_last_epoch(trainer: Trainer) -> bool:
+    """Whether the current epoch is the last one ``max_epochs`` or ``max_steps`` allows."""
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+    if max_epochs is not None and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    return trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+
+
+def total_steps(trainer: Trainer) -> int:
+    """The optimizer steps of the whole fit, or the documented error when they cannot be known."""
+    total = trainer.estimated_stepping_batches
+    if math.isinf(total):
+        raise ValueError(
+            "`DemonPruning` needs the number of training steps to lay out its schedule; set `max_steps` or "
+            "`max_epochs` on the Trainer and use a dataloader with a length."
+        )
+    return int(total)

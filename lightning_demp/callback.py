@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,15 +24,15 @@ from lightning_demp.accounting import batch_size_of, call_with, count_parameters
 from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice, check_int
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
-from lightning_demp.graph import match_modules
-from lightning_demp.ledger import RemovalEvent
+from lightning_demp.ledger import PruningLedger, RemovalEvent
 from lightning_demp.monitoring import schedule_phase, warn_about_monitors
 from lightning_demp.plots import save_run_plot
-from lightning_demp.regularization import RegularizerName, norm_scales
+from lightning_demp.regularization import RegularizerName
 from lightning_demp.report import print_summary
 from lightning_demp.resize import disable_resize_on_load, enable_resize_on_load, resize_on_load_enabled
 from lightning_demp.schedules import ScheduleName
 from lightning_demp.target import TargetMetric
+from lightning_demp.units import RemovalPlan, Statistics
 
 CheckMode = Literal["eval_pass", "train_forwards"]
 _CHECK_MODES = ("eval_pass", "train_forwards")
@@ -138,25 +139,8 @@ class DemonPruning(Callback):
         penalize: PenalizeScope = "all",
     ) -> None:
         super().__init__()
-        self.config = PruningConfig(
-            regularizer=regularizer,
-            reg_max=reg_max,
-            schedule=schedule,
-            schedule_span=schedule_span,
-            noise_std=noise_std,
-            dead_threshold=dead_threshold,
-            check_batches=check_batches,
-            min_units=min_units,
-            exclude=tuple(exclude) if isinstance(exclude, list) else (exclude if exclude is not None else ()),
-            seed=seed,
-            recalibrate_bn=recalibrate_bn,
-            recalibration_batches=recalibration_batches,
-            saturation_tolerance=saturation_tolerance,
-            target_sparsity=target_sparsity,
-            target_metric=target_metric,
-            force_target=force_target,
-            penalize=penalize,
-        )
+        arguments = {**locals(), "exclude": () if exclude is None else exclude}
+        self.config = PruningConfig(**{field.name: arguments[field.name] for field in fields(PruningConfig)})
         self.prune_every_n_epochs = check_int("prune_every_n_epochs", prune_every_n_epochs, low=1)
         self.check_mode: CheckMode = check_choice("check_mode", check_mode, _CHECK_MODES)  # type: ignore[assignment]
         self.verbose = check_bool("verbose", verbose)
@@ -171,11 +155,13 @@ class DemonPruning(Callback):
 
     def _new_pruner(self) -> DemonPruner:
         info = rank_zero_info if self.verbose else None
-        return DemonPruner(self.config, forward=self._forward_module, warn=rank_zero_warn, info=info)
+        return DemonPruner(
+            self.config, forward=self._forward_module, warn=rank_zero_warn, info=info, decide=self._plan_for
+        )
 
     # ------------------------------------------------------------------ what the core holds
     @property
-    def ledger(self) -> Any:
+    def ledger(self) -> PruningLedger:
         """The `lightning_demp.ledger.PruningLedger`: initial and kept widths, events, sizes."""
         return self.pruner.ledger
 
@@ -201,20 +187,11 @@ class DemonPruning(Callback):
 
     def measured_sparsity(self, pl_module: nn.Module) -> float:
         """The sparsity ``target_metric`` measures now: the removed fraction of parameters, FLOPs or units."""
-        ledger, metric = self.pruner.ledger, self.config.target_metric
-        if metric == "flops":
-            return 1.0 - ledger.flops_kept_fraction()
-        if metric == "units":
-            return 1.0 - ledger.units_kept_fraction()
-        return 1.0 - ledger.params_kept_fraction(count_parameters(pl_module))
+        return self.pruner.ledger.sparsity(self.config.target_metric, count_parameters(pl_module))
 
     def size_metrics(self, pl_module: nn.Module) -> dict[str, float]:
         """The logged size metrics: units per group, kept/removed fractions, parameters and FLOPs."""
         return self.pruner.ledger.size_metrics(count_parameters(pl_module))
-
-    def schedule_active(self, step: int) -> bool:
-        """Whether λ_t/σ_t are still inside their span at ``step``."""
-        return self.pruner.schedule_active(step)
 
     def is_settled(self, step: int) -> bool:
         """The schedule is over and a check since its end removed nothing (see `DemonPruner.is_settled`)."""
@@ -242,23 +219,29 @@ class DemonPruning(Callback):
         assert isinstance(module, pl.LightningModule)
         return self.forward_for_check(module, batch)
 
+    def plan_removal(self, pl_module: pl.LightningModule, stats: Statistics) -> RemovalPlan:
+        """Decide what a removal event removes from the reduced statistics; override for another policy.
+
+        The default is `DemonPruner.decide`: dead units (and saturated ones with ``saturation_tolerance``), never
+        below ``min_units``, and dead heads. It must be a pure function of its arguments (under DDP every process
+        computes it, and the plans must agree).
+        """
+        return self.pruner.decide(pl_module, stats)
+
+    def _plan_for(self, module: nn.Module, stats: Statistics) -> RemovalPlan:
+        assert isinstance(module, pl.LightningModule)
+        return self.plan_removal(module, stats)
+
     def should_prune(self, trainer: pl.Trainer) -> bool:
         """Whether the current training epoch ends with a removal event (override for other cadences)."""
-        return (trainer.current_epoch + 1) % self.prune_every_n_epochs == 0 or _is_last_epoch(trainer)
+        return (trainer.current_epoch + 1) % self.prune_every_n_epochs == 0 or _strategy.is_last_epoch(trainer)
 
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _strategy.check_supported(trainer.strategy)
-        unmatched = [pattern for pattern, names in match_modules(pl_module, self.config.exclude).items() if not names]
-        if unmatched:
-            rank_zero_warn(f"`DemonPruning(exclude=...)`: the patterns {unmatched} match no module of the model.")
-        if self.config.regularizer == "l1_norm_scale" and self.config.reg_max > 0 and not norm_scales(pl_module):
-            raise ValueError(
-                f"`DemonPruning(regularizer='l1_norm_scale')` regularizes BatchNorm/LayerNorm scales, but "
-                f"`{type(pl_module).__name__}` has no affine normalization layer. Use `regularizer='positive_l2'` "
-                "or `'l2'` for this model."
-            )
+        for message in self.config.check_model(pl_module):
+            rank_zero_warn(message)
         if _strategy.spawns_processes(trainer) and not resize_on_load_enabled(pl_module):
             raise RuntimeError(
                 f"With `{type(trainer.strategy).__name__}` using spawned processes, the main process reloads the "
@@ -277,7 +260,7 @@ class DemonPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.pruner.lay_out(_total_steps(trainer))
+        self.pruner.pressure.lay_out(_strategy.total_steps(trainer))
         self.fit_start_time = time.perf_counter()
         self._release_step_hooks()
         for optimizer in trainer.optimizers:
@@ -285,7 +268,7 @@ class DemonPruning(Callback):
         if pl_module.example_input_array is not None:
             self._prepare(pl_module, pl_module.example_input_array)
         if self.config.reg_max > 0 or self.config.noise_std > 0:
-            warn_about_monitors(trainer, self.pruner.reg_schedule, self.pruner.total_steps)
+            warn_about_monitors(trainer, self.pruner.pressure.reg_schedule, self.pruner.pressure.total_steps)
 
     def _prepare(self, pl_module: pl.LightningModule, example_input: Any) -> None:
         self.pruner.prepare(pl_module, example_input)
@@ -319,13 +302,17 @@ class DemonPruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.config.reg_max > 0 or self.config.noise_std > 0:
-            pl_module.log("demp/reg_strength", self.pruner.last_reg_strength, on_step=True, on_epoch=False)
-            pl_module.log("demp/noise_std", self.pruner.last_noise_std, on_step=True, on_epoch=False)
+            pl_module.log("demp/reg_strength", self.pruner.pressure.last_reg_strength, on_step=True, on_epoch=False)
+            pl_module.log("demp/noise_std", self.pruner.pressure.last_noise_std, on_step=True, on_epoch=False)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pruner.pause_observing(True)  # validation forwards never enter a removal decision
-        if trainer.state.fn == "fit" and not trainer.sanity_checking and self.schedule_active(trainer.global_step):
+        if (
+            trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and self.pruner.schedule_active(trainer.global_step)
+        ):
             self.pruner.recalibrate(pl_module, _strategy.collectives(trainer))
 
     @override
@@ -335,12 +322,13 @@ class DemonPruning(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.should_prune(trainer):
-            self._removal_event(trainer, pl_module, final=_is_last_epoch(trainer))
+            self._removal_event(trainer, pl_module, final=_strategy.is_last_epoch(trainer))
         self._log_size(trainer, pl_module, use_module_log=True)
         if self.config.target_sparsity is not None:
             pl_module.log("demp/strength_scale", self.strength_scale)
-        if self.pruner.reg_schedule is not None:
-            pl_module.log("demp/schedule_phase", float(schedule_phase(self.pruner.reg_schedule, trainer.global_step)))
+        schedule = self.pruner.pressure.reg_schedule
+        if schedule is not None:
+            pl_module.log("demp/schedule_phase", float(schedule_phase(schedule, trainer.global_step)))
             pl_module.log("demp/settled", float(self.is_settled(trainer.global_step)))
 
     def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, final: bool) -> None:
@@ -393,17 +381,7 @@ class DemonPruning(Callback):
         self.pruner.load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()  # the core's runtime parts (graph, hooks, batches) are rebuilt in each process
-        pruner = DemonPruner(self.config)
-        pruner.load_state_dict(self.pruner.state_dict())
-        state.update(pruner=pruner, _step_hooks=[], _load_hook=None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.pruner.forward = self._forward_module
-        self.pruner.warn = rank_zero_warn
-        self.pruner.info = rank_zero_info if self.verbose else None
+        return {**self.__dict__, "_step_hooks": [], "_load_hook": None}  # hooks are this process's own
 
     # ------------------------------------------------------------------ internals
     def _observing_this_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -433,23 +411,6 @@ class DemonPruning(Callback):
     def _release_hooks(self) -> None:
         self._release_step_hooks()
         self.pruner.detach()
-
-
-def _is_last_epoch(trainer: pl.Trainer) -> bool:
-    max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-    if max_epochs is not None and trainer.current_epoch + 1 >= max_epochs:
-        return True
-    return trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
-
-
-def _total_steps(trainer: pl.Trainer) -> int:
-    total = trainer.estimated_stepping_batches
-    if math.isinf(total):
-        raise ValueError(
-            "`DemonPruning` needs the number of training steps to lay out its schedule; set `max_steps` or "
-            "`max_epochs` on the Trainer and use a dataloader with a length."
-        )
-    return int(total)
 
 
 def _set_flops_per_batch(pl_module: nn.Module, flops_per_sample: float | None, batch_size: int | None) -> None:

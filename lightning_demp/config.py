@@ -7,7 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lightning_demp.regularization import REGULARIZER_NAMES, RegularizerName
+from torch import nn
+
+from lightning_demp.graph import match_modules
+from lightning_demp.regularization import REGULARIZER_NAMES, RegularizerName, norm_scales
 from lightning_demp.schedules import SCHEDULE_NAMES, ScheduleName
 from lightning_demp.target import TARGET_METRICS, TargetMetric
 
@@ -140,6 +143,27 @@ class PruningConfig:
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
+
+    def check_model(self, model: nn.Module) -> list[str]:
+        """Check ``model`` against these settings before training: raise what cannot work, return warnings.
+
+        Raises:
+            ValueError: ``regularizer="l1_norm_scale"`` with ``reg_max > 0`` on a model without affine
+                normalization layers.
+
+        Examples:
+            >>> PruningConfig(exclude=("head",)).check_model(nn.BatchNorm1d(2))
+            ["`DemonPruning(exclude=...)`: the patterns ['head'] match no module of the model."]
+        """
+        unmatched = [pattern for pattern, names in match_modules(model, self.exclude).items() if not names]
+        found = [f"`DemonPruning(exclude=...)`: the patterns {unmatched} match no module of the model."]
+        if self.regularizer == "l1_norm_scale" and self.reg_max > 0 and not norm_scales(model):
+            raise ValueError(
+                f"`DemonPruning(regularizer='l1_norm_scale')` regularizes BatchNorm/LayerNorm scales, but "
+                f"`{type(model).__name__}` has no affine normalization layer. Use `regularizer='positive_l2'` "
+                "or `'l2'` for this model."
+            )
+        return found if unmatched else []
 
     @property
     def batches_kept(self) -> int:

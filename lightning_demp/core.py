@@ -4,26 +4,25 @@
 places: `DemonPruner.regularize_` before each optimizer step (the regularizer's gradient; the live-entry masks for
 the noise), `DemonPruner.add_noise_` after it, `DemonPruner.remember_batch` with each training batch, and
 `DemonPruner.removal_event` at the epoch ends where units should go. `DemonPruning` is this class wired to
-Lightning's hooks; under DDP it passes `Collectives` that broadcast the plan and rebuild the wrapper.
+Lightning's hooks; under DDP it passes `lightning_demp.collectives.Collectives` (broadcast, rewrap, averaging).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_demp.accounting import call_on_first_input, count_flops_per_sample, count_parameters, first_samples
 from lightning_demp.attention import attention_layers, head_readers, remove_heads_
 from lightning_demp.batchnorm import recalibrate_batchnorm_
+from lightning_demp.collectives import SINGLE_PROCESS, Collectives
 from lightning_demp.config import PruningConfig
 from lightning_demp.detection import ActivationMonitor, dead_check
 from lightning_demp.graph import PrunableGraph
@@ -31,43 +30,15 @@ from lightning_demp.ledger import PruningLedger, RemovalEvent
 from lightning_demp.optim import remap_optimizer_
 from lightning_demp.permutation import order_routed_channels_
 from lightning_demp.policy import decide_removal
-from lightning_demp.regularization import add_penalty_grad_, inject_noise_, live_masks, penalized_params
+from lightning_demp.pressure import Pressure
+from lightning_demp.regularization import prunable_parameter_ids
 from lightning_demp.removal import remove_units_
 from lightning_demp.saturation import SaturationFolding
-from lightning_demp.schedules import Schedule, make_schedule
 from lightning_demp.sizes import SizeTable
 from lightning_demp.target import SparsityTarget
 from lightning_demp.units import RemovalPlan, Statistics
 
-log = logging.getLogger(__name__)
 STATE_VERSION = 1
-
-
-def _same(plan: RemovalPlan) -> RemovalPlan:
-    return plan
-
-
-def _nothing(*args: Any) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class Collectives:
-    """What a distributed run must do at a removal; the defaults are right for one process.
-
-    Examples:
-        >>> Collectives().broadcast_plan(RemovalPlan()) == RemovalPlan()
-        True
-
-    Attributes:
-        broadcast_plan: Make every process hold rank 0's plan (and fail if they disagree).
-        after_surgery: Rebuild what wraps the model (DDP's gradient buckets) once parameters were replaced.
-        average_batchnorm: Average BatchNorm running statistics over processes after a recalibration.
-    """
-
-    broadcast_plan: Callable[[RemovalPlan], RemovalPlan] = _same
-    after_surgery: Callable[[], None] = _nothing
-    average_batchnorm: Callable[[nn.Module], None] = _nothing
 
 
 def _warn(message: str) -> None:
@@ -83,6 +54,8 @@ class DemonPruner:
             BatchNorm recalibration); by default the model is called on `first_input` of the batch.
         warn: Where warnings go (the callback passes Lightning's ``rank_zero_warn``).
         info: Where progress messages go; ``None`` for none.
+        decide: ``decide(model, stats) -> RemovalPlan`` in place of `DemonPruner.decide` at removal events (the
+            callback's `DemonPruning.plan_removal` extension point).
 
     Examples:
         A plain training loop, no Lightning:
@@ -111,8 +84,10 @@ class DemonPruner:
         forward: Callable[[nn.Module, Any], Any] | None = None,
         warn: Callable[[str], None] | None = None,
         info: Callable[[str], None] | None = None,
+        decide: Callable[[nn.Module, Statistics], RemovalPlan] | None = None,
     ) -> None:
         self.config = config
+        self.decider = decide if decide is not None else self.decide
         self.forward = forward if forward is not None else call_on_first_input
         self.warn = warn if warn is not None else _warn
         self.info = info
@@ -127,17 +102,10 @@ class DemonPruner:
         )
         self.graph: PrunableGraph | None = None
         self.monitor: ActivationMonitor | None = None
-        self.reg_schedule: Schedule | None = None
-        self.noise_schedule: Schedule | None = None
-        self.total_steps: int | None = None
-        self.loaded_schedule: dict[str, Any] | None = None  # the record of a checkpoint, until a schedule is laid
+        self.pressure = Pressure(config)
         self.example_input: Any = None
         self.recent_batches: deque[Any] = deque(maxlen=config.batches_kept)
         self.recalibrations = 0  # BatchNorm recalibrations done in this process
-        self.last_reg_strength = 0.0
-        self.last_noise_std = 0.0
-        self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
-        self._prunable_param_ids: set[int] = set()
 
     # ------------------------------------------------------------------ setting up
     def prepare(self, model: nn.Module, example_input: Any, total_steps: int | None = None) -> None:
@@ -150,16 +118,9 @@ class DemonPruner:
         self.ledger.start(self.graph.groups(), heads, count_parameters(model), flops)
         if self.saturation is not None:
             self.saturation.bind(model)
-        self._prunable_param_ids = self._find_prunable_param_ids()
+        self._refresh_penalized()
         if total_steps is not None:
-            self.lay_out(total_steps)
-
-    def lay_out(self, total_steps: int) -> None:
-        """Lay λ_t and σ_t over ``schedule_span`` of ``total_steps`` optimizer steps."""
-        self.total_steps = total_steps
-        span_steps = max(1, round(self.config.schedule_span * total_steps))
-        self.reg_schedule = make_schedule(self.config.schedule, self.config.reg_max, span_steps)
-        self.noise_schedule = make_schedule(self.config.schedule, self.config.noise_std, span_steps)
+            self.pressure.lay_out(total_steps)
 
     @property
     def prepared(self) -> bool:
@@ -169,7 +130,7 @@ class DemonPruner:
     @property
     def strength_scale(self) -> float:
         """The factor on λ_t and σ_t (steered when a target is set, else 1)."""
-        return self.target.scale if self.target is not None else 1.0
+        return self.pressure.scale
 
     # ------------------------------------------------------------------ every step
     def remember_batch(self, batch: Any) -> None:
@@ -181,39 +142,23 @@ class DemonPruner:
         self.recent_batches.clear()
 
     def regularize_(self, optimizer: torch.optim.Optimizer, model: nn.Module, step: int) -> None:
-        """Before the step: add λ_t·∇R to the gradients; note the live entries for the noise after the step."""
-        assert self.reg_schedule is not None, "call `prepare` first"
-        assert self.noise_schedule is not None
-        self.last_reg_strength = self.reg_schedule.value(step) * self.strength_scale
-        self.last_noise_std = self.noise_schedule.value(step) * self.strength_scale
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._pending_noise = (step, self.last_noise_std, live_masks(params)) if self.last_noise_std > 0 else None
-        if self.last_reg_strength > 0:
-            penalized = penalized_params(optimizer, model, self.config.regularizer)
-            if self.config.penalize == "prunable":
-                penalized = [p for p in penalized if id(p) in self._prunable_param_ids]
-            add_penalty_grad_(penalized, self.config.regularizer, self.last_reg_strength)
+        """Before the step: λ_t·∇R into the gradients (`Pressure.before_step_`)."""
+        self.pressure.before_step_(optimizer, model, step)
 
     def add_noise_(self) -> None:
-        """After the step: σ_t noise on the entries that had a gradient (reproducible from the seed and step)."""
-        if self._pending_noise is None:
-            return
-        step, std, masks = self._pending_noise
-        self._pending_noise = None
-        inject_noise_(masks, std, self.config.seed, step)
+        """After the step: σ_t noise on the live entries (`Pressure.after_step_`)."""
+        self.pressure.after_step_()
 
     def schedule_active(self, step: int) -> bool:
         """Whether λ_t/σ_t are still inside their span at ``step``."""
-        return self.reg_schedule is not None and step < self.reg_schedule.span_steps
+        return self.pressure.active(step)
 
     def is_settled(self, step: int) -> bool:
         """The schedule is over, and a check since its end removed nothing: validation metrics describe the final
         network. A check made while λ was still on does not count: units may die after it."""
-        span_steps = self.reg_schedule.span_steps if self.reg_schedule is not None else 0
         ledger = self.ledger
-        return (
-            not self.schedule_active(step) and ledger.last_removed_count == 0 and ledger.last_check_step >= span_steps
-        )
+        done = not self.pressure.active(step) and ledger.last_check_step >= self.pressure.span_steps
+        return done and ledger.last_removed_count == 0
 
     # ------------------------------------------------------------------ observing
     @contextmanager
@@ -277,7 +222,7 @@ class DemonPruner:
         step: int,
         epoch: int,
         final: bool = False,
-        collectives: Collectives = Collectives(),
+        collectives: Collectives = SINGLE_PROCESS,
     ) -> RemovalEvent | None:
         """A whole removal event: check (unless ``stats`` are given), decide, broadcast, fold, remove, steer.
 
@@ -291,19 +236,18 @@ class DemonPruner:
         if stats is None:
             return None
         table = self._size_table()
-        plan = collectives.broadcast_plan(self.decide(model, stats))
+        plan = collectives.broadcast_plan(self.decider(model, stats))
         if self.target is not None:  # identical on every rank: same model, same plan
             plan = self.target.limit(plan, self.ledger, table)
         self.ledger.last_removed_count = plan.num_units + plan.num_heads
         if plan.units and self.saturation is not None:
-            optimizer_list = list(optimizers)
-            self.saturation.fold_(self.graph.groups(), stats, plan.units, self.graph.norm_after, optimizer_list)
+            self.saturation.fold_(self.graph.groups(), stats, plan.units, self.graph.norm_after, optimizers)
         event = self.apply(model, plan, optimizers, step=step, epoch=epoch, collectives=collectives) if plan else None
         if self.target is not None and final and self.target.force:
             event = self._close_shortfall(model, optimizers, stats, step, epoch, collectives) or event
-        if self.target is not None and self.reg_schedule is not None:
+        if self.target is not None and self.pressure.span_steps:
             measured = self.target.measured(self.ledger, self._size_table())
-            self.target.update_strength(step / self.reg_schedule.span_steps, measured)
+            self.pressure.scale = self.target.update_strength(step / self.pressure.span_steps, measured)
         return event
 
     def apply(
@@ -315,7 +259,7 @@ class DemonPruner:
         step: int,
         epoch: int,
         reason: str = "dead",
-        collectives: Collectives = Collectives(),
+        collectives: Collectives = SINGLE_PROCESS,
     ) -> RemovalEvent:
         """Surgery, optimizer remap, rewrap and bookkeeping for one plan (identical on every process)."""
         assert self.graph is not None, "call `prepare` first"
@@ -332,7 +276,7 @@ class DemonPruner:
         self.monitor = self._new_monitor()
         if self.saturation is not None:
             self.saturation.bind(model)
-        self._prunable_param_ids = self._find_prunable_param_ids()
+        self._refresh_penalized()
         self.ledger.current_flops = count_flops_per_sample(model, first_samples(self.example_input, 1))
         self.recalibrate(model, collectives)
         ledger = self.ledger
@@ -358,7 +302,7 @@ class DemonPruner:
             )
         return event
 
-    def recalibrate(self, model: nn.Module, collectives: Collectives = Collectives()) -> bool:
+    def recalibrate(self, model: nn.Module, collectives: Collectives = SINGLE_PROCESS) -> bool:
         """Re-estimate BatchNorm running statistics on the most recent kept batches (when enabled)."""
         if not self.config.recalibrate_bn or not self.recent_batches:
             return False
@@ -402,6 +346,11 @@ class DemonPruner:
             )
         return event
 
+    def _refresh_penalized(self) -> None:
+        """``penalize="prunable"``: the ids of the prunable layers' parameters (new parameters after a removal)."""
+        if self.config.penalize == "prunable" and self.graph is not None:
+            self.pressure.penalized_ids = prunable_parameter_ids(self.graph)
+
     def _size_table(self) -> SizeTable | None:
         if self.target is None or self.target.metric == "units" or self.graph is None:
             return None
@@ -412,53 +361,43 @@ class DemonPruner:
         readers = {**self.graph.readers(), **head_readers(self.graph.model)}
         return ActivationMonitor(readers, track_range=self.saturation is not None)
 
-    def _find_prunable_param_ids(self) -> set[int]:
-        """Ids of the parameters of each unblocked group's producer and its BatchNorm, for ``penalize="prunable"``
-        (empty otherwise). Ids, not parameters: the surgery replaces parameters, so this is redone after removals."""
-        if self.config.penalize != "prunable" or self.graph is None:
-            return set()
-        modules = dict(self.graph.model.named_modules())
-        ids: set[int] = set()
-        for group in self.graph.groups():
-            if group.blocked is None:
-                layers = [modules[group.name], self.graph.norm_after(group.name)]
-                ids.update(id(p) for layer in layers if layer is not None for p in layer.parameters(recurse=False))
-        return ids
-
     # ------------------------------------------------------------------ checkpoints
-    def schedule_record(self) -> dict[str, Any] | None:
-        """The schedule as plain values (for plots of a saved run); the loaded one until a schedule is laid out."""
-        if self.reg_schedule is None:
-            return self.loaded_schedule
-        return {
-            "name": self.config.schedule,
-            "reg_max": self.config.reg_max,
-            "noise_std": self.config.noise_std,
-            "span_steps": self.reg_schedule.span_steps,
-            "total_steps": self.total_steps,
-        }
-
     def state_dict(self) -> dict[str, Any]:
         """Plain values: the ledger, the strength scale and the schedule record."""
         return {
             "version": STATE_VERSION,
             **self.ledger.state_dict(),
             "strength_scale": self.strength_scale,
-            "schedule": self.schedule_record(),
+            "schedule": self.pressure.record(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict` (also one written by an earlier release)."""
-        self.loaded_schedule = state.get("schedule")
+        self.pressure.loaded_record = state.get("schedule")
         self.ledger.load_state_dict(state)
         if self.target is not None:
             self.target.load_state_dict(state)
+            self.pressure.scale = self.target.scale
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but this process's runtime parts (graph, hooks, kept batches), which `prepare` rebuilds."""
+        state = self.__dict__.copy()
+        state.update(graph=None, monitor=None, example_input=None)
+        if state["decider"] == self.decide:
+            state["decider"] = None  # a bound method of this object: rebound on unpickling
+        state["recent_batches"] = deque(maxlen=self.config.batches_kept)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.decider is None:
+            self.decider = self.decide
 
     def detach(self) -> None:
         """Remove the monitor's hooks and drop a pending noise draw (after an exception)."""
         if self.monitor is not None:
             self.monitor.detach()
-        self._pending_noise = None
+        self.pressure.drop_pending()
 
     def release(self) -> None:
         """Detach hooks and forget the traced graph (at teardown)."""

@@ -10,10 +10,9 @@ mapping from each reader feature back to the unit it carries (through flatten, c
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +20,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_demp._modes import eval_mode
+from lightning_demp._modes import eval_mode, metrics_hidden
 from lightning_demp.attention import HeadedAttention
+from lightning_demp.resize import layer_width
 from lightning_demp.selection import ChannelSelect
 from lightning_demp.units import ReaderSlice, UnitGroup
 
@@ -97,39 +97,6 @@ class HeadedAttentionPruner(tp.pruner.function.BasePruningFunc):
         return layer.qkv.in_features
 
 
-@contextlib.contextmanager
-def _metrics_hidden(model: nn.Module) -> Iterator[None]:
-    """Take torchmetrics metrics out of ``model``'s module tree while Torch-Pruning builds its graph.
-
-    ``Metric.__eq__`` builds a compositional metric (always truthy), and Torch-Pruning compares modules with ``==``
-    and ``in`` when it registers customized layers: a LightningModule holding metrics would have every layer
-    treated as ignored. Metrics take no part in ``forward``, so the trace is the same without them; they are put
-    back, in their places, on exit. Nothing outside ``model`` changes.
-    """
-    from torchmetrics import Metric
-
-    hidden: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, Metric):
-                hidden.append((parent, name, child))
-    positions = {id(parent): list(parent._modules) for parent, _, _ in hidden}
-    for parent, name, _ in hidden:
-        del parent._modules[name]
-    try:
-        yield
-    finally:
-        restored: dict[int, nn.Module] = {}
-        for parent, name, child in hidden:
-            parent._modules[name] = child
-            restored[id(parent)] = parent
-        for parent_id, parent in restored.items():  # keep the registration order (state_dict key order)
-            order = positions[parent_id]
-            items = sorted(parent._modules.items(), key=lambda item: order.index(item[0]))
-            parent._modules.clear()
-            parent._modules.update(items)
-
-
 class TracingError(RuntimeError):
     """The dependency graph could not be built from the example input.
 
@@ -140,14 +107,6 @@ class TracingError(RuntimeError):
         ...     print(type(error.__cause__).__name__)
         RuntimeError
     """
-
-
-def _layer_width(module: nn.Module) -> int | None:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels
-    return None
 
 
 def match_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[str]]:
@@ -190,7 +149,7 @@ class PrunableGraph:
         for param in frozen:  # Torch-Pruning traces autograd: a frozen layer would be invisible to it
             param.requires_grad_(True)
         try:
-            with torch.enable_grad(), warnings.catch_warnings(), _metrics_hidden(model), eval_mode(model):
+            with torch.enable_grad(), warnings.catch_warnings(), metrics_hidden(model), eval_mode(model):
                 warnings.simplefilter("ignore")  # eval mode: the trace leaves BatchNorm running statistics alone
                 self._graph = tp.DependencyGraph().build_dependency(
                     model,
@@ -287,7 +246,7 @@ class PrunableGraph:
         result = []
         for tp_group in graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES):
             root = tp_group[0].dep.target.module
-            group = UnitGroup(name=self._names[root], num_units=int(_layer_width(root) or 0))
+            group = UnitGroup(name=self._names[root], num_units=int(layer_width(root) or 0))
             reasons: list[str] = []
             for item in tp_group.items:
                 dep = item.dep
@@ -349,7 +308,7 @@ class PrunableGraph:
         """
         modules = dict(self.model.named_modules())
         root = modules.get(name)
-        if root is None or _layer_width(root) is None:
+        if root is None or layer_width(root) is None:
             names = [group.name for group in self.groups()]
             raise KeyError(f"`{name}` names no group of units; the groups are {names} (their root layers).")
         pruner = self._graph.get_pruner_of_module(root)

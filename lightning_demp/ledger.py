@@ -150,6 +150,19 @@ class PruningLedger:
         """``params`` (the count now) as a fraction of the count at the start."""
         return params / self.initial_params if self.initial_params else 1.0
 
+    def sparsity(self, metric: str, params: int) -> float:
+        """The removed fraction of ``"params"`` (``params`` is the count now), ``"flops"`` or ``"units"``.
+
+        Examples:
+            >>> PruningLedger(initial_params=20).sparsity("params", params=5)
+            0.75
+        """
+        if metric == "flops":
+            return 1.0 - self.flops_kept_fraction()
+        if metric == "units":
+            return 1.0 - self.units_kept_fraction()
+        return 1.0 - self.params_kept_fraction(params)
+
     def size_metrics(self, params: int) -> dict[str, float]:
         """The logged size metrics: units per group, kept/removed fractions, parameters and FLOPs."""
         metrics: dict[str, float] = {f"demp/units/{name}": float(len(kept)) for name, kept in self.kept_units.items()}

@@ -15,10 +15,13 @@ process draws the same values.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_demp.graph import PrunableGraph
 
 RegularizerName = Literal["l2", "positive_l2", "l1_norm_scale"]
 REGULARIZER_NAMES: tuple[str, ...] = ("l2", "positive_l2", "l1_norm_scale")
@@ -147,3 +150,23 @@ def inject_noise_(masked_params: Sequence[tuple[nn.Parameter, Tensor]], std: flo
                 generator = generators[param.device] = noise_generator(seed, step, param.device)
             noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
             param.add_(noise.mul_(mask), alpha=std)
+
+
+def prunable_parameter_ids(graph: PrunableGraph) -> set[int]:
+    """Ids of the parameters of each unblocked group's producer and its BatchNorm (``penalize="prunable"``).
+
+    Ids, not parameters: the surgery replaces parameters, so recompute this after every removal.
+
+    Examples:
+        >>> from lightning_demp.graph import PrunableGraph
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> prunable_parameter_ids(PrunableGraph(model, torch.randn(2, 2))) == {id(model[0].weight), id(model[0].bias)}
+        True
+    """
+    modules = dict(graph.model.named_modules())
+    ids: set[int] = set()
+    for group in graph.groups():
+        if group.blocked is None:
+            layers = [modules[group.name], graph.norm_after(group.name)]
+            ids.update(id(p) for layer in layers if layer is not None for p in layer.parameters(recurse=False))
+    return ids

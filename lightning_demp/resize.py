@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 
 
-def _layer_width(module: nn.Module) -> int | None:
+def layer_width(module: nn.Module) -> int | None:
+    """Output width of a Linear or Conv layer (``None`` for any other module).
+
+    Examples:
+        >>> layer_width(nn.Linear(4, 8)), layer_width(nn.Conv1d(2, 5, 3)), layer_width(nn.ReLU())
+        (8, 5, None)
+    """
     if isinstance(module, nn.Linear):
         return module.out_features
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -24,7 +30,7 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
         >>> layer_widths(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
         {'0': 8, '2': 2}
     """
-    return {name: int(width) for name, module in model.named_modules() if (width := _layer_width(module)) is not None}
+    return {name: int(width) for name, module in model.named_modules() if (width := layer_width(module)) is not None}
 
 
 def resize_like_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:

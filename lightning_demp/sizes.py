@@ -11,7 +11,6 @@ would take a deep copy of the model and a new trace for every candidate plan.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -155,10 +154,6 @@ class SizeTable:
         )
         change -= sum(self.attention.get(name, 0.0) * len(idxs) for name, idxs in plan.heads.items())
         return self.flops + change
-
-    def removed(self, plan: RemovalPlan) -> Mapping[str, float]:
-        """Parameters and FLOPs ``plan`` takes away."""
-        return {"params": self.params - self.params_after(plan), "flops": self.flops - self.flops_after(plan)}
 
 
 def _numel(shape: list[int]) -> int:

@@ -6,7 +6,7 @@ ledger can describe groups and plans without importing the graph or the surgery.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -71,8 +71,8 @@ class ReaderStats:
 
     Examples:
         >>> stats = ReaderStats(max_abs=torch.tensor([0.0, float("nan")]), num_samples=8)
-        >>> stats.num_nonfinite, stats.tracks_range
-        (1, False)
+        >>> stats.num_nonfinite
+        1
     """
 
     max_abs: Tensor
@@ -84,11 +84,6 @@ class ReaderStats:
     def num_nonfinite(self) -> int:
         """Features whose ``max_abs`` is NaN or infinite (a decision on them is refused)."""
         return int((~torch.isfinite(self.max_abs)).sum())
-
-    @property
-    def tracks_range(self) -> bool:
-        """Whether ``max_value`` and ``min_value`` were recorded."""
-        return self.max_value is not None and self.min_value is not None
 
 
 Statistics = Mapping[str, ReaderStats]
@@ -124,10 +119,6 @@ class RemovalPlan:
 
     def __bool__(self) -> bool:
         return self.num_units > 0 or self.num_heads > 0
-
-    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
-        """The unit part, group by group (as ``dict.items()``)."""
-        return iter(self.units.items())
 
     def with_units(self, units: Mapping[str, Tensor]) -> RemovalPlan:
         """The same heads with another unit part."""

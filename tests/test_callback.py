@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
-from helpers.lightning import RandomDataModule, small_mlp, train_with_callback
+from helpers.lightning import RandomDataModule, quiet_trainer, small_mlp, train_with_callback
 from helpers.models import kill_linear_units_, make_alive_
 from lightning_demp import DemonPruning
 from lightning_demp.schedules import OneCycleSchedule
@@ -83,15 +82,7 @@ def test_planted_dead_units_are_removed_and_the_optimizer_trains_what_remains(tm
             snapshots[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
 
     callback = Inspect(regularizer="positive_l2", reg_max=0.0, noise_std=0.0, verbose=False)
-    trainer = Trainer(
-        max_epochs=3,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[callback])
     trainer.fit(model, datamodule=RandomDataModule())
 
     assert {1, 8}.isdisjoint(callback.kept_units["net.0"])
@@ -232,15 +223,7 @@ def test_nan_activations_skip_the_decision(tmp_path):
             return pl_module(torch.full_like(batch[0], math.nan))
 
     callback = NaNOnCheck(regularizer="positive_l2", reg_max=0.0, noise_std=0.0, verbose=False)
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback])
     with pytest.warns(UserWarning, match="non-finite activations"):
         trainer.fit(model, datamodule=RandomDataModule())
     assert model.net[0].out_features == 12
@@ -269,15 +252,7 @@ def test_hooks_are_removed_when_training_raises(tmp_path):
                 raise Boom
 
     callback = RaiseMidEpoch(regularizer="positive_l2", check_mode="train_forwards", check_batches=3, verbose=False)
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback])
     with pytest.raises(Boom):
         trainer.fit(model, datamodule=RandomDataModule())
     assert not any(module._forward_pre_hooks for module in model.modules())

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers.lightning import (
@@ -17,6 +17,7 @@ from helpers.lightning import (
     planted_mlp,
     planted_residual_cnn,
     planted_transformer,
+    quiet_trainer,
     small_mlp,
     tiny_residual_cnn,
 )
@@ -49,14 +50,12 @@ class CrashAtEpoch(Callback):
 def fit(tmp_path, model, max_epochs, ckpt_path=None, extra_callbacks=(), callback_args=None, data_args=None):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
     callback = DemonPruning(**(callback_args or CALLBACK_ARGS))
-    trainer = Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=max_epochs,
         callbacks=[callback, checkpoint, *extra_callbacks],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
         deterministic=True,
+        enable_checkpointing=True,
     )
     trainer.fit(model, datamodule=RandomDataModule(shuffle=False, **(data_args or {})), ckpt_path=ckpt_path)
     return trainer, callback
@@ -134,17 +133,15 @@ def test_resume_restores_the_schedules_where_they_were(tmp_path):
         tmp_path, small_mlp(), max_epochs=3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), extra_callbacks=[Record()]
     )
     assert seen["first_step"] == trainer.global_step == 12
-    assert callback.pruner.reg_schedule.span_steps == round(0.9 * 18)
-    assert callback.pruner.last_reg_strength == pytest.approx(callback.pruner.reg_schedule.value(17))
+    assert callback.pruner.pressure.reg_schedule.span_steps == round(0.9 * 18)
+    assert callback.pruner.pressure.last_reg_strength == pytest.approx(callback.pruner.pressure.reg_schedule.value(17))
 
 
 @pytest.mark.parametrize("entry", ["validate", "test", "predict"])
 def test_validate_test_and_predict_from_a_pruned_checkpoint_with_the_callback_attached(tmp_path, entry):
     fit(tmp_path, planted_mlp(), max_epochs=1)
     model = small_mlp()
-    trainer = Trainer(
-        callbacks=[DemonPruning(**CALLBACK_ARGS)], logger=False, enable_progress_bar=False, accelerator="cpu"
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[DemonPruning(**CALLBACK_ARGS)], enable_checkpointing=True)
     result = getattr(trainer, entry)(
         model, datamodule=RandomDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )

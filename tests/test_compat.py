@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
-from helpers.lightning import RandomDataModule, planted_mlp, train_with_callback
+from helpers.lightning import RandomDataModule, planted_mlp, quiet_trainer, train_with_callback
 from lightning_demp import DemonPruning
 from lightning_demp._strategy import check_supported
 from lightning_demp.demos import MLPClassifier
@@ -98,15 +97,7 @@ def test_compiled_module_recompiles_after_a_removal(tmp_path):
 def test_several_fit_calls_on_one_trainer_and_callback(tmp_path):
     model = planted_mlp()
     callback = DemonPruning(verbose=False, **FAST)
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback])
     trainer.fit(model, datamodule=RandomDataModule())
     first = dict(callback.kept_units)
     trainer.fit_loop.max_epochs = 2
@@ -118,8 +109,12 @@ def test_several_fit_calls_on_one_trainer_and_callback(tmp_path):
 
 def test_fast_dev_run(tmp_path):
     model = planted_mlp()
-    trainer = Trainer(
-        fast_dev_run=True, callbacks=[DemonPruning(verbose=False, **FAST)], accelerator="cpu", enable_progress_bar=False
+    trainer = quiet_trainer(
+        tmp_path,
+        fast_dev_run=True,
+        callbacks=[DemonPruning(verbose=False, **FAST)],
+        enable_checkpointing=True,
+        logger=True,
     )
     trainer.fit(model, datamodule=RandomDataModule())
     assert model.net[0].out_features == 10

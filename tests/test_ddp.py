@@ -19,6 +19,7 @@ from helpers.lightning import (
     planted_mlp,
     planted_residual_cnn,
     planted_transformer,
+    quiet_trainer,
 )
 from helpers.models import kill_linear_units_
 from lightning_demp import DemonPruning, SettledEarlyStopping, SettledModelCheckpoint
@@ -132,14 +133,12 @@ def test_ddp_subprocess_launcher_keeps_ranks_identical(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_ddp_on_gpus_keeps_ranks_identical(tmp_path):
     model = planted_mlp()
-    trainer = Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         strategy="ddp_spawn",
         accelerator="gpu",
         devices=2,
         max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         callbacks=[
             DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False),
             AssertRanksAgree(),

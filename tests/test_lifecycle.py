@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from helpers.lightning import RandomDataModule, planted_mlp, small_mlp
+from helpers.lightning import RandomDataModule, planted_mlp, quiet_trainer, small_mlp
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier
 from lightning_demp.graph import TracingError
@@ -97,23 +97,13 @@ def test_misconfiguration_is_reported_before_any_optimizer_step(model_cls, data_
 def test_validation_forwards_never_change_the_statistics(tmp_path):
     recorded = {}
 
-    callback = DemonPruning(regularizer="positive_l2", check_mode="train_forwards", check_batches=2, verbose=False)
-    decide = callback.pruner.decide
+    class Record(DemonPruning):
+        def plan_removal(self, pl_module, stats):
+            recorded[len(recorded)] = {name: reader.num_samples for name, reader in stats.items()}
+            return super().plan_removal(pl_module, stats)
 
-    def record(model, stats):
-        recorded[len(recorded)] = {name: reader.num_samples for name, reader in stats.items()}
-        return decide(model, stats)
-
-    callback.pruner.decide = record
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        val_check_interval=3,
-    )
+    callback = Record(regularizer="positive_l2", check_mode="train_forwards", check_batches=2, verbose=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], val_check_interval=3)
     trainer.fit(planted_mlp(), datamodule=RandomDataModule())  # validation runs mid-epoch and at the end
     assert set(recorded[0].values()) == {2 * 32}  # exactly the two observed training batches
 
@@ -126,19 +116,14 @@ def test_a_nan_loss_does_not_corrupt_the_callback_state(tmp_path):
 
     model = NaNLoss(input_dim=6, hidden_sizes=[12, 10], num_classes=3, optimizer="adam", lr_schedule="constant")
     callback = DemonPruning(regularizer="positive_l2", reg_max=0.01, noise_std=1e-3, verbose=False)
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback])
     with pytest.warns(UserWarning, match="non-finite activations"):
         trainer.fit(model, datamodule=RandomDataModule())  # the NaN spreads to the weights; no decision is made
     state = callback.state_dict()
     assert state["kept_units"]["net.0"] == list(range(12))
-    assert all(math.isfinite(v) for v in [callback.pruner.last_reg_strength, callback.pruner.last_noise_std])
+    assert all(
+        math.isfinite(v) for v in [callback.pruner.pressure.last_reg_strength, callback.pruner.pressure.last_noise_std]
+    )
 
 
 def test_callback_and_model_pickle_and_deepcopy_in_the_middle_of_fit(tmp_path):
@@ -155,14 +140,7 @@ def test_callback_and_model_pickle_and_deepcopy_in_the_middle_of_fit(tmp_path):
 
     model = planted_mlp()
     demp = DemonPruning(regularizer="positive_l2", check_mode="train_forwards", verbose=False)
-    trainer = Trainer(
-        max_epochs=2,
-        callbacks=[demp, CopyMidFit()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[demp, CopyMidFit()])
     trainer.fit(model, datamodule=RandomDataModule())
     kept_then, restored_callback, deep_copied, unpickled = copies
     assert restored_callback.kept_units == kept_then
@@ -176,14 +154,7 @@ def test_callback_and_model_pickle_and_deepcopy_in_the_middle_of_fit(tmp_path):
 def test_hooks_are_released_after_fit_and_when_the_callback_is_detached(tmp_path):
     model = planted_mlp()
     demp = DemonPruning(regularizer="positive_l2", check_mode="train_forwards", verbose=False)
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[demp],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[demp])
     trainer.fit(model, datamodule=RandomDataModule())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     assert not trainer.optimizers[0]._optimizer_step_post_hooks

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import matplotlib.image
 import pytest
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from helpers.lightning import RandomDataModule, planted_mlp
+from helpers.lightning import RandomDataModule, planted_mlp, quiet_trainer
 from lightning_demp import DemonPruning
 from lightning_demp.plots import plot_checkpoint, plot_run, units_over_steps
 
@@ -16,13 +15,13 @@ from lightning_demp.plots import plot_checkpoint, plot_run, units_over_steps
 def fit_with_logger(tmp_path, logger, **kwargs):
     callback = DemonPruning(regularizer="positive_l2", reg_max=0.05, noise_std=1e-3, verbose=False, **kwargs)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=3,
         callbacks=[callback, checkpoint],
         logger=logger,
-        enable_progress_bar=False,
-        accelerator="cpu",
         log_every_n_steps=1,
+        enable_checkpointing=True,
     )
     trainer.fit(planted_mlp(), datamodule=RandomDataModule())
     return trainer, callback

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from torch import nn
 
-from helpers.lightning import RandomDataModule
+from helpers.lightning import RandomDataModule, quiet_trainer
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier
 from lightning_demp.detection import ActivationMonitor, dead_check
@@ -106,14 +105,7 @@ def test_the_callback_removes_saturated_units_and_trains_a_created_bias(tmp_path
     callback = DemonPruning(
         regularizer="positive_l2", reg_max=0.0, noise_std=0.0, saturation_tolerance=1e-6, verbose=False, plot=False
     )
-    trainer = Trainer(
-        max_epochs=2,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback])
     trainer.fit(model, datamodule=RandomDataModule())
     assert {2, 7}.isdisjoint(callback.kept_units["net.0"])
     assert isinstance(model.net[2].bias, nn.Parameter)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_surgery import remove_dead_
 from torch import Tensor, nn
 
-from helpers.lightning import RandomDataModule, planted_residual_cnn, tiny_residual_cnn
+from helpers.lightning import RandomDataModule, planted_residual_cnn, quiet_trainer, tiny_residual_cnn
 from helpers.models import ResidualCNN, kill_bn_units_, randomize_bn_
 from lightning_demp import DemonPruning
 from lightning_demp.decouple import DecouplingError, decouple_residuals_
@@ -172,9 +171,7 @@ def test_the_callback_rewrites_and_a_rewritten_pruned_checkpoint_resumes(tmp_pat
         regularizer="l1_norm_scale", reg_max=0.0, noise_std=0.0, decouple_residuals=True, verbose=False, plot=False
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = Trainer(
-        max_epochs=1, callbacks=[callback, checkpoint], logger=False, enable_progress_bar=False, accelerator="cpu"
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback, checkpoint], enable_checkpointing=True)
     with torch.no_grad():
         model.net.stem_bn.weight[1] = 0.0
         model.net.stem_bn.bias[1] = -5.0
@@ -184,13 +181,10 @@ def test_the_callback_rewrites_and_a_rewritten_pruned_checkpoint_resumes(tmp_pat
     assert any(isinstance(m, ChannelSelect) for m in model.modules())
     assert 1 not in callback.kept_units["net.stem"]
     resumed = PlainResidualClassifier()
-    trainer = Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=2,
         callbacks=[DemonPruning(regularizer="l1_norm_scale", decouple_residuals=True, verbose=False, plot=False)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
     )
     trainer.fit(
         resumed, datamodule=RandomDataModule(num_features=16, num_classes=4), ckpt_path=str(tmp_path / "last.ckpt")
@@ -362,9 +356,7 @@ def test_the_callback_reorders_after_removal_and_kept_units_follow_the_new_order
     original_conv2 = model.net.block1.conv2.weight.detach().clone()
     callback = DemonPruning(regularizer="l1_norm_scale", reg_max=0.0, noise_std=0.0, verbose=False, plot=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = Trainer(
-        max_epochs=1, callbacks=[callback, checkpoint], logger=False, enable_progress_bar=False, accelerator="cpu"
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback, checkpoint], enable_checkpointing=True)
     trainer.fit(model, datamodule=RandomDataModule(num_features=16, num_classes=4))
 
     select = model.net.block1.shortcut

@@ -10,7 +10,13 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 
-from helpers.lightning import RandomDataModule, assert_saved_only_when_settled, planted_mlp, saved_demp_states
+from helpers.lightning import (
+    RandomDataModule,
+    assert_saved_only_when_settled,
+    planted_mlp,
+    quiet_trainer,
+    saved_demp_states,
+)
 from helpers.models import ConvBN
 from lightning_demp import DemonPruning, SettledEarlyStopping, SettledModelCheckpoint
 from lightning_demp.batchnorm import recalibrate_batchnorm_
@@ -83,14 +89,11 @@ def test_once_the_scales_shrink_recalibrated_eval_mode_predicts_what_the_trainin
 
 
 def cnn_trainer(tmp_path, callbacks, max_epochs=2):
-    return Trainer(
+    return quiet_trainer(
+        tmp_path,
         max_epochs=max_epochs,
         callbacks=callbacks,
-        logger=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
         limit_train_batches=4,
         limit_val_batches=2,
     )
@@ -113,14 +116,7 @@ def test_recalibration_runs_before_validation_during_the_schedule_and_after_remo
 
 def test_schedule_phase_and_settled_flag_are_logged(tmp_path):
     callback = DemonPruning(regularizer="positive_l2", reg_max=0.01, schedule_span=0.5, verbose=False, plot=False)
-    trainer = Trainer(
-        max_epochs=4,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=4, callbacks=[callback])
     trainer.fit(planted_mlp(), datamodule=RandomDataModule())
     metrics = trainer.callback_metrics
     assert metrics["demp/schedule_phase"].item() == 2.0  # the schedule spans the first half only
@@ -150,15 +146,13 @@ def test_schedule_phase_and_settled_flag_are_logged(tmp_path):
 )
 def test_a_warning_fires_when_monitoring_would_act_during_the_schedule(tmp_path, make_monitor, risky):
     callback = DemonPruning(regularizer="positive_l2", verbose=False, plot=False)
-    trainer = Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=10,
         callbacks=[callback, make_monitor()],
-        logger=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
         limit_train_batches=1,
         limit_val_batches=1,
+        enable_checkpointing=True,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -225,14 +219,8 @@ def fit_with_a_falling_score(tmp_path, monitor: Callback, max_epochs: int = 8, p
         plot=False,
     )
     recorder = SettledRecorder(demon)
-    trainer = Trainer(
-        max_epochs=max_epochs,
-        callbacks=[demon, recorder, monitor],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=max_epochs, callbacks=[demon, recorder, monitor], enable_checkpointing=True
     )
     trainer.fit(model, datamodule=RandomDataModule())
     return trainer, demon, recorder
@@ -305,8 +293,8 @@ def test_settled_early_stopping_counts_patience_only_once_the_network_has_settle
 
 @pytest.mark.parametrize("make_monitor", [SettledModelCheckpoint, SettledEarlyStopping])
 def test_settled_callbacks_without_demon_pruning_are_refused_at_setup(tmp_path, make_monitor):
-    trainer = Trainer(
-        max_epochs=1, callbacks=[make_monitor(monitor="val_acc")], logger=False, enable_progress_bar=False
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, callbacks=[make_monitor(monitor="val_acc")], enable_checkpointing=True
     )
     with pytest.raises(RuntimeError, match="needs a `DemonPruning` callback"):
         trainer.fit(planted_mlp(), datamodule=RandomDataModule())

@@ -16,6 +16,7 @@ from lightning_demp.demos.models import (
     ResidualCNNClassifier,
     TransformerClassifier,
 )
+from lightning_demp.demos.quiet import quiet_trainer
 
 __all__ = [
     "ArrayDataModule",
@@ -31,4 +32,5 @@ __all__ = [
     "ResidualCNNClassifier",
     "TransformerClassifier",
     "make_mnist1d",
+    "quiet_trainer",
 ]

@@ -17,6 +17,7 @@ from lightning_demp.demos import (
     ResidualCNNClassifier,
     TransformerClassifier,
 )
+from lightning_demp.demos.quiet import quiet_trainer
 
 
 class RandomDataModule(ArrayDataModule):
@@ -50,22 +51,6 @@ def small_mlp(**kwargs: Any) -> MLPClassifier:
     }
     options.update(kwargs)
     return MLPClassifier(**options)
-
-
-def quiet_trainer(tmp_path: Any, **kwargs: Any) -> Trainer:
-    """A Trainer on one CPU process that prints nothing and writes only under ``tmp_path``: no logger, checkpoint,
-    progress bar or model summary unless ``kwargs`` ask for them."""
-    options: dict[str, Any] = {
-        "default_root_dir": tmp_path,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "devices": 1,
-    }
-    options.update(kwargs)
-    return Trainer(**options)
 
 
 def train_with_callback(

@@ -1,0 +1,101 @@
+"""The pressure that makes units die: λ_t·∇R before each optimizer step, σ_t noise on live entries after it.
+
+`Pressure` is the stateful part (the schedules laid over a run, the live masks between the two halves of a step);
+the math is in `lightning_demp.regularization` and `lightning_demp.schedules`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_demp.config import PruningConfig
+from lightning_demp.regularization import add_penalty_grad_, inject_noise_, live_masks, penalized_params
+from lightning_demp.schedules import Schedule, make_schedule
+
+
+class Pressure:
+    """λ_t and σ_t over a run, applied around each optimizer step.
+
+    Args:
+        config: The settings: regularizer, ``reg_max``, ``noise_std``, schedule and span, seed, ``penalize``.
+
+    Examples:
+        >>> layer = nn.Linear(2, 2)
+        >>> optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
+        >>> pressure = Pressure(PruningConfig(regularizer="l2", reg_max=0.5, schedule="constant"))
+        >>> pressure.lay_out(total_steps=10)
+        >>> layer(torch.ones(1, 2)).sum().backward()
+        >>> before = layer.weight.grad.clone()
+        >>> pressure.before_step_(optimizer, layer, step=0)
+        >>> torch.allclose(layer.weight.grad, before + 0.5 * layer.weight), pressure.last_reg_strength
+        (True, 0.5)
+    """
+
+    def __init__(self, config: PruningConfig) -> None:
+        self.config = config
+        self.reg_schedule: Schedule | None = None
+        self.noise_schedule: Schedule | None = None
+        self.total_steps: int | None = None
+        self.loaded_record: dict[str, Any] | None = None  # a checkpoint's schedule record, until one is laid out
+        self.scale = 1.0  # multiplies λ_t and σ_t (steered by a sparsity target)
+        self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
+        self.last_reg_strength = 0.0
+        self.last_noise_std = 0.0
+        self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
+
+    def lay_out(self, total_steps: int) -> None:
+        """Lay λ_t and σ_t over ``schedule_span`` of ``total_steps`` optimizer steps."""
+        self.total_steps = total_steps
+        span_steps = max(1, round(self.config.schedule_span * total_steps))
+        self.reg_schedule = make_schedule(self.config.schedule, self.config.reg_max, span_steps)
+        self.noise_schedule = make_schedule(self.config.schedule, self.config.noise_std, span_steps)
+
+    @property
+    def span_steps(self) -> int:
+        """Steps the schedules span (0 before they are laid out)."""
+        return self.reg_schedule.span_steps if self.reg_schedule is not None else 0
+
+    def active(self, step: int) -> bool:
+        """Whether λ_t/σ_t are still inside their span at ``step``."""
+        return self.reg_schedule is not None and step < self.reg_schedule.span_steps
+
+    def before_step_(self, optimizer: torch.optim.Optimizer, model: nn.Module, step: int) -> None:
+        """Add λ_t·∇R to the gradients; note the live entries (non-zero gradient) for the noise after the step."""
+        assert self.reg_schedule is not None, "lay the schedule out first (`lay_out`, or `DemonPruner.prepare`)"
+        assert self.noise_schedule is not None
+        self.last_reg_strength = self.reg_schedule.value(step) * self.scale
+        self.last_noise_std = self.noise_schedule.value(step) * self.scale
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._pending_noise = (step, self.last_noise_std, live_masks(params)) if self.last_noise_std > 0 else None
+        if self.last_reg_strength > 0:
+            penalized = penalized_params(optimizer, model, self.config.regularizer)
+            if self.penalized_ids is not None:
+                penalized = [p for p in penalized if id(p) in self.penalized_ids]
+            add_penalty_grad_(penalized, self.config.regularizer, self.last_reg_strength)
+
+    def after_step_(self) -> None:
+        """σ_t noise on the entries noted before the step (reproducible from the seed and the step)."""
+        if self._pending_noise is None:
+            return
+        step, std, masks = self._pending_noise
+        self._pending_noise = None
+        inject_noise_(masks, std, self.config.seed, step)
+
+    def drop_pending(self) -> None:
+        """Forget the noted live entries (after an exception between the two halves of a step)."""
+        self._pending_noise = None
+
+    def record(self) -> dict[str, Any] | None:
+        """The schedule as plain values (for plots of a saved run); the loaded one until a schedule is laid out."""
+        if self.reg_schedule is None:
+            return self.loaded_record
+        return {
+            "name": self.config.schedule,
+            "reg_max": self.config.reg_max,
+            "noise_std": self.config.noise_std,
+            "span_steps": self.reg_schedule.span_steps,
+            "total_steps": self.total_steps,
+        }
