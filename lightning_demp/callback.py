@@ -95,6 +95,10 @@ class DemonPruning(Callback):
             applies to. ``"prunable"``: only the layers whose units can be removed (the producer of every group that
             is not blocked, and its BatchNorm), so that the rest of the network (attention, embeddings, the output
             layer) trains unregularized.
+        live_floor: A prunable layer's pressure (the regularizer's gradient and the noise on its parameters) fades
+            as the layer empties: ``(live − floor) / (1 − floor)`` of it, none at the floor (see
+            `lightning_demp.pressure`). No layer is driven wholesale to death; dead units still go. ``0`` turns
+            the floor off (the paper's behaviour); at most 0.5.
         plot: When fit ends, save ``demp_units.png`` (live units per layer over training, λ/σ beneath) in the run's
             log directory and send it to loggers that take figures (TensorBoard). Needs matplotlib.
 
@@ -137,6 +141,7 @@ class DemonPruning(Callback):
         force_target: bool = False,
         plot: bool = True,
         penalize: PenalizeScope = "all",
+        live_floor: float = 0.05,
     ) -> None:
         super().__init__()
         arguments = {**locals(), "exclude": () if exclude is None else exclude}

@@ -113,6 +113,7 @@ class PruningConfig:
     target_metric: TargetMetric = "params"
     force_target: bool = False
     penalize: PenalizeScope = "all"
+    live_floor: float = 0.05
 
     def __post_init__(self) -> None:
         check_choice("regularizer", self.regularizer, REGULARIZER_NAMES)
@@ -140,6 +141,7 @@ class PruningConfig:
         check_choice("target_metric", self.target_metric, TARGET_METRICS)
         check_bool("force_target", self.force_target)
         check_choice("penalize", self.penalize, PENALIZE_SCOPES)
+        self._set("live_floor", check_number("live_floor", self.live_floor, low=0.0, low_inclusive=True, high=0.5))
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

@@ -9,6 +9,7 @@ Lightning's hooks; under DDP it passes `lightning_demp.collectives.Collectives` 
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import deque
@@ -31,14 +32,21 @@ from lightning_demp.optim import remap_optimizer_
 from lightning_demp.permutation import order_routed_channels_
 from lightning_demp.policy import decide_removal
 from lightning_demp.pressure import Pressure
-from lightning_demp.regularization import prunable_parameter_ids
+from lightning_demp.regularization import group_parameters
 from lightning_demp.removal import remove_units_
 from lightning_demp.saturation import SaturationFolding
 from lightning_demp.sizes import SizeTable
-from lightning_demp.target import SparsityTarget
+from lightning_demp.target import SparsityTarget, planned_sparsity
 from lightning_demp.units import RemovalPlan, Statistics
 
 STATE_VERSION = 1
+SHORTFALL_START = 0.5
+"""Fraction of the schedule span after which a lagging target is closed by removing live units: past the
+one-cycle peak (30 %), once units pushed at the peak have had time to die."""
+SHORTFALL_STEP = 0.15
+"""Most sparsity one shortfall removal adds, so that training recovers between removals instead of one cliff."""
+SHORTFALL_TOLERANCE = 0.01
+"""How far under the ramp the sparsity may lag before live units are removed."""
 
 
 def _warn(message: str) -> None:
@@ -243,8 +251,16 @@ class DemonPruner:
         if plan.units and self.saturation is not None:
             self.saturation.fold_(self.graph.groups(), stats, plan.units, self.graph.norm_after, optimizers)
         event = self.apply(model, plan, optimizers, step=step, epoch=epoch, collectives=collectives) if plan else None
+        if self.target is not None and self.pressure.span_steps >= 1:
+            progress = step / self.pressure.span_steps
+            if progress >= SHORTFALL_START:
+                fresh = stats if not plan else self.statistics(model)  # the removal renumbered the units
+                shortfall = self._remove_shortfall(model, optimizers, fresh, progress, step, epoch, collectives)
+                event = shortfall or event
         if self.target is not None and final and self.target.force:
-            event = self._close_shortfall(model, optimizers, stats, step, epoch, collectives) or event
+            fresh = stats if event is None else self.statistics(model)
+            if fresh is not None:
+                event = self._force_target(model, optimizers, fresh, step, epoch, collectives) or event
         if self.target is not None and self.pressure.span_steps:
             measured = self.target.measured(self.ledger, self._size_table())
             self.pressure.scale = self.target.update_strength(step / self.pressure.span_steps, measured)
@@ -313,7 +329,49 @@ class DemonPruner:
         self.recalibrations += 1
         return True
 
-    def _close_shortfall(
+    def _remove_shortfall(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        stats: Statistics | None,
+        progress: float,
+        step: int,
+        epoch: int,
+        collectives: Collectives,
+    ) -> RemovalEvent | None:
+        """Late in the schedule, when death lags the target's ramp: remove the least important live units that close
+        the gap (at most `SHORTFALL_STEP` of sparsity per event, no group below its live floor)."""
+        assert self.target is not None
+        assert self.graph is not None
+        if stats is None:
+            return None
+        table = self._size_table()
+        measured = self.target.measured(self.ledger, table)
+        ramp = planned_sparsity(progress, self.target.target)
+        goal = min(ramp, measured + SHORTFALL_STEP)
+        if measured >= ramp - SHORTFALL_TOLERANCE:
+            return None
+        initial = self.ledger.initial_widths
+        floors = {
+            name: max(self.config.min_units, math.ceil(self.config.live_floor * width))
+            for name, width in initial.items()
+        }
+        modules = dict(model.named_modules())
+        plan = self.target.shortfall(self.graph.groups(), stats, modules, self.ledger, table, goal=goal, floors=floors)
+        plan = collectives.broadcast_plan(plan)
+        if not plan:
+            return None
+        event = self.apply(model, plan, optimizers, step=step, epoch=epoch, reason="shortfall", collectives=collectives)
+        self.ledger.last_removed_count += plan.num_units
+        if self.info is not None:
+            self.info(
+                f"DemonPruning: {self.target.metric} sparsity {measured:.1%} lags the target's ramp ({ramp:.1%} at "
+                f"{min(progress, 1.0):.0%} of the schedule); removed {plan.num_units} least important live units "
+                "(not function-preserving) while training continues."
+            )
+        return event
+
+    def _force_target(
         self,
         model: nn.Module,
         optimizers: Sequence[torch.optim.Optimizer],
@@ -328,7 +386,7 @@ class DemonPruner:
         assert self.monitor is not None
         forced, event = 0, None
         while self.target.measured(self.ledger, self._size_table()) < self.target.target:
-            plan = self.target.shortfall(self.graph.groups(), stats, self.config.min_units)
+            plan = self.target.least_active(self.graph.groups(), stats, self.config.min_units)
             if not plan:
                 self.warn("`DemonPruning(force_target=True)`: every group is at `min_units`; target not met.")
                 break
@@ -347,9 +405,14 @@ class DemonPruner:
         return event
 
     def _refresh_penalized(self) -> None:
-        """``penalize="prunable"``: the ids of the prunable layers' parameters (new parameters after a removal)."""
-        if self.config.penalize == "prunable" and self.graph is not None:
-            self.pressure.penalized_ids = prunable_parameter_ids(self.graph)
+        """The groups' parameters for the live floor and ``penalize="prunable"`` (new ones after a removal)."""
+        if self.graph is None:
+            return
+        parameters = group_parameters(self.graph)
+        initial = self.ledger.initial_widths
+        self.pressure.groups = {name: (params, initial[name]) for name, params in parameters.items() if name in initial}
+        if self.config.penalize == "prunable":
+            self.pressure.penalized_ids = {id(p) for params in parameters.values() for p in params}
 
     def _size_table(self) -> SizeTable | None:
         if self.target is None or self.target.metric == "units" or self.graph is None:

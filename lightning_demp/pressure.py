@@ -2,6 +2,17 @@
 
 `Pressure` is the stateful part (the schedules laid over a run, the live masks between the two halves of a step);
 the math is in `lightning_demp.regularization` and `lightning_demp.schedules`.
+
+**The live floor.** A group's pressure fades as the group empties: at every step, the units whose producer rows
+got a non-zero gradient on the batch are its live ones, and the regularizer's gradient and the noise on the
+group's parameters are scaled by `live_fraction_multiplier` of its live fraction (of the units it started with):
+``(live − floor) / (1 − floor)``, full on a whole layer, none at ``live_floor``. Why: a unit dies when the
+regularizer's pull on it wins against the loss gradient. The loss keeps the units a layer still needs alive only
+while enough of them are left to carry the signal; under a large λ the pull wins for all of them, and the layer,
+then the network, dies wholesale (the collapse of a large ``reg_max``). Adam's normalized, momentum-carried steps
+keep killing for a while after the pull stops, so the pull relents gradually as the layer empties instead of at
+the floor alone (a release only near the floor was measured to come too late: ``benchmarks/results/collapse.md``).
+A dead unit still goes, and the loss keeps training the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_demp.config import PruningConfig
-from lightning_demp.regularization import add_penalty_grad_, inject_noise_, live_masks, penalized_params
+from lightning_demp.regularization import (
+    add_penalty_grad_,
+    inject_noise_,
+    live_fraction_multiplier,
+    live_masks,
+    live_rows,
+    penalized_params,
+)
 from lightning_demp.schedules import Schedule, make_schedule
 
 
@@ -42,6 +60,7 @@ class Pressure:
         self.loaded_record: dict[str, Any] | None = None  # a checkpoint's schedule record, until one is laid out
         self.scale = 1.0  # multiplies λ_t and σ_t (steered by a sparsity target)
         self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
+        self.groups: dict[str, tuple[list[nn.Parameter], int]] = {}  # group -> (its parameters, initial units)
         self.last_reg_strength = 0.0
         self.last_noise_std = 0.0
         self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
@@ -68,13 +87,36 @@ class Pressure:
         assert self.noise_schedule is not None
         self.last_reg_strength = self.reg_schedule.value(step) * self.scale
         self.last_noise_std = self.noise_schedule.value(step) * self.scale
+        if self.last_reg_strength == 0 and self.last_noise_std == 0:
+            self._pending_noise = None
+            return
+        factors = self.floor_factors()
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._pending_noise = (step, self.last_noise_std, live_masks(params)) if self.last_noise_std > 0 else None
+        if self.last_noise_std > 0:
+            masks = [(p, _scaled(mask, factors.get(id(p), 1.0))) for p, mask in live_masks(params)]
+            self._pending_noise = (step, self.last_noise_std, masks)
+        else:
+            self._pending_noise = None
         if self.last_reg_strength > 0:
             penalized = penalized_params(optimizer, model, self.config.regularizer)
             if self.penalized_ids is not None:
                 penalized = [p for p in penalized if id(p) in self.penalized_ids]
-            add_penalty_grad_(penalized, self.config.regularizer, self.last_reg_strength)
+            by_factor: dict[float, list[nn.Parameter]] = {}
+            for param in penalized:
+                by_factor.setdefault(factors.get(id(param), 1.0), []).append(param)
+            for factor, group in by_factor.items():
+                add_penalty_grad_(group, self.config.regularizer, self.last_reg_strength * factor)
+
+    def floor_factors(self) -> dict[int, float]:
+        """For the parameters of each group below twice the live floor, the share of the pressure left (by id)."""
+        factors: dict[int, float] = {}
+        if self.config.live_floor <= 0:
+            return factors
+        for params, initial in self.groups.values():
+            factor = live_fraction_multiplier(live_rows(params[0]) / max(1, initial), self.config.live_floor)
+            if factor < 1.0:
+                factors.update((id(p), factor) for p in params)
+        return factors
 
     def after_step_(self) -> None:
         """σ_t noise on the entries noted before the step (reproducible from the seed and the step)."""
@@ -99,3 +141,8 @@ class Pressure:
             "span_steps": self.reg_schedule.span_steps,
             "total_steps": self.total_steps,
         }
+
+
+def _scaled(mask: Tensor, factor: float) -> Tensor:
+    """A live mask as it is at full pressure, else as the factor to multiply the noise with."""
+    return mask if factor == 1.0 else mask.to(torch.get_default_dtype()) * factor

@@ -38,6 +38,20 @@ def norm_scales(module: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in module.modules() if isinstance(m, _NORM_TYPES) and isinstance(m.weight, nn.Parameter)]
 
 
+def live_rows(weight: Tensor) -> int:
+    """Output units of a Linear/Conv weight whose gradient row has a non-zero entry (units alive on this batch).
+
+    Examples:
+        >>> weight = nn.Parameter(torch.ones(3, 2))
+        >>> weight.grad = torch.tensor([[0.0, 1.0], [0.0, 0.0], [2.0, 0.0]])
+        >>> live_rows(weight)
+        2
+    """
+    if weight.grad is None:
+        return int(weight.shape[0])
+    return int(weight.grad.reshape(weight.shape[0], -1).ne(0).any(dim=1).sum())
+
+
 def penalized_params(
     optimizer: torch.optim.Optimizer, module: nn.Module, regularizer: RegularizerName
 ) -> list[nn.Parameter]:
@@ -152,21 +166,37 @@ def inject_noise_(masked_params: Sequence[tuple[nn.Parameter, Tensor]], std: flo
             param.add_(noise.mul_(mask), alpha=std)
 
 
-def prunable_parameter_ids(graph: PrunableGraph) -> set[int]:
-    """Ids of the parameters of each unblocked group's producer and its BatchNorm (``penalize="prunable"``).
+def group_parameters(graph: PrunableGraph) -> dict[str, list[nn.Parameter]]:
+    """The parameters of each unblocked group's producer (its weight first) and of its BatchNorm, by group.
 
-    Ids, not parameters: the surgery replaces parameters, so recompute this after every removal.
+    These are the parameters whose units a group's removal takes away: ``penalize="prunable"`` penalizes only
+    them, and the live floor scales their pressure by the group's live fraction. Recompute after every removal
+    (the surgery replaces parameters).
 
     Examples:
         >>> from lightning_demp.graph import PrunableGraph
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-        >>> prunable_parameter_ids(PrunableGraph(model, torch.randn(2, 2))) == {id(model[0].weight), id(model[0].bias)}
-        True
+        >>> [p.shape for p in group_parameters(PrunableGraph(model, torch.randn(2, 2)))["0"]]
+        [torch.Size([3, 2]), torch.Size([3])]
     """
     modules = dict(graph.model.named_modules())
-    ids: set[int] = set()
+    found: dict[str, list[nn.Parameter]] = {}
     for group in graph.groups():
         if group.blocked is None:
             layers = [modules[group.name], graph.norm_after(group.name)]
-            ids.update(id(p) for layer in layers if layer is not None for p in layer.parameters(recurse=False))
-    return ids
+            found[group.name] = [p for layer in layers if layer is not None for p in layer.parameters(recurse=False)]
+    return found
+
+
+def live_fraction_multiplier(live_fraction: float, floor: float) -> float:
+    """How much of the pressure a group keeps at ``live_fraction`` of its initial units: the share of the way from
+    the floor to full width still alive, ``(live_fraction - floor) / (1 - floor)``, clipped to [0, 1]. ``floor=0``
+    keeps full pressure everywhere.
+
+    Examples:
+        >>> [round(live_fraction_multiplier(f, 0.2), 2) for f in (1.0, 0.6, 0.2, 0.0)]
+        [1.0, 0.5, 0.0, 0.0]
+    """
+    if floor <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (live_fraction - floor) / (1.0 - floor)))

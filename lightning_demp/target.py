@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_demp.detection import group_activity
 from lightning_demp.ledger import PruningLedger
@@ -43,7 +43,9 @@ class StrengthController:
     ``[1 / max_step, max_step]`` and the scale clamped to ``[min_scale, max_scale]``; once the target is reached the
     scale drops to ``min_scale`` so that no further units are pushed to die. Units die some epochs after the strength
     rises, so an unbounded controller winds up while it waits for them and then kills the network; the bounds keep
-    λ within ``max_scale`` times the configured ``reg_max``.
+    λ within ``max_scale`` times the configured ``reg_max``. The range is wide on purpose (a model that needs 50×
+    ``reg_max`` gets it): the live floor (`lightning_demp.pressure`) keeps a strong λ from killing layers wholesale,
+    and the late shortfall removal (`SparsityTarget.shortfall`) closes what death leaves open.
 
     Examples:
         >>> controller = StrengthController(target=0.5)
@@ -57,7 +59,7 @@ class StrengthController:
     gain: float = 3.0
     scale: float = 1.0
     min_scale: float = 1e-3
-    max_scale: float = 4.0
+    max_scale: float = 100.0
     max_step: float = 1.5
 
     def update(self, measured: float, planned: float) -> float:
@@ -143,7 +145,20 @@ def limit_plan_to_target(
     full = {name: idxs for name, idxs in plan.items() if len(idxs)}
     if not full or sparsity_after(full) <= target:
         return full
-    order = interleave_plan(full)
+    return shortest_prefix(interleave_plan(full), sparsity_after, target)
+
+
+def shortest_prefix(
+    order: list[tuple[str, int]], sparsity_after: Callable[[Mapping[str, Tensor]], float], goal: float
+) -> dict[str, Tensor]:
+    """The shortest prefix of ``order`` (``(group, unit)`` pairs) whose removal reaches ``goal``, by bisection on
+    ``sparsity_after`` (which must not decrease as a plan grows); all of ``order`` when even that falls short.
+
+    Examples:
+        >>> after = lambda p: 0.1 * sum(len(idxs) for idxs in p.values())
+        >>> shortest_prefix([("a", 3), ("b", 0), ("a", 1)], after, 0.15)
+        {'a': tensor([3]), 'b': tensor([0])}
+    """
 
     def prefix(count: int) -> dict[str, Tensor]:
         chosen: dict[str, list[int]] = {}
@@ -151,14 +166,48 @@ def limit_plan_to_target(
             chosen.setdefault(name, []).append(index)
         return {name: torch.tensor(sorted(idxs), dtype=torch.long) for name, idxs in chosen.items()}
 
-    low, high = 1, len(order)  # the full plan passes the target
+    low, high = 1, len(order)
+    if not order or sparsity_after(prefix(high)) < goal:
+        return prefix(high)
     while low < high:
         middle = (low + high) // 2
-        if sparsity_after(prefix(middle)) >= target:
+        if sparsity_after(prefix(middle)) >= goal:
             high = middle
         else:
             low = middle + 1
     return prefix(high)
+
+
+def unit_importance(group: UnitGroup, stats: Statistics, modules: Mapping[str, nn.Module]) -> Tensor:
+    """Each unit's largest contribution to its readers: ``max |x|`` it delivers times the norm of the reader
+    weights it multiplies, summed over the reader features that carry it.
+
+    A bound on how much the readers' outputs can change when the unit goes, in the units of those outputs; dead
+    units score 0.
+
+    Examples:
+        >>> from lightning_demp.units import ReaderSlice, ReaderStats
+        >>> reader = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = reader.weight.copy_(torch.tensor([[3.0, 1.0]]))
+        >>> group = UnitGroup("fc1", 2, readers=[ReaderSlice("fc2", torch.arange(2), torch.arange(2))])
+        >>> unit_importance(group, {"fc2": ReaderStats(torch.tensor([1.0, 2.0]), 8)}, {"fc2": reader})
+        tensor([3., 2.])
+    """
+    score = torch.zeros(group.num_units)
+    for reader in group.readers:
+        layer = modules[reader.reader]
+        weight = getattr(layer, "weight", None)
+        features = stats[reader.reader].max_abs.detach().float().cpu()
+        if isinstance(layer, nn.Linear) and isinstance(weight, Tensor):
+            norms = weight.detach().float().norm(dim=0).cpu()
+        elif isinstance(layer, nn.modules.conv._ConvNd) and isinstance(weight, Tensor) and layer.groups == 1:
+            norms = weight.detach().float().transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1).cpu()
+        else:  # a selection or a grouped convolution: activity alone
+            norms = torch.ones_like(features)
+        contribution = features[reader.feature_idxs] * norms[reader.feature_idxs]
+        score.index_add_(0, reader.unit_idxs, contribution.nan_to_num(nan=math.inf))
+    return score
 
 
 class SparsityTarget:
@@ -226,8 +275,41 @@ class SparsityTarget:
         """After an event: adjust the strength scale toward the planned ramp (`StrengthController`)."""
         return self.controller.update(measured, planned_sparsity(progress, self.target))
 
-    def shortfall(self, groups: Sequence[UnitGroup], stats: Statistics, min_units: int) -> RemovalPlan:
-        """The next chunk of least active live units to remove toward the target (`least_active_units`)."""
+    def shortfall(
+        self,
+        groups: Sequence[UnitGroup],
+        stats: Statistics,
+        modules: Mapping[str, nn.Module],
+        ledger: PruningLedger,
+        table: SizeTable | None,
+        *,
+        goal: float,
+        floors: Mapping[str, int],
+    ) -> RemovalPlan:
+        """The least important live units whose removal brings the sparsity to ``goal`` (one unit past it at most).
+
+        Units are ranked across groups by `unit_importance` relative to their group's mean (layers of different
+        scales compare); no group goes below its ``floors`` entry. Empty when ``goal`` is already reached.
+        """
+        if self.measured(ledger, table) >= goal:
+            return RemovalPlan()
+        candidates: list[tuple[float, str, int]] = []
+        for group in groups:
+            if group.blocked is not None or group.name not in floors or not group.readers:
+                continue
+            if any(reader.reader not in stats for reader in group.readers):
+                continue
+            score = unit_importance(group, stats, modules)
+            relative = score / score[torch.isfinite(score)].mean().clamp(min=1e-12) if len(score) else score
+            ranked = torch.sort(relative, stable=True).indices[: max(0, group.num_units - floors[group.name])]
+            candidates += [(float(relative[i]), group.name, int(i)) for i in ranked if math.isfinite(relative[i])]
+        candidates.sort()
+        order = [(name, index) for _, name, index in candidates]
+        units = shortest_prefix(order, lambda part: self.sparsity_after(ledger, table, RemovalPlan(units=part)), goal)
+        return RemovalPlan(units=units)
+
+    def least_active(self, groups: Sequence[UnitGroup], stats: Statistics, min_units: int) -> RemovalPlan:
+        """``force_target``'s next chunk of least active live units (`least_active_units`)."""
         return RemovalPlan(units=least_active_units(groups, stats, min_units))
 
     def state_dict(self) -> dict[str, Any]:

@@ -75,6 +75,7 @@ def test_checkpoint_after_removal_loads_with_weights_only_and_holds_the_shrunk_w
     [
         (planted_mlp, small_mlp, CALLBACK_ARGS, {}),
         (planted_mlp, small_mlp, {**CALLBACK_ARGS, "target_sparsity": 0.25, "target_metric": "units"}, {}),
+        (planted_mlp, small_mlp, {**CALLBACK_ARGS, "reg_max": 0.0, "noise_std": 0.0, "target_sparsity": 0.4}, {}),
         (
             lambda: planted_residual_cnn(lr=1e-2),
             lambda: tiny_residual_cnn(lr=1e-2),
@@ -88,7 +89,7 @@ def test_checkpoint_after_removal_loads_with_weights_only_and_holds_the_shrunk_w
             {"num_features": 40, "num_classes": 4},
         ),
     ],
-    ids=["plain", "target", "reordered-channels", "heads"],
+    ids=["plain", "target", "target-shortfall", "reordered-channels", "heads"],
 )
 def test_crash_and_resume_ends_like_the_uninterrupted_run(tmp_path, build, fresh, callback_args, data_args):
     torch.manual_seed(0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ def test_removal_stops_once_the_target_is_reached(tmp_path):
     assert callback.strength_scale == pytest.approx(1e-3)  # λ and σ turned down
 
 
-def test_force_target_meets_the_target_with_the_least_active_units(tmp_path):
+def test_a_target_that_death_does_not_reach_is_met_by_removing_the_least_important_units(tmp_path):
     model = make_alive_(small_mlp(hidden_sizes=[24, 24]))
     with torch.no_grad():
         model.net[0].weight[:4] *= 0.01  # four weak units: the first ones to go
@@ -72,7 +74,7 @@ def test_force_target_meets_the_target_with_the_least_active_units(tmp_path):
     )
     measured = callback.measured_sparsity(model)
     assert 0.3 <= measured <= 0.3 + 1 / 48 + 1e-9  # one unit past at most
-    assert all(event.reason == "force_target" for event in callback.events)
+    assert {event.reason for event in callback.events} <= {"shortfall", "force_target"}  # nothing died: reg_max=0
     assert {0, 1, 2, 3}.isdisjoint(callback.kept_units["net.0"])
 
 
@@ -115,4 +117,44 @@ def test_the_strength_rises_by_bounded_steps_while_units_are_slow_to_die():
     scales = [controller.update(measured=0.0, planned=planned) for planned in (0.2, 0.4, 0.5, 0.6, 0.7, 0.75)]
     steps = [after / before for before, after in zip([1.0, *scales], scales)]
     assert all(step <= controller.max_step + 1e-9 for step in steps)
-    assert max(scales) == pytest.approx(controller.max_scale)  # held at the cap: λ at most 4x `reg_max`
+    assert max(scales) == pytest.approx(1.5**6)  # no cap reached yet: each event's factor alone bounds the rise
+
+
+def test_a_target_death_cannot_reach_is_closed_in_steps_late_in_the_schedule_not_at_the_last_one(tmp_path):
+    model = make_alive_(small_mlp(hidden_sizes=[24, 24]))
+    trainer, model, callback = train_with_callback(
+        tmp_path, model=model, max_epochs=8, reg_max=0.0, noise_std=0.0, target_sparsity=0.5, verbose=True
+    )
+    span = callback.pruner.pressure.span_steps
+    shortfalls = [event for event in callback.events if event.reason == "shortfall"]
+    assert len({event.step for event in shortfalls}) >= 2  # closed over several events ...
+    assert all(event.step >= 0.5 * span for event in shortfalls)  # ... in the late schedule only
+    assert shortfalls[0].step < trainer.global_step  # not only at the end
+    assert callback.measured_sparsity(model) == pytest.approx(0.5, abs=0.02)
+    for name, kept in callback.kept_units.items():  # no layer below its live floor
+        assert len(kept) >= math.ceil(0.05 * 24), name
+
+
+def test_the_shortfall_removes_the_least_important_units_and_keeps_the_floor():
+    from lightning_demp.ledger import PruningLedger
+    from lightning_demp.target import SparsityTarget
+    from lightning_demp.units import ReaderSlice, ReaderStats, UnitGroup
+
+    reader = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        reader.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
+    group = UnitGroup("fc1", 4, readers=[ReaderSlice("fc2", torch.arange(4), torch.arange(4))])
+    stats = {"fc2": ReaderStats(torch.tensor([4.0, 0.5, 2.0, 1.0]), 8)}
+    ledger = PruningLedger(initial_widths={"fc1": 4}, kept_units={"fc1": [0, 1, 2, 3]})
+    part = SparsityTarget(0.9, "units", force=False)
+    plan = part.shortfall([group], stats, {"fc2": reader}, ledger, None, goal=0.5, floors={"fc1": 1})
+    assert plan.units["fc1"].tolist() == [1, 3]  # the two smallest contributions
+    plan = part.shortfall([group], stats, {"fc2": reader}, ledger, None, goal=0.9, floors={"fc1": 2})
+    assert plan.units["fc1"].tolist() == [1, 3]  # the floor stops it short of the goal
+
+
+def test_the_controller_goes_past_four_times_reg_max_when_the_model_needs_it():
+    controller = StrengthController(target=0.9)
+    scales = [controller.update(measured=0.0, planned=0.9) for _ in range(20)]
+    assert max(scales) > 4.0
+    assert max(scales) == pytest.approx(controller.max_scale)
