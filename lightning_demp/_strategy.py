@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
 from lightning_demp.collectives import Collectives
+from lightning_demp.resize import resize_on_load_enabled
 from lightning_demp.units import RemovalPlan
 
 
@@ -46,6 +47,17 @@ def collectives(trainer: Trainer) -> Collectives:
         after_surgery=lambda: rewrap_after_surgery(trainer),
         average_batchnorm=lambda module: average_batchnorm_statistics(trainer, module),
     )
+
+
+def check_spawned_reload(trainer: Trainer, module: torch.nn.Module) -> None:
+    """Under a spawning strategy, refuse a module that cannot take the pruned shapes its main process reloads."""
+    if spawns_processes(trainer) and not resize_on_load_enabled(module):
+        raise RuntimeError(
+            f"With `{type(trainer.strategy).__name__}` using spawned processes, the main process reloads the "
+            f"trained weights into your original `{type(module).__name__}`, which still has its full widths. "
+            "Call `lightning_demp.enable_resize_on_load(self)` at the end of its `__init__` so that it accepts "
+            'the pruned shapes, or use `strategy="ddp"`.'
+        )
 
 
 def broadcast_plan(trainer: Trainer, plan: RemovalPlan) -> RemovalPlan:

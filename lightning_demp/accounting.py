@@ -196,3 +196,16 @@ def first_samples(inputs: Any, count: int = 2) -> Any:
     if isinstance(inputs, dict):
         return {key: first_samples(value, count) for key, value in inputs.items()}
     return inputs
+
+
+def set_flops_per_batch(module: nn.Module, flops_per_sample: float | None, batch_size: int | None) -> None:
+    """Keep ``module.flops_per_batch`` (training FLOPs ≈ 3 × forward) current for Lightning's ``ThroughputMonitor``.
+
+    Examples:
+        >>> layer = nn.Linear(3, 2)
+        >>> set_flops_per_batch(layer, 12.0, batch_size=4)
+        >>> layer.flops_per_batch
+        144
+    """
+    if flops_per_sample is not None and batch_size:
+        module.flops_per_batch = int(3 * flops_per_sample * batch_size)  # type: ignore[assignment]

@@ -20,16 +20,23 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_demp import _strategy
-from lightning_demp.accounting import batch_size_of, call_with, count_parameters, first_input, first_samples
+from lightning_demp.accounting import (
+    batch_size_of,
+    call_with,
+    count_parameters,
+    first_input,
+    first_samples,
+    set_flops_per_batch,
+)
 from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice, check_int
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
 from lightning_demp.ledger import PruningLedger, RemovalEvent
-from lightning_demp.monitoring import schedule_phase, warn_about_monitors
+from lightning_demp.monitoring import log_size, schedule_phase, warn_about_monitors
 from lightning_demp.plots import save_run_plot
 from lightning_demp.regularization import RegularizerName
 from lightning_demp.report import print_summary
-from lightning_demp.resize import disable_resize_on_load, enable_resize_on_load, resize_on_load_enabled
+from lightning_demp.resize import disable_resize_on_load, enable_resize_on_load
 from lightning_demp.schedules import ScheduleName
 from lightning_demp.target import TargetMetric
 from lightning_demp.units import RemovalPlan, Statistics
@@ -41,66 +48,44 @@ _CHECK_MODES = ("eval_pass", "train_forwards")
 class DemonPruning(Callback):
     r"""Demon's Pruning (DemP): promote neuron death while training, and remove dead units physically.
 
-    Every optimizer step, the regularizer's gradient at strength `\lambda_t` is added before the step, and
-    after it `\sigma_t \cdot N(0, 1)` noise is added to the parameter entries that received a gradient (live
-    units). Every ``prune_every_n_epochs`` epochs, and once more when training ends, units that deliver nothing to
-    any layer reading them are removed from every coupled layer (BatchNorm, residual links and flatten included);
-    the optimizer keeps training what remains, with its state sliced, not reset. The output layer is never pruned.
-    Attention heads of a `lightning_demp.attention.HeadedAttention` whose output is dead on every observed token are
-    removed whole at the same events.
+    Every optimizer step, λ_t·∇R is added to the gradients before the step and σ_t noise to the entries that had a
+    gradient after it. Every ``prune_every_n_epochs`` epochs, and when training ends, units that deliver nothing to
+    any reader are removed from every coupled layer; the optimizer keeps its sliced state. The output layer is never
+    pruned; dead heads of a `lightning_demp.attention.HeadedAttention` go whole. The work is done by the
+    framework-free `lightning_demp.core.DemonPruner` (``self.pruner``); this class wires it to Lightning.
 
     Method: Dufort-Labbé et al., "Maxwell's Demon at Work: Efficient Pruning by Leveraging Saturation of Neurons"
     (arXiv:2403.07688).
 
-    Args:
-        regularizer: ``"l1_norm_scale"`` (λΣ|γ| on BatchNorm/LayerNorm scales, the paper's later variant),
-            ``"positive_l2"`` (½λΣmax(θ, 0)², the first variant) or ``"l2"`` (coupled ½λ‖θ‖²).
+    Args (each in full in ``docs/configuration.md``):
+        regularizer: ``"l1_norm_scale"`` (λΣ|γ| on norm scales), ``"positive_l2"`` (½λΣmax(θ, 0)²) or ``"l2"``.
         reg_max: Peak regularization strength λ_max; ``0`` turns regularization off.
-        schedule: Shape of λ_t and σ_t: ``"one_cycle"`` (λ_max/25, cosine up to λ_max at 30 % of the span, cosine
-            down to ≈0), ``"constant"``, ``"linear_warmup"`` or ``"cosine_decay"``.
+        schedule: Shape of λ_t and σ_t: ``"one_cycle"``, ``"constant"``, ``"linear_warmup"`` or ``"cosine_decay"``.
         schedule_span: Fraction of the total optimizer steps that the schedule spans, in (0, 1].
-        noise_std: Peak σ of the live-only noise; ``0`` turns noise off.
-        prune_every_n_epochs: Run a dead check and removal at the end of every n-th training epoch (and always at
-            the end of training).
-        dead_threshold: A unit is dead when every reader gets ``|value| <= dead_threshold`` from it on every sample
-            and position; ``0`` means exact death. The same threshold applies to a `HeadedAttention` head's output.
+        noise_std: Peak σ of the noise on live entries; ``0`` turns noise off.
+        prune_every_n_epochs: Check and remove at the end of every n-th training epoch (and at the end of training).
+        dead_threshold: A unit is dead when every reader gets ``|value| <= dead_threshold`` from it everywhere.
         check_batches: How many training batches the dead check observes.
-        check_mode: ``"eval_pass"`` (the paper's way: an eval-mode, gradient-free pass over the last
-            ``check_batches`` training batches) or ``"train_forwards"`` (observe the last ``check_batches`` training
-            forwards of the epoch, at no extra cost; BatchNorm then uses batch statistics).
+        check_mode: ``"eval_pass"`` (the paper's eval-mode pass over recent batches) or ``"train_forwards"``
+            (observe the epoch's last training forwards, at no extra cost).
         min_units: A group of coupled units never drops below this many.
         exclude: Module names or glob patterns whose output units are never removed.
-        seed: Seed of the noise generator (combined with the step, so every process draws the same noise).
-        verbose: Print a one-line message at each removal and a summary table when fit ends.
-        recalibrate_bn: While the schedule runs, and after each removal, re-estimate BatchNorm running statistics on
-            the epoch's recent training batches (train mode, no gradients, no optimizer step) before validation, so
-            that validation metrics stay trustworthy when BatchNorm scales are pushed toward zero.
-        saturation_tolerance: Also remove *saturated* units (for smooth activations: GELU, SiLU, tanh, sigmoid):
-            a unit whose value at every reader varies by at most this much over the observed data. Its constant
-            contribution is folded into each reader's bias (created if missing) or, before a BatchNorm, into its
-            running mean. Readers must be Linear layers or unpadded convolutions. ``None`` (default): dead units only.
-        decouple_residuals: Before training, rewrite plain ``x + f(x)`` residual sums of the model's (torch.fx
-            traceable) submodules into ``select(x) + f(x)`` with a `ChannelSelect`, so that a block's input and
-            output channels are removed independently (the authors' treatment). Outputs are unchanged by the
-            rewrite; needs ``example_input_array``.
-        target_sparsity: A sparsity to reach by the end of the schedule span, in (0, 1): λ_t and σ_t are scaled by a
-            feedback rule at each removal event so that the measured sparsity follows a cubic ramp to it. An event
-            removes only as many dead units as reach the target (one unit past it at most); once it is reached, no
-            more units are removed. ``None`` (default): the paper's behaviour, no target.
-        target_metric: What ``target_sparsity`` measures: removed fraction of ``"params"``, ``"flops"`` or ``"units"``.
-        force_target: At the final check, if the target was not reached, remove the least active remaining units
-            (live ones: not function-preserving) until it is, and say so in the log.
-        recalibration_batches: How many of the epoch's most recent training batches a recalibration uses.
-        penalize: Which parameters the regularizer acts on. ``"all"`` (default, the paper): every parameter it
-            applies to. ``"prunable"``: only the layers whose units can be removed (the producer of every group that
-            is not blocked, and its BatchNorm), so that the rest of the network (attention, embeddings, the output
-            layer) trains unregularized.
-        live_floor: A prunable layer's pressure (the regularizer's gradient and the noise on its parameters) fades
-            as the layer empties: ``(live − floor) / (1 − floor)`` of it, none at the floor (see
-            `lightning_demp.pressure`). No layer is driven wholesale to death; dead units still go. ``0`` turns
-            the floor off (the paper's behaviour); at most 0.5.
-        plot: When fit ends, save ``demp_units.png`` (live units per layer over training, λ/σ beneath) in the run's
-            log directory and send it to loggers that take figures (TensorBoard). Needs matplotlib.
+        seed: Seed of the noise (combined with the step, so every process draws the same noise).
+        verbose: A line at each removal and a summary table when fit ends.
+        recalibrate_bn: Re-estimate BatchNorm statistics on recent training batches before validations during the
+            schedule and after each removal.
+        saturation_tolerance: Also remove units of smooth activations whose value varies by at most this at every
+            reader, their constant folded into the reader; ``None``: dead units only.
+        decouple_residuals: Rewrite plain ``x + f(x)`` residuals into `ChannelSelect` shortcuts before training.
+        target_sparsity: Steer λ_t/σ_t toward this removed fraction by the end of the schedule, close a late lag
+            with the least important live units, never pass it; ``None``: no target.
+        target_metric: What ``target_sparsity`` measures: ``"params"``, ``"flops"`` or ``"units"``.
+        force_target: At the final check, remove the least active live units until the target is met.
+        recalibration_batches: How many recent training batches a recalibration uses.
+        penalize: ``"all"`` (the paper) or ``"prunable"`` (only the layers whose units can be removed).
+        live_floor: A layer's regularization and noise fade as it empties, to none at this live fraction
+            (`lightning_demp.pressure`); ``0`` turns the floor off.
+        plot: Save ``demp_units.png`` (live units per layer, λ/σ beneath) in the log directory when fit ends.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -247,13 +232,7 @@ class DemonPruning(Callback):
         _strategy.check_supported(trainer.strategy)
         for message in self.config.check_model(pl_module):
             rank_zero_warn(message)
-        if _strategy.spawns_processes(trainer) and not resize_on_load_enabled(pl_module):
-            raise RuntimeError(
-                f"With `{type(trainer.strategy).__name__}` using spawned processes, the main process reloads the "
-                f"trained weights into your original `{type(pl_module).__name__}`, which still has its full widths. "
-                "Call `lightning_demp.enable_resize_on_load(self)` at the end of its `__init__` so that it accepts "
-                'the pruned shapes, or use `strategy="ddp"`.'
-            )
+        _strategy.check_spawned_reload(trainer, pl_module)
         self._load_hook = enable_resize_on_load(pl_module) or self._load_hook
         if self.decouple_residuals:
             if pl_module.example_input_array is None:
@@ -277,7 +256,7 @@ class DemonPruning(Callback):
 
     def _prepare(self, pl_module: pl.LightningModule, example_input: Any) -> None:
         self.pruner.prepare(pl_module, example_input)
-        _set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)
+        set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -291,7 +270,7 @@ class DemonPruning(Callback):
             self._prepare(pl_module, first_samples(self.batch_to_input(batch)))
         if self._train_batch_size is None:
             self._train_batch_size = batch_size_of(self.batch_to_input(batch))
-            _set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)
+            set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)
         self.pruner.remember_batch(batch)  # references only; the eval pass (or its fallback) reads them
         if self._observing_this_batch(trainer, batch_idx):
             self.pruner.start_observing()
@@ -328,7 +307,8 @@ class DemonPruning(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.should_prune(trainer):
             self._removal_event(trainer, pl_module, final=_strategy.is_last_epoch(trainer))
-        self._log_size(trainer, pl_module, use_module_log=True)
+        if self.pruner.prepared:
+            log_size(trainer, pl_module, self.size_metrics(pl_module), use_module_log=True)
         if self.config.target_sparsity is not None:
             pl_module.log("demp/strength_scale", self.strength_scale)
         schedule = self.pruner.pressure.reg_schedule
@@ -348,13 +328,13 @@ class DemonPruning(Callback):
             collectives=_strategy.collectives(trainer),
         )
         if event is not None:
-            _set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)
+            set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruner.prepared and self.pruner.ledger.last_check_step != trainer.global_step:
             self._removal_event(trainer, pl_module, final=True)  # training stopped early: the paper's final check
-            self._log_size(trainer, pl_module, use_module_log=False)
+            log_size(trainer, pl_module, self.size_metrics(pl_module), use_module_log=False)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.pruner.prepared:
             if self.plot:
@@ -395,19 +375,6 @@ class DemonPruning(Callback):
         total = trainer.num_training_batches
         return math.isinf(total) or batch_idx >= total - self.config.check_batches
 
-    def _log_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, use_module_log: bool) -> None:
-        if not self.pruner.prepared:
-            return
-        metrics = self.size_metrics(pl_module)
-        if use_module_log:
-            on_bar = {"demp/units_kept_frac", "demp/flops_kept_frac"}
-            for key, value in metrics.items():
-                pl_module.log(key, value, prog_bar=key in on_bar, sync_dist=False)
-            return
-        for logger in trainer.loggers:  # on_train_end: LightningModule.log is not allowed there
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.save()
-
     def _release_step_hooks(self) -> None:
         for handle in self._step_hooks:
             handle.remove()
@@ -416,9 +383,3 @@ class DemonPruning(Callback):
     def _release_hooks(self) -> None:
         self._release_step_hooks()
         self.pruner.detach()
-
-
-def _set_flops_per_batch(pl_module: nn.Module, flops_per_sample: float | None, batch_size: int | None) -> None:
-    """Keep ``flops_per_batch`` (training FLOPs ≈ 3 × forward) current for Lightning's ``ThroughputMonitor``."""
-    if flops_per_sample is not None and batch_size:
-        pl_module.flops_per_batch = int(3 * flops_per_sample * batch_size)  # type: ignore[assignment]

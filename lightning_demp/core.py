@@ -9,8 +9,6 @@ Lightning's hooks; under DDP it passes `lightning_demp.collectives.Collectives` 
 
 from __future__ import annotations
 
-import math
-import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -35,18 +33,12 @@ from lightning_demp.pressure import Pressure
 from lightning_demp.regularization import group_parameters
 from lightning_demp.removal import remove_units_
 from lightning_demp.saturation import SaturationFolding
+from lightning_demp.shortfall import SHORTFALL_START, close_lag, force_target
 from lightning_demp.sizes import SizeTable
-from lightning_demp.target import SparsityTarget, planned_sparsity
+from lightning_demp.target import SparsityTarget
 from lightning_demp.units import RemovalPlan, Statistics
 
 STATE_VERSION = 1
-SHORTFALL_START = 0.5
-"""Fraction of the schedule span after which a lagging target is closed by removing live units: past the
-one-cycle peak (30 %), once units pushed at the peak have had time to die."""
-SHORTFALL_STEP = 0.15
-"""Most sparsity one shortfall removal adds, so that training recovers between removals instead of one cliff."""
-SHORTFALL_TOLERANCE = 0.01
-"""How far under the ramp the sparsity may lag before live units are removed."""
 
 
 def _warn(message: str) -> None:
@@ -243,7 +235,7 @@ class DemonPruner:
         stats = stats if stats is not None else self.statistics(model)
         if stats is None:
             return None
-        table = self._size_table()
+        table = self.size_table()
         plan = collectives.broadcast_plan(self.decider(model, stats))
         if self.target is not None:  # identical on every rank: same model, same plan
             plan = self.target.limit(plan, self.ledger, table)
@@ -255,14 +247,12 @@ class DemonPruner:
             progress = step / self.pressure.span_steps
             if progress >= SHORTFALL_START:
                 fresh = stats if not plan else self.statistics(model)  # the removal renumbered the units
-                shortfall = self._remove_shortfall(model, optimizers, fresh, progress, step, epoch, collectives)
-                event = shortfall or event
-        if self.target is not None and final and self.target.force:
-            fresh = stats if event is None else self.statistics(model)
-            if fresh is not None:
-                event = self._force_target(model, optimizers, fresh, step, epoch, collectives) or event
+                event = close_lag(self, model, optimizers, fresh, progress, step, epoch, collectives) or event
+            if final and self.target.force:
+                fresh = stats if event is None else self.statistics(model)
+                event = force_target(self, model, optimizers, fresh, step, epoch, collectives) or event
         if self.target is not None and self.pressure.span_steps:
-            measured = self.target.measured(self.ledger, self._size_table())
+            measured = self.target.measured(self.ledger, self.size_table())
             self.pressure.scale = self.target.update_strength(step / self.pressure.span_steps, measured)
         return event
 
@@ -279,7 +269,7 @@ class DemonPruner:
     ) -> RemovalEvent:
         """Surgery, optimizer remap, rewrap and bookkeeping for one plan (identical on every process)."""
         assert self.graph is not None, "call `prepare` first"
-        start = time.perf_counter()
+        self.ledger.start_removal()
         remaps = remove_units_(self.graph, plan.units)
         orders, order_remaps = order_routed_channels_(self.graph)  # selections become single slice adds
         head_remaps = remove_heads_(model, plan.heads)
@@ -295,27 +285,9 @@ class DemonPruner:
         self._refresh_penalized()
         self.ledger.current_flops = count_flops_per_sample(model, first_samples(self.example_input, 1))
         self.recalibrate(model, collectives)
-        ledger = self.ledger
-        event = RemovalEvent(
-            step=step,
-            epoch=epoch,
-            reason=reason,
-            removed={name: len(idxs) for name, idxs in plan.units.items()},
-            widths={name: len(kept) for name, kept in ledger.kept_units.items()},
-            heads_removed={name: len(h) for name, h in plan.heads.items()} if plan.heads else None,
-            heads={name: len(kept) for name, kept in ledger.kept_heads.items()} if ledger.kept_heads else None,
-            params=count_parameters(model),
-            flops_kept=ledger.flops_kept_fraction(),
-            seconds=time.perf_counter() - start,
-        )
-        ledger.events.append(event)
+        event = self.ledger.log_event(plan, step=step, epoch=epoch, reason=reason, params=count_parameters(model))
         if self.info is not None:
-            what = "units" if reason == "dead" else "least active live units (force_target)"
-            self.info(
-                f"DemonPruning: removed {plan.num_units} {what} from {len(plan.units)} layers"
-                + (f" and {plan.num_heads} dead attention heads" if plan.num_heads else "")
-                + f": {ledger.units_kept_fraction():.0%} of units, {ledger.flops_kept_fraction():.0%} of FLOPs kept."
-            )
+            self.info(f"DemonPruning: {event.describe(plan.num_units, plan.num_heads, self.ledger)}")
         return event
 
     def recalibrate(self, model: nn.Module, collectives: Collectives = SINGLE_PROCESS) -> bool:
@@ -329,81 +301,6 @@ class DemonPruner:
         self.recalibrations += 1
         return True
 
-    def _remove_shortfall(
-        self,
-        model: nn.Module,
-        optimizers: Sequence[torch.optim.Optimizer],
-        stats: Statistics | None,
-        progress: float,
-        step: int,
-        epoch: int,
-        collectives: Collectives,
-    ) -> RemovalEvent | None:
-        """Late in the schedule, when death lags the target's ramp: remove the least important live units that close
-        the gap (at most `SHORTFALL_STEP` of sparsity per event, no group below its live floor)."""
-        assert self.target is not None
-        assert self.graph is not None
-        if stats is None:
-            return None
-        table = self._size_table()
-        measured = self.target.measured(self.ledger, table)
-        ramp = planned_sparsity(progress, self.target.target)
-        goal = min(ramp, measured + SHORTFALL_STEP)
-        if measured >= ramp - SHORTFALL_TOLERANCE:
-            return None
-        initial = self.ledger.initial_widths
-        floors = {
-            name: max(self.config.min_units, math.ceil(self.config.live_floor * width))
-            for name, width in initial.items()
-        }
-        modules = dict(model.named_modules())
-        plan = self.target.shortfall(self.graph.groups(), stats, modules, self.ledger, table, goal=goal, floors=floors)
-        plan = collectives.broadcast_plan(plan)
-        if not plan:
-            return None
-        event = self.apply(model, plan, optimizers, step=step, epoch=epoch, reason="shortfall", collectives=collectives)
-        self.ledger.last_removed_count += plan.num_units
-        if self.info is not None:
-            self.info(
-                f"DemonPruning: {self.target.metric} sparsity {measured:.1%} lags the target's ramp ({ramp:.1%} at "
-                f"{min(progress, 1.0):.0%} of the schedule); removed {plan.num_units} least important live units "
-                "(not function-preserving) while training continues."
-            )
-        return event
-
-    def _force_target(
-        self,
-        model: nn.Module,
-        optimizers: Sequence[torch.optim.Optimizer],
-        stats: Statistics,
-        step: int,
-        epoch: int,
-        collectives: Collectives,
-    ) -> RemovalEvent | None:
-        """Opt-in last step: remove the least active live units, in small chunks, until the target is met."""
-        assert self.target is not None
-        assert self.graph is not None
-        assert self.monitor is not None
-        forced, event = 0, None
-        while self.target.measured(self.ledger, self._size_table()) < self.target.target:
-            plan = self.target.least_active(self.graph.groups(), stats, self.config.min_units)
-            if not plan:
-                self.warn("`DemonPruning(force_target=True)`: every group is at `min_units`; target not met.")
-                break
-            plan = collectives.broadcast_plan(plan)
-            event = self.apply(
-                model, plan, optimizers, step=step, epoch=epoch, reason="force_target", collectives=collectives
-            )
-            forced += plan.num_units
-            stats = dead_check(model, self.monitor, list(self.recent_batches), self.forward)
-        if forced and self.info is not None:
-            measured = self.target.measured(self.ledger, self._size_table())
-            self.info(
-                f"DemonPruning: force_target removed {forced} live units (not function-preserving) to reach "
-                f"{measured:.1%} {self.target.metric} sparsity (target {self.target.target:.1%})."
-            )
-        return event
-
     def _refresh_penalized(self) -> None:
         """The groups' parameters for the live floor and ``penalize="prunable"`` (new ones after a removal)."""
         if self.graph is None:
@@ -414,7 +311,8 @@ class DemonPruner:
         if self.config.penalize == "prunable":
             self.pressure.penalized_ids = {id(p) for params in parameters.values() for p in params}
 
-    def _size_table(self) -> SizeTable | None:
+    def size_table(self) -> SizeTable | None:
+        """Widths of the model as it is, for the target's sparsity after a plan (``None`` without a size target)."""
         if self.target is None or self.target.metric == "units" or self.graph is None:
             return None
         return SizeTable.of(self.graph, first_samples(self.example_input, 1))

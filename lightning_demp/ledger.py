@@ -6,6 +6,7 @@ plain Python values only (lists, dicts, numbers), so checkpoints load with ``wei
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -54,6 +55,19 @@ class RemovalEvent:
             if record[key] is None:
                 del record[key]
         return record
+
+    def describe(self, units: int, heads: int, ledger: PruningLedger) -> str:
+        """One line for the log: what went, why, and what is left."""
+        what = {
+            "dead": "units",
+            "shortfall": "least important live units (target shortfall)",
+            "force_target": "least active live units (force_target)",
+        }.get(self.reason, f"units ({self.reason})")
+        return (
+            f"removed {units} {what} from {len(self.removed)} layers"
+            + (f" and {heads} dead attention heads" if heads else "")
+            + f": {ledger.units_kept_fraction():.0%} of units, {ledger.flops_kept_fraction():.0%} of FLOPs kept."
+        )
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> RemovalEvent:
@@ -107,6 +121,7 @@ class PruningLedger:
     events: list[RemovalEvent] = field(default_factory=list)
     last_check_step: int = -1
     last_removed_count: int = 0
+    _removal_started: float | None = field(default=None, repr=False, compare=False)
 
     def start(self, groups: list[UnitGroup], heads: Mapping[str, int], params: int, flops: float) -> None:
         """Record the starting widths and sizes; a ledger restored from a checkpoint keeps its own."""
@@ -123,6 +138,10 @@ class PruningLedger:
             self.initial_flops = flops
         self.current_flops = flops
 
+    def start_removal(self) -> None:
+        """Note the time a removal starts (its event records the seconds it took)."""
+        self._removal_started = time.perf_counter()
+
     def record_removal(self, plan: RemovalPlan, orders: Mapping[str, Any] | None = None) -> None:
         """Drop the removed units and heads from the kept lists, then apply reorderings (``orders``)."""
         for name, idxs in plan.units.items():
@@ -134,6 +153,24 @@ class PruningLedger:
         for name, idxs in plan.heads.items():
             removed = {int(i) for i in idxs.tolist()}
             self.kept_heads[name] = [head for i, head in enumerate(self.kept_heads[name]) if i not in removed]
+
+    def log_event(self, plan: RemovalPlan, *, step: int, epoch: int, reason: str, params: int) -> RemovalEvent:
+        """Append the `RemovalEvent` of ``plan`` (already recorded with `record_removal`) and return it."""
+        event = RemovalEvent(
+            step=step,
+            epoch=epoch,
+            reason=reason,
+            removed={name: len(idxs) for name, idxs in plan.units.items()},
+            widths={name: len(kept) for name, kept in self.kept_units.items()},
+            params=params,
+            flops_kept=self.flops_kept_fraction(),
+            seconds=time.perf_counter() - self._removal_started if self._removal_started else 0.0,
+            heads_removed={name: len(h) for name, h in plan.heads.items()} if plan.heads else None,
+            heads={name: len(kept) for name, kept in self.kept_heads.items()} if self.kept_heads else None,
+        )
+        self.events.append(event)
+        self._removal_started = None
+        return event
 
     def units_kept_fraction(self) -> float:
         """Fraction of the removable units still present."""

@@ -92,6 +92,26 @@ def warn_about_monitors(trainer: pl.Trainer, schedule: Schedule | None, total_st
         )
 
 
+def log_size(
+    trainer: pl.Trainer, module: pl.LightningModule, metrics: dict[str, float], *, use_module_log: bool
+) -> None:
+    """Log the size metrics: through ``module.log`` inside the loop, straight to the loggers at ``on_train_end``
+    (where ``LightningModule.log`` is not allowed).
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> log_size(Trainer(logger=False), pl.LightningModule(), {"demp/params": 10.0}, use_module_log=False)
+    """
+    if use_module_log:
+        on_bar = {"demp/units_kept_frac", "demp/flops_kept_frac"}
+        for key, value in metrics.items():
+            module.log(key, value, prog_bar=key in on_bar, sync_dist=False)
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()
+
+
 def network_settled(trainer: pl.Trainer) -> bool:
     """Whether the trainer's `DemonPruning` reports the network settled at the current step.
 

@@ -24,6 +24,16 @@ TargetMetric = Literal["params", "flops", "units"]
 TARGET_METRICS: tuple[str, ...] = ("params", "flops", "units")
 
 
+def reaches(sparsity: float, goal: float) -> bool:
+    """``sparsity >= goal`` up to rounding (``1 - 16/20`` is a hair under 0.2 in floating point).
+
+    Examples:
+        >>> 1 - 16 / 20 >= 0.2, reaches(1 - 16 / 20, 0.2)
+        (False, True)
+    """
+    return sparsity >= goal - 1e-9
+
+
 def planned_sparsity(progress: float, target: float) -> float:
     """The cubic ramp: ``target·(1 − (1 − progress)³)``, with ``progress`` clipped to [0, 1].
 
@@ -64,7 +74,7 @@ class StrengthController:
 
     def update(self, measured: float, planned: float) -> float:
         """Adjust and return the scale after a removal event."""
-        if measured >= self.target:
+        if reaches(measured, self.target):
             self.scale = self.min_scale
         else:
             step = math.exp(self.gain * (planned - measured) / max(self.target, 1e-6))
@@ -167,11 +177,11 @@ def shortest_prefix(
         return {name: torch.tensor(sorted(idxs), dtype=torch.long) for name, idxs in chosen.items()}
 
     low, high = 1, len(order)
-    if not order or sparsity_after(prefix(high)) < goal:
+    if not order or not reaches(sparsity_after(prefix(high)), goal):
         return prefix(high)
     while low < high:
         middle = (low + high) // 2
-        if sparsity_after(prefix(middle)) >= goal:
+        if reaches(sparsity_after(prefix(middle)), goal):
             high = middle
         else:
             low = middle + 1
@@ -261,7 +271,7 @@ class SparsityTarget:
     def limit(self, plan: RemovalPlan, ledger: PruningLedger, table: SizeTable | None) -> RemovalPlan:
         """The part of ``plan`` that stays within the target: nothing once it is reached; units up to one past it;
         dead heads only when they fit whole."""
-        if self.measured(ledger, table) >= self.target:
+        if reaches(self.measured(ledger, table), self.target):
             return RemovalPlan()
         units = limit_plan_to_target(
             plan.units, lambda part: self.sparsity_after(ledger, table, RemovalPlan(units=part)), self.target
@@ -291,7 +301,7 @@ class SparsityTarget:
         Units are ranked across groups by `unit_importance` relative to their group's mean (layers of different
         scales compare); no group goes below its ``floors`` entry. Empty when ``goal`` is already reached.
         """
-        if self.measured(ledger, table) >= goal:
+        if reaches(self.measured(ledger, table), goal):
             return RemovalPlan()
         candidates: list[tuple[float, str, int]] = []
         for group in groups:

@@ -158,3 +158,4 @@ def test_the_core_and_its_parts_do_not_import_lightning():
 def test_no_module_is_much_over_400_lines():
     lengths = {path.name: len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
     assert max(lengths.values()) <= 420, lengths
+    assert lengths["callback.py"] <= 390  # about 60 of them are the argument docs LightningCLI's help reads
