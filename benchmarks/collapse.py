@@ -33,7 +33,7 @@ from _common import (
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS: dict[str, tuple[Path, dict[str, Any], list[float]]] = {
-    "cnn": (REPO / "configs" / "mnist1d_cnn.yaml", {"decoupled": True}, [0.05, 0.08, 0.1, 0.15]),
+    "cnn": (REPO / "configs" / "mnist1d_cnn.yaml", {"decoupled": True}, [0.05, 0.08, 0.1, 0.15, 0.2]),
     "mlp": (REPO / "configs" / "mnist1d_mlp.yaml", {}, [0.3, 1.0, 3.0]),
 }
 FLOORS = [0.0, 0.05]
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=default_jobs())
+    parser.add_argument("--reg-max", type=float, nargs="+", help="instead of each model's sweep")
+    parser.add_argument("--floors", type=float, nargs="+", default=FLOORS)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--replot", action="store_true")
     args = parser.parse_args()
@@ -93,8 +95,8 @@ def main() -> None:
     for model in models:
         path, overrides, sweep = MODELS[model]
         config = with_recorded_betas(load_config(path))
-        for reg_max in sweep:
-            for floor in FLOORS:
+        for reg_max in args.reg_max or sweep:
+            for floor in args.floors:
                 for seed in seeds:
                     task = {
                         "config": config,

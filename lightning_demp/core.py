@@ -307,9 +307,9 @@ class DemonPruner:
             return
         parameters = group_parameters(self.graph)
         initial = self.ledger.initial_widths
-        self.pressure.groups = {name: (params, initial[name]) for name, params in parameters.items() if name in initial}
+        self.pressure.groups = {name: (found, initial[name]) for name, found in parameters.items() if name in initial}
         if self.config.penalize == "prunable":
-            self.pressure.penalized_ids = {id(p) for params in parameters.values() for p in params}
+            self.pressure.penalized_ids = {id(p) for found in parameters.values() for p in found.params}
 
     def size_table(self) -> SizeTable | None:
         """Widths of the model as it is, for the target's sparsity after a plan (``None`` without a size target)."""

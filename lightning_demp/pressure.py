@@ -3,16 +3,15 @@
 `Pressure` is the stateful part (the schedules laid over a run, the live masks between the two halves of a step);
 the math is in `lightning_demp.regularization` and `lightning_demp.schedules`.
 
-**The live floor.** A group's pressure fades as the group empties: at every step, the units whose producer rows
-got a non-zero gradient on the batch are its live ones, and the regularizer's gradient and the noise on the
-group's parameters are scaled by `live_fraction_multiplier` of its live fraction (of the units it started with):
-``(live − floor) / (1 − floor)``, full on a whole layer, none at ``live_floor``. Why: a unit dies when the
-regularizer's pull on it wins against the loss gradient. The loss keeps the units a layer still needs alive only
-while enough of them are left to carry the signal; under a large λ the pull wins for all of them, and the layer,
-then the network, dies wholesale (the collapse of a large ``reg_max``). Adam's normalized, momentum-carried steps
-keep killing for a while after the pull stops, so the pull relents gradually as the layer empties instead of at
-the floor alone (a release only near the floor was measured to come too late: ``benchmarks/results/collapse.md``).
-A dead unit still goes, and the loss keeps training the rest.
+**The live floor.** A unit dies when the regularizer's pull on it wins against the loss gradient that holds it.
+At every step, for each prunable layer, the resistance of each unit is the norm of its loss gradient over the norm
+of its penalty gradient (`lightning_demp.regularization.resistance`, on the rows the regularizer pulls: BatchNorm
+scales for ``"l1_norm_scale"``, the producer's weight rows otherwise). The pull on the layer, and the noise on its
+parameters, are capped at its ``k``-th largest resistance, ``k = ceil(live_floor · initial units)``
+(`lightning_demp.regularization.floor_share`): the loss outweighs the pull on at least ``k`` units, so the layer
+cannot be driven to death wholesale, whatever ``λ``. Under a large ``λ`` the pull otherwise wins on every unit of a
+layer at once, and the layer, then the network, collapses (``benchmarks/results/collapse.md``). Dead units still
+go, and where the loss holds enough units the pull is the paper's, unchanged.
 """
 
 from __future__ import annotations
@@ -24,12 +23,13 @@ from torch import Tensor, nn
 
 from lightning_demp.config import PruningConfig
 from lightning_demp.regularization import (
+    GroupParameters,
     add_penalty_grad_,
+    floor_share,
     inject_noise_,
-    live_fraction_multiplier,
     live_masks,
-    live_rows,
     penalized_params,
+    resistance,
 )
 from lightning_demp.schedules import Schedule, make_schedule
 
@@ -60,7 +60,7 @@ class Pressure:
         self.loaded_record: dict[str, Any] | None = None  # a checkpoint's schedule record, until one is laid out
         self.scale = 1.0  # multiplies λ_t and σ_t (steered by a sparsity target)
         self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
-        self.groups: dict[str, tuple[list[nn.Parameter], int]] = {}  # group -> (its parameters, initial units)
+        self.groups: dict[str, tuple[GroupParameters, int]] = {}  # group -> (its parameters, initial units)
         self.last_reg_strength = 0.0
         self.last_noise_std = 0.0
         self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
@@ -108,14 +108,18 @@ class Pressure:
                 add_penalty_grad_(group, self.config.regularizer, self.last_reg_strength * factor)
 
     def floor_factors(self) -> dict[int, float]:
-        """For the parameters of each group below twice the live floor, the share of the pressure left (by id)."""
+        """For the parameters of each group the live floor holds back, the share of the pressure left (by id)."""
         factors: dict[int, float] = {}
-        if self.config.live_floor <= 0:
+        strength = self.last_reg_strength
+        if self.config.live_floor <= 0 or strength <= 0:
             return factors
-        for params, initial in self.groups.values():
-            factor = live_fraction_multiplier(live_rows(params[0]) / max(1, initial), self.config.live_floor)
-            if factor < 1.0:
-                factors.update((id(p), factor) for p in params)
+        for parameters, initial in self.groups.values():
+            pulled = parameters.pulled(self.config.regularizer)
+            if pulled is None or pulled.grad is None:
+                continue
+            share = floor_share(resistance(pulled, self.config.regularizer), strength, self.config.live_floor, initial)
+            if share < 1.0:
+                factors.update((id(p), share) for p in parameters.params)
         return factors
 
     def after_step_(self) -> None:

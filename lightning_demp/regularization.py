@@ -14,7 +14,9 @@ process draws the same values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -36,20 +38,6 @@ def norm_scales(module: nn.Module) -> list[nn.Parameter]:
         2
     """
     return [m.weight for m in module.modules() if isinstance(m, _NORM_TYPES) and isinstance(m.weight, nn.Parameter)]
-
-
-def live_rows(weight: Tensor) -> int:
-    """Output units of a Linear/Conv weight whose gradient row has a non-zero entry (units alive on this batch).
-
-    Examples:
-        >>> weight = nn.Parameter(torch.ones(3, 2))
-        >>> weight.grad = torch.tensor([[0.0, 1.0], [0.0, 0.0], [2.0, 0.0]])
-        >>> live_rows(weight)
-        2
-    """
-    if weight.grad is None:
-        return int(weight.shape[0])
-    return int(weight.grad.reshape(weight.shape[0], -1).ne(0).any(dim=1).sum())
 
 
 def penalized_params(
@@ -166,37 +154,90 @@ def inject_noise_(masked_params: Sequence[tuple[nn.Parameter, Tensor]], std: flo
             param.add_(noise.mul_(mask), alpha=std)
 
 
-def group_parameters(graph: PrunableGraph) -> dict[str, list[nn.Parameter]]:
-    """The parameters of each unblocked group's producer (its weight first) and of its BatchNorm, by group.
+@dataclass(frozen=True)
+class GroupParameters:
+    """The parameters a group's units live in: its producer's (weight first) and its BatchNorm's.
 
-    These are the parameters whose units a group's removal takes away: ``penalize="prunable"`` penalizes only
-    them, and the live floor scales their pressure by the group's live fraction. Recompute after every removal
-    (the surgery replaces parameters).
+    Examples:
+        >>> layer, norm = nn.Linear(2, 3), nn.BatchNorm1d(3)
+        >>> group = GroupParameters([layer.weight, layer.bias, norm.weight, norm.bias], layer.weight, norm.weight)
+        >>> group.pulled("l1_norm_scale") is norm.weight, group.pulled("l2") is layer.weight
+        (True, True)
+    """
+
+    params: list[nn.Parameter]
+    producer_weight: nn.Parameter
+    norm_weight: nn.Parameter | None
+
+    def pulled(self, regularizer: RegularizerName) -> nn.Parameter | None:
+        """The parameter whose rows the regularizer pulls toward death: the norm scales for ``"l1_norm_scale"``,
+        the producer's weight for the L2 variants."""
+        return self.norm_weight if regularizer == "l1_norm_scale" else self.producer_weight
+
+
+def group_parameters(graph: PrunableGraph) -> dict[str, GroupParameters]:
+    """The parameters of each unblocked group's producer and its BatchNorm, by group.
+
+    ``penalize="prunable"`` penalizes only these, and the live floor caps their pull (`floor_share`). Recompute
+    after every removal (the surgery replaces parameters).
 
     Examples:
         >>> from lightning_demp.graph import PrunableGraph
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-        >>> [p.shape for p in group_parameters(PrunableGraph(model, torch.randn(2, 2)))["0"]]
+        >>> [p.shape for p in group_parameters(PrunableGraph(model, torch.randn(2, 2)))["0"].params]
         [torch.Size([3, 2]), torch.Size([3])]
     """
     modules = dict(graph.model.named_modules())
-    found: dict[str, list[nn.Parameter]] = {}
+    found: dict[str, GroupParameters] = {}
     for group in graph.groups():
-        if group.blocked is None:
-            layers = [modules[group.name], graph.norm_after(group.name)]
-            found[group.name] = [p for layer in layers if layer is not None for p in layer.parameters(recurse=False)]
+        producer, norm = modules[group.name], graph.norm_after(group.name)
+        weight = getattr(producer, "weight", None)
+        if group.blocked is not None or not isinstance(weight, nn.Parameter):
+            continue
+        norm_weight = getattr(norm, "weight", None) if norm is not None else None
+        params = [p for layer in (producer, norm) if layer is not None for p in layer.parameters(recurse=False)]
+        scales = norm_weight if isinstance(norm_weight, nn.Parameter) else None
+        found[group.name] = GroupParameters(params, weight, scales)
     return found
 
 
-def live_fraction_multiplier(live_fraction: float, floor: float) -> float:
-    """How much of the pressure a group keeps at ``live_fraction`` of its initial units: the share of the way from
-    the floor to full width still alive, ``(live_fraction - floor) / (1 - floor)``, clipped to [0, 1]. ``floor=0``
-    keeps full pressure everywhere.
+def resistance(pulled: nn.Parameter, regularizer: RegularizerName) -> Tensor:
+    """Per unit (row of ``pulled``): the loss gradient's norm over the penalty gradient's (strength 1).
+
+    A unit is pulled toward death while ``λ`` exceeds its resistance; 0 for a unit the loss no longer reaches (a
+    dead one), infinite for a unit the regularizer does not pull.
 
     Examples:
-        >>> [round(live_fraction_multiplier(f, 0.2), 2) for f in (1.0, 0.6, 0.2, 0.0)]
-        [1.0, 0.5, 0.0, 0.0]
+        >>> scales = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+        >>> scales.grad = torch.tensor([0.3, 0.0, -2.0])
+        >>> resistance(scales, "l1_norm_scale")
+        tensor([0.3000, 0.0000, 2.0000])
     """
-    if floor <= 0:
+    assert pulled.grad is not None
+    rows = pulled.shape[0]
+    loss = pulled.grad.detach().reshape(rows, -1).float().norm(dim=1)
+    pull = penalty_grads([pulled], regularizer)[0].reshape(rows, -1).float().norm(dim=1)
+    unpulled = torch.where(loss > 0, math.inf, 0.0)
+    return torch.where(pull > 0, loss / pull.clamp(min=1e-30), unpulled)
+
+
+def floor_share(resistances: Tensor, strength: float, floor: float, initial_units: int) -> float:
+    """The share of the pull ``strength`` a group may get: at most what its ``floor``-th strongest units resist.
+
+    With ``k = ceil(floor · initial_units)``, the pull on the group is capped at the ``k``-th largest resistance, so
+    the loss still outweighs the regularizer on at least ``k`` units and the layer cannot be driven to death
+    wholesale; a group already below ``k`` units gets no pull. ``floor=0`` keeps the full pull.
+
+    Examples:
+        >>> floor_share(torch.tensor([0.5, 0.25, 0.0, 0.0]), strength=1.0, floor=0.5, initial_units=4)
+        0.25
+        >>> floor_share(torch.tensor([3.0, 2.0, 0.0, 0.0]), strength=1.0, floor=0.5, initial_units=4)
+        1.0
+    """
+    needed = math.ceil(floor * initial_units)
+    if floor <= 0 or needed <= 0 or strength <= 0:
         return 1.0
-    return min(1.0, max(0.0, (live_fraction - floor) / (1.0 - floor)))
+    if resistances.numel() < needed:
+        return 0.0
+    kth = float(torch.topk(resistances, needed).values[-1])
+    return min(1.0, kth / strength)
