@@ -83,7 +83,7 @@ class DemonPruning(Callback):
         force_target: At the final check, remove the least active live units until the target is met.
         recalibration_batches: How many recent training batches a recalibration uses.
         penalize: ``"all"`` (the paper) or ``"prunable"`` (only the layers whose units can be removed).
-        live_floor: A layer's regularization and noise fade as it empties, to none at this live fraction
+        live_floor: The pull on a layer never exceeds what the loss resists on this share of its units
             (`lightning_demp.pressure`); ``0`` turns the floor off.
         plot: Save ``demp_units.png`` (live units per layer, λ/σ beneath) in the log directory when fit ends.
 
