@@ -47,6 +47,7 @@ MODELS = {
 }
 PEER_FRONTIERS = {"cnn": "frontier_cnn.json", "mlp": "frontier_mlp.json"}  # Torch-Pruning magnitude, same recipe
 DEFAULTS = {"reg_max": 0.03, "noise_std": 5e-5}  # DemonPruning's own defaults, whatever the config's sweep point
+NO_PRESSURE = {"reg_max": 0.0, "noise_std": 0.0}  # nothing is pushed to die: the shortfall removal does it all
 
 
 def sweep_accuracy(frontier: dict[str, Any], sparsity: float, method: str = "DemP") -> tuple[float, bool]:
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--replot", action="store_true", help="redo the table from the saved runs")
     parser.add_argument("--force-target", action="store_true", help="opt-in final step that meets the target")
+    parser.add_argument(
+        "--no-pressure", action="store_true", help="reg_max=0, noise_std=0: the late removal of live units alone"
+    )
     parser.add_argument("--append", action="store_true", help="add these rows to the saved results")
     args = parser.parse_args()
     if args.replot:
@@ -110,7 +114,7 @@ def main() -> None:
                             "max_epochs": epochs,
                             "model_overrides": model_overrides,
                             "callback_overrides": {
-                                **DEFAULTS,
+                                **(NO_PRESSURE if args.no_pressure else DEFAULTS),
                                 "target_sparsity": target,
                                 "target_metric": args.metric,
                                 "prune_every_n_epochs": args.prune_every,
@@ -123,6 +127,7 @@ def main() -> None:
 
     suffix = "_quick" if args.quick else ""
     tag = ("+force_target" if args.force_target else "") + ("" if args.metric == "params" else f"+{args.metric}")
+    tag += "+no_pressure" if args.no_pressure else ""
     new_runs = {f"{m}@{t}{tag}": r for (m, t), r in runs.items()}
     path = RESULTS / f"target{suffix}.json"
     if args.append and path.exists():  # add these rows to the saved results (same epochs and seeds)
@@ -150,6 +155,7 @@ def render(suffix: str) -> None:
         model, target_text = key.split("@")
         target_text, *tags = target_text.split("+")
         forced, metric = "force_target" in tags, "flops" if "flops" in tags else "params"
+        pressure = " (`reg_max=0`, `noise_std=0`)" if "no_pressure" in tags else ""
         target = float(target_text)
         frontier_path = RESULTS / MODELS[model][1]
         frontier = json.loads(frontier_path.read_text()) if MODELS[model][1] and frontier_path.exists() else None
@@ -159,7 +165,10 @@ def render(suffix: str) -> None:
         accuracy = [r["test_acc"] for r in model_runs]
         mean_reached = statistics.mean(reached)
         row: dict[str, Any] = {
-            "model": model + (" (`force_target=True`)" if forced else "") + (" (FLOPs)" if metric == "flops" else ""),
+            "model": model
+            + (" (`force_target=True`)" if forced else "")
+            + (" (FLOPs)" if metric == "flops" else "")
+            + pressure,
             "target": target,
             "reached": mean_reached,
             "reached_per_seed": reached,
