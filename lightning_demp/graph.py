@@ -167,6 +167,7 @@ class PrunableGraph:
             for param in frozen:
                 param.requires_grad_(False)
         self._names = {module: name for name, module in model.named_modules()}
+        self._modules_by_name = {name: module for module, name in self._names.items()}
         self._output_layers = self._find_output_layers()
         self._groups: list[UnitGroup] | None = None
         self._groups_signature: tuple[Any, ...] = ()
@@ -306,8 +307,7 @@ class PrunableGraph:
         Raises:
             KeyError: When ``name`` is not the root layer of a group, with the group names.
         """
-        modules = dict(self.model.named_modules())
-        root = modules.get(name)
+        root = self._modules_by_name.get(name)
         if root is None or layer_width(root) is None:
             names = [group.name for group in self.groups()]
             raise KeyError(f"`{name}` names no group of units; the groups are {names} (their root layers).")
@@ -318,14 +318,15 @@ class PrunableGraph:
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or isinstance(module, nn.Parameter):
                 continue
-            layers.append(
+            per_unit = item.dep.target.type in _SUPPORTED_MODULE_TYPES or isinstance(module, ChannelSelect)
+            layers.append(  # functional ops hold no tensor that follows the units: their indices are not needed
                 CoupledLayer(
                     module=module,
                     name=self._names.get(module, type(module).__name__),
                     is_out=self._graph.is_out_channel_pruning_fn(item.dep.handler),
-                    idxs=[int(i) for i in item.idxs],
-                    root_idxs=[int(i) for i in item.root_idxs],
-                    per_unit=item.dep.target.type in _SUPPORTED_MODULE_TYPES or isinstance(module, ChannelSelect),
+                    idxs=[int(i) for i in item.idxs] if per_unit else [],
+                    root_idxs=[int(i) for i in item.root_idxs] if per_unit else [],
+                    per_unit=per_unit,
                 )
             )
         return GroupCut(name, layers, tp_group)

@@ -287,6 +287,13 @@ def _layer_order(idxs: list[int], root_idxs: list[int], order: Tensor, width: in
     """
     if not idxs:
         return None
+    features, units = torch.tensor(idxs, dtype=torch.long), torch.tensor(root_idxs, dtype=torch.long)
+    counts = torch.bincount(units, minlength=len(order))
+    if counts.numel() == len(order) and bool((counts == counts[0]).all()):  # every unit carried equally often
+        by_unit = features[torch.argsort(units * (width + 1) + features)].view(len(order), -1)  # ascending per unit
+        layer_order = torch.arange(width)
+        layer_order[by_unit.flatten()] = by_unit[order].flatten()
+        return None if torch.equal(layer_order, torch.arange(width)) else layer_order
     carriers: dict[int, list[int]] = {}
     for idx, unit in sorted(zip(idxs, root_idxs, strict=True)):
         carriers.setdefault(unit, []).append(idx)
