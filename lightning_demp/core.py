@@ -198,7 +198,8 @@ class DemonPruner:
 
     # ------------------------------------------------------------------ deciding and applying
     def decide(self, model: nn.Module, stats: Statistics) -> RemovalPlan:
-        """The units and heads to remove from ``stats`` (within the target, when one is set)."""
+        """The dead units and heads in ``stats`` (`lightning_demp.policy.decide_removal`); `removal_event` then keeps
+        the plan within the target, when one is set."""
         assert self.graph is not None, "call `prepare` first"
         decision = decide_removal(
             model,
