@@ -214,11 +214,15 @@ def resistance(pulled: nn.Parameter, regularizer: RegularizerName) -> Tensor:
         tensor([0.3000, 0.0000, 2.0000])
     """
     assert pulled.grad is not None
-    rows = pulled.shape[0]
-    loss = pulled.grad.detach().reshape(rows, -1).float().norm(dim=1)
-    pull = penalty_grads([pulled], regularizer)[0].reshape(rows, -1).float().norm(dim=1)
-    unpulled = torch.where(loss > 0, math.inf, 0.0)
-    return torch.where(pull > 0, loss / pull.clamp(min=1e-30), unpulled)
+    grad, value = pulled.grad.detach(), pulled.detach()
+    if grad.dim() == 1:  # norm scales (or a bias): one entry per unit, no norms to take
+        loss = grad.abs().float()
+        pull = value.ne(0).float() if regularizer == "l1_norm_scale" else penalty_grads([value], regularizer)[0].abs()
+    else:
+        rows = pulled.shape[0]
+        loss = grad.reshape(rows, -1).float().norm(dim=1)
+        pull = penalty_grads([value], regularizer)[0].reshape(rows, -1).float().norm(dim=1)
+    return torch.where(pull > 0, loss / pull.clamp(min=1e-30), torch.where(loss > 0, math.inf, 0.0))
 
 
 def floor_share(resistances: Tensor, strength: float, floor: float, initial_units: int) -> float:
@@ -239,5 +243,5 @@ def floor_share(resistances: Tensor, strength: float, floor: float, initial_unit
         return 1.0
     if resistances.numel() < needed:
         return 0.0
-    kth = float(torch.topk(resistances, needed).values[-1])
+    kth = float(torch.kthvalue(resistances, resistances.numel() - needed + 1).values)  # the needed-th largest
     return min(1.0, kth / strength)
