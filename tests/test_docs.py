@@ -40,7 +40,7 @@ def test_every_public_name_has_a_runnable_example():
     assert not missing, "public names without a `>>>` example in their docstring:\n  " + "\n  ".join(missing)
 
 
-def test_surgery_is_the_only_module_that_imports_torch_pruning():
+def test_graph_is_the_only_module_that_imports_torch_pruning():
     importers = [
         module.__name__
         for module in [*_public_modules(), importlib.import_module("lightning_demp._strategy")]
