@@ -8,9 +8,11 @@ sharded copy (``lightning.md`` §2).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
 from lightning_demp.collectives import Collectives
@@ -108,9 +110,16 @@ def is_last_epoch(trainer: Trainer) -> bool:
 def total_steps(trainer: Trainer) -> int:
     """The optimizer steps of the whole fit, or the documented error when they cannot be known."""
     total = trainer.estimated_stepping_batches
-    if math.isinf(total):
+    if math.isinf(total) or total < 1:  # an IterableDataset without ``__len__`` under ``max_epochs`` gives -1
         raise ValueError(
             "`DemonPruning` needs the number of training steps to lay out its schedule; set `max_steps` or "
             "`max_epochs` on the Trainer and use a dataloader with a length."
         )
     return int(total)
+
+
+def skipped_step(pl_module: LightningModule, outputs: Any) -> bool:
+    """Whether automatic optimization skipped this batch: ``training_step`` returned ``None`` (e.g. on a NaN batch),
+    so no optimizer step was taken and Lightning hands ``on_train_batch_end`` no loss."""
+    missing = outputs is None or (isinstance(outputs, Mapping) and outputs.get("loss") is None)
+    return missing and pl_module.automatic_optimization

@@ -32,7 +32,7 @@ from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, chec
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
 from lightning_demp.ledger import PruningLedger, RemovalEvent
-from lightning_demp.monitoring import log_size, schedule_phase, warn_about_monitors
+from lightning_demp.monitoring import log_size, log_state, warn_about_monitors
 from lightning_demp.plots import save_run_plot
 from lightning_demp.regularization import RegularizerName
 from lightning_demp.report import print_summary
@@ -85,6 +85,8 @@ class DemonPruning(Callback):
         penalize: ``"all"`` (the paper) or ``"prunable"`` (only the layers whose units can be removed).
         live_floor: The pull on a layer never exceeds what the loss resists on this share of its units
             (`lightning_demp.pressure`); ``0`` turns the floor off.
+        target_focus: With a target, pull only the least important live units the target still needs, re-ranked
+            at every event (`lightning_demp.pressure`); ``False``: pull every unit, as without a target.
         plot: Save ``demp_units.png`` (live units per layer, λ/σ beneath) in the log directory when fit ends.
 
     Raises:
@@ -127,6 +129,7 @@ class DemonPruning(Callback):
         plot: bool = True,
         penalize: PenalizeScope = "all",
         live_floor: float = 0.05,
+        target_focus: bool = True,
     ) -> None:
         super().__init__()
         arguments = {**locals(), "exclude": () if exclude is None else exclude}
@@ -230,8 +233,9 @@ class DemonPruning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _strategy.check_supported(trainer.strategy)
-        for message in self.config.check_model(pl_module):
-            rank_zero_warn(message)
+        if stage == "fit":  # validate/test/predict run no pressure: nothing to demand of the model
+            for message in self.config.check_model(pl_module):
+                rank_zero_warn(message)
         _strategy.check_spawned_reload(trainer, pl_module)
         self._load_hook = enable_resize_on_load(pl_module) or self._load_hook
         if self.decouple_residuals:
@@ -285,6 +289,8 @@ class DemonPruning(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if _strategy.skipped_step(pl_module, outputs):
+            self.pruner.forget_last_batch()
         if self.config.reg_max > 0 or self.config.noise_std > 0:
             pl_module.log("demp/reg_strength", self.pruner.pressure.last_reg_strength, on_step=True, on_epoch=False)
             pl_module.log("demp/noise_std", self.pruner.pressure.last_noise_std, on_step=True, on_epoch=False)
@@ -309,12 +315,7 @@ class DemonPruning(Callback):
             self._removal_event(trainer, pl_module, final=_strategy.is_last_epoch(trainer))
         if self.pruner.prepared:
             log_size(trainer, pl_module, self.size_metrics(pl_module), use_module_log=True)
-        if self.config.target_sparsity is not None:
-            pl_module.log("demp/strength_scale", self.strength_scale)
-        schedule = self.pruner.pressure.reg_schedule
-        if schedule is not None:
-            pl_module.log("demp/schedule_phase", float(schedule_phase(schedule, trainer.global_step)))
-            pl_module.log("demp/settled", float(self.is_settled(trainer.global_step)))
+        log_state(pl_module, self.pruner, trainer.global_step)
 
     def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, final: bool) -> None:
         stats = self.pruner.stop_observing() if self.check_mode == "train_forwards" else None

@@ -114,6 +114,7 @@ class PruningConfig:
     force_target: bool = False
     penalize: PenalizeScope = "all"
     live_floor: float = 0.05
+    target_focus: bool = True
 
     def __post_init__(self) -> None:
         check_choice("regularizer", self.regularizer, REGULARIZER_NAMES)
@@ -142,6 +143,7 @@ class PruningConfig:
         check_bool("force_target", self.force_target)
         check_choice("penalize", self.penalize, PENALIZE_SCOPES)
         self._set("live_floor", check_number("live_floor", self.live_floor, low=0.0, low_inclusive=True, high=0.5))
+        check_bool("target_focus", self.target_focus)
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

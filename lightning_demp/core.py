@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_demp.accounting import call_on_first_input, count_flops_per_sample, count_parameters, first_samples
 from lightning_demp.attention import attention_layers, head_readers, remove_heads_
-from lightning_demp.batchnorm import recalibrate_batchnorm_
+from lightning_demp.batchnorm import recalibrate_batchnorm_, recalibrated_norms
 from lightning_demp.collectives import SINGLE_PROCESS, Collectives
 from lightning_demp.config import PruningConfig
 from lightning_demp.detection import ActivationMonitor, dead_check
@@ -33,7 +33,7 @@ from lightning_demp.pressure import Pressure
 from lightning_demp.regularization import group_parameters
 from lightning_demp.removal import remove_units_
 from lightning_demp.saturation import SaturationFolding
-from lightning_demp.shortfall import SHORTFALL_START, close_lag, force_target
+from lightning_demp.shortfall import SHORTFALL_START, close_lag, force_target, live_floors
 from lightning_demp.sizes import SizeTable
 from lightning_demp.target import SparsityTarget
 from lightning_demp.units import RemovalPlan, Statistics
@@ -136,6 +136,11 @@ class DemonPruner:
     def remember_batch(self, batch: Any) -> None:
         """Keep a reference to a training batch for the next dead check and recalibration."""
         self.recent_batches.append(batch)
+
+    def forget_last_batch(self) -> None:
+        """Drop the batch kept last (its training step was skipped: it must not enter a check or a recalibration)."""
+        if self.recent_batches:
+            self.recent_batches.pop()
 
     def forget_batches(self) -> None:
         """Drop the kept batches (at an epoch start: each check sees its own epoch's batches)."""
@@ -255,7 +260,25 @@ class DemonPruner:
         if self.target is not None and self.pressure.span_steps:
             measured = self.target.measured(self.ledger, self.size_table())
             self.pressure.scale = self.target.update_strength(step / self.pressure.span_steps, measured)
+            if self.config.target_focus:
+                self.pressure.focus_on(self._focus(model, stats if event is None else self.statistics(model)))
         return event
+
+    def _focus(self, model: nn.Module, stats: Statistics | None) -> dict[str, list[int]] | None:
+        """The units a focused target pulls: the least important live ones that the rest of the target needs."""
+        if stats is None or self.target is None or self.graph is None:
+            return None
+        floors = live_floors(self.config, self.ledger.initial_widths)
+        plan = self.target.shortfall(
+            self.graph.groups(),
+            stats,
+            dict(model.named_modules()),
+            self.ledger,
+            self.size_table(),
+            goal=self.target.target,
+            floors=floors,
+        )
+        return {name: idxs.tolist() for name, idxs in plan.units.items()}
 
     def apply(
         self,
@@ -296,9 +319,15 @@ class DemonPruner:
         if not self.config.recalibrate_bn or not self.recent_batches:
             return False
         batches = list(self.recent_batches)[-self.config.recalibration_batches :]
-        if not recalibrate_batchnorm_(model, batches, self.forward):
+        used = recalibrate_batchnorm_(model, batches, self.forward)
+        collectives.average_batchnorm(model)  # on every rank alike, even one that kept its old statistics
+        if not used:
+            if recalibrated_norms(model):
+                self.warn(
+                    "`DemonPruning`: BatchNorm recalibration gave non-finite running statistics (a batch with a NaN "
+                    "or an inf?); the previous statistics were kept."
+                )
             return False
-        collectives.average_batchnorm(model)
         self.recalibrations += 1
         return True
 
@@ -308,9 +337,9 @@ class DemonPruner:
             return
         parameters = group_parameters(self.graph)
         initial = self.ledger.initial_widths
-        self.pressure.groups = {name: (found, initial[name]) for name, found in parameters.items() if name in initial}
-        if self.config.penalize == "prunable":
-            self.pressure.penalized_ids = {id(p) for found in parameters.values() for p in found.params}
+        groups = {name: (found, initial[name]) for name, found in parameters.items() if name in initial}
+        prunable = {id(p) for found in parameters.values() for p in found.params}
+        self.pressure.bind(groups, prunable if self.config.penalize == "prunable" else None)
 
     def size_table(self) -> SizeTable | None:
         """Widths of the model as it is, for the target's sparsity after a plan (``None`` without a size target)."""
@@ -331,6 +360,7 @@ class DemonPruner:
             **self.ledger.state_dict(),
             "strength_scale": self.strength_scale,
             "schedule": self.pressure.record(),
+            "focus": self.pressure.focus,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -340,6 +370,7 @@ class DemonPruner:
         if self.target is not None:
             self.target.load_state_dict(state)
             self.pressure.scale = self.target.scale
+            self.pressure.focus_on(state.get("focus") if self.config.target_focus else None)
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything but this process's runtime parts (graph, hooks, kept batches), which `prepare` rebuilds."""

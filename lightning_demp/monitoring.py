@@ -112,6 +112,16 @@ def log_size(
         logger.save()
 
 
+def log_state(module: pl.LightningModule, pruner: DemonPruner, step: int) -> None:
+    """At an epoch end: the strength scale (with a target), the schedule's phase and whether the network settled."""
+    if pruner.target is not None:
+        module.log("demp/strength_scale", pruner.strength_scale)
+    schedule = pruner.pressure.reg_schedule
+    if schedule is not None:
+        module.log("demp/schedule_phase", float(schedule_phase(schedule, step)))
+        module.log("demp/settled", float(pruner.is_settled(step)))
+
+
 def network_settled(trainer: pl.Trainer) -> bool:
     """Whether the trainer's `DemonPruning` reports the network settled at the current step.
 

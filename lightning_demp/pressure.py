@@ -16,6 +16,7 @@ go, and where the loss holds enough units the pull is the paper's, unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -61,9 +62,37 @@ class Pressure:
         self.scale = 1.0  # multiplies λ_t and σ_t (steered by a sparsity target)
         self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
         self.groups: dict[str, tuple[GroupParameters, int]] = {}  # group -> (its parameters, initial units)
+        self.focus: dict[str, list[int]] | None = None  # with a focused target: the units pulled, by group
+        self._focus_rows: dict[int, Tensor] | None = None  # from ``focus``: 0/1 weights on each group row, by id
         self.last_reg_strength = 0.0
         self.last_noise_std = 0.0
         self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
+
+    def bind(self, groups: dict[str, tuple[GroupParameters, int]], penalized_ids: set[int] | None) -> None:
+        """The groups' parameters (new ones after every removal) and, with ``penalize="prunable"``, the ids of the
+        parameters to penalize."""
+        self.groups, self.penalized_ids = groups, penalized_ids
+        self._focus_rows = None
+
+    def focus_on(self, units: Mapping[str, Sequence[int]] | None) -> None:
+        """Pull only these units (by group; a group left out is not pulled), or every unit (``None``)."""
+        self.focus = None if units is None else {name: sorted(int(i) for i in idxs) for name, idxs in units.items()}
+        self._focus_rows = None
+
+    def focus_rows(self) -> dict[int, Tensor] | None:
+        """With a focus, the weight of the pull on each row (unit) of each group parameter, by parameter id."""
+        if self.focus is None:
+            return None
+        if self._focus_rows is None:
+            rows: dict[int, Tensor] = {}
+            for name, (parameters, _) in self.groups.items():
+                chosen = torch.tensor(self.focus.get(name, []), dtype=torch.long)
+                for param in parameters.params:
+                    weights = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
+                    weights[chosen.to(param.device)] = 1.0
+                    rows[id(param)] = weights
+            self._focus_rows = rows
+        return self._focus_rows
 
     def lay_out(self, total_steps: int) -> None:
         """Lay λ_t and σ_t over ``schedule_span`` of ``total_steps`` optimizer steps."""
@@ -91,9 +120,14 @@ class Pressure:
             self._pending_noise = None
             return
         factors = self.floor_factors()
+        rows = self.focus_rows()
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        if rows is not None:
+            params = [p for p in params if id(p) in rows]
         if self.last_noise_std > 0:
             masks = [(p, _scaled(mask, factors.get(id(p), 1.0))) for p, mask in live_masks(params)]
+            if rows is not None:
+                masks = [(p, _on_rows(mask, rows[id(p)])) for p, mask in masks]
             self._pending_noise = (step, self.last_noise_std, masks)
         else:
             self._pending_noise = None
@@ -101,11 +135,14 @@ class Pressure:
             penalized = penalized_params(optimizer, model, self.config.regularizer)
             if self.penalized_ids is not None:
                 penalized = [p for p in penalized if id(p) in self.penalized_ids]
+            if rows is not None:
+                penalized = [p for p in penalized if id(p) in rows]
             by_factor: dict[float, list[nn.Parameter]] = {}
             for param in penalized:
                 by_factor.setdefault(factors.get(id(param), 1.0), []).append(param)
             for factor, group in by_factor.items():
-                add_penalty_grad_(group, self.config.regularizer, self.last_reg_strength * factor)
+                weights = None if rows is None else [rows[id(p)] for p in group]
+                add_penalty_grad_(group, self.config.regularizer, self.last_reg_strength * factor, weights)
 
     def floor_factors(self) -> dict[int, float]:
         """For the parameters of each group the live floor holds back, the share of the pressure left (by id)."""
@@ -150,3 +187,8 @@ class Pressure:
 def _scaled(mask: Tensor, factor: float) -> Tensor:
     """A live mask as it is at full pressure, else as the factor to multiply the noise with."""
     return mask if factor == 1.0 else mask.to(torch.get_default_dtype()) * factor
+
+
+def _on_rows(mask: Tensor, weights: Tensor) -> Tensor:
+    """A live mask kept on the rows (dim 0) that ``weights`` select, as the factor to multiply the noise with."""
+    return mask.to(weights.dtype) * weights.reshape(-1, *([1] * (mask.dim() - 1)))

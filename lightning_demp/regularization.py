@@ -5,7 +5,13 @@ same update as adding ``λ_t·R(θ)`` to the loss (``paper.md`` §1.4). The thre
 
 * ``"l2"``: ``R = ½‖θ‖²`` (coupled L2, what ``weight_decay`` does in Adam/SGD), gradient ``θ``;
 * ``"positive_l2"``: ``R = ½Σ max(θ, 0)²`` (the paper's first variant), gradient ``max(θ, 0)``;
-* ``"l1_norm_scale"``: ``R = Σ|γ|`` over BatchNorm/LayerNorm/GroupNorm scales (the later variant), gradient ``sign(γ)``.
+* ``"l1_norm_scale"``: ``R = Σ|γ|`` over BatchNorm/LayerNorm/GroupNorm scales (the later variant), gradient ``sign(γ)``;
+* ``"positive_group_l1"``: ``R = Σ_u ‖max(θ_u, 0)‖₂`` over the rows ``θ_u`` of each weight (one row per output
+  unit; each bias entry is its own row), gradient ``max(θ_u, 0) / ‖max(θ_u, 0)‖₂``. The same one-sided push toward
+  a dead ReLU as ``"positive_l2"``, but the pull on a unit has the same size whatever its weights' size: a unit the
+  loss needs (large weights, large loss gradient) is pulled no harder than one it does not, so the pressure
+  selects units to kill instead of shrinking all of them (the reason L1 gives sparse solutions and L2 does not).
+  The norm-free counterpart of ``"l1_norm_scale"``: use it on models without normalization layers.
 
 Noise follows ``paper.md`` §1.5: after the step, ``σ_t·N(0, 1)`` is added to each parameter entry whose (loss)
 gradient was non-zero, not scaled by the learning rate, from a generator seeded by ``(seed, step)`` so that every
@@ -25,8 +31,8 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from lightning_demp.graph import PrunableGraph
 
-RegularizerName = Literal["l2", "positive_l2", "l1_norm_scale"]
-REGULARIZER_NAMES: tuple[str, ...] = ("l2", "positive_l2", "l1_norm_scale")
+RegularizerName = Literal["l2", "positive_l2", "l1_norm_scale", "positive_group_l1"]
+REGULARIZER_NAMES: tuple[str, ...] = ("l2", "positive_l2", "l1_norm_scale", "positive_group_l1")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -76,6 +82,9 @@ def penalty_grads(params: Sequence[Tensor], regularizer: RegularizerName) -> lis
     Examples:
         >>> penalty_grads([torch.tensor([-1.0, 0.5])], "positive_l2")
         [tensor([0.0000, 0.5000])]
+        >>> penalty_grads([torch.tensor([[3.0, 4.0], [-1.0, 0.2]])], "positive_group_l1")
+        [tensor([[0.6000, 0.8000],
+                [0.0000, 1.0000]])]
     """
     with torch.no_grad():
         if regularizer == "l2":
@@ -84,11 +93,28 @@ def penalty_grads(params: Sequence[Tensor], regularizer: RegularizerName) -> lis
             return [p.detach().clamp(min=0) for p in params]
         if regularizer == "l1_norm_scale":
             return [p.detach().sign() for p in params]
+        if regularizer == "positive_group_l1":
+            return [_positive_row_directions(p.detach()) for p in params]
     raise ValueError(f"Expected `regularizer` to be one of {REGULARIZER_NAMES}, got {regularizer!r}.")
 
 
-def add_penalty_grad_(params: Sequence[nn.Parameter], regularizer: RegularizerName, strength: float) -> None:
-    """Add ``strength·∇R(θ)`` to each ``.grad`` in place (creating it when the step left it ``None``).
+def _positive_row_directions(value: Tensor) -> Tensor:
+    """``max(θ_u, 0) / ‖max(θ_u, 0)‖₂`` for each row ``θ_u`` (dim 0) of ``value``; entries of a 1-d tensor are rows."""
+    positive = value.clamp(min=0)
+    if positive.dim() <= 1:
+        return positive.gt(0).to(value.dtype)
+    norms = positive.reshape(positive.shape[0], -1).norm(dim=1).clamp(min=1e-30)
+    return positive / norms.reshape(-1, *([1] * (positive.dim() - 1)))
+
+
+def add_penalty_grad_(
+    params: Sequence[nn.Parameter],
+    regularizer: RegularizerName,
+    strength: float,
+    row_weights: Sequence[Tensor] | None = None,
+) -> None:
+    """Add ``strength·∇R(θ)`` to each ``.grad`` in place (creating it when the step left it ``None``); with
+    ``row_weights``, each parameter's rows (dim 0: its units) scaled by its weights.
 
     Examples:
         >>> weight = nn.Parameter(torch.tensor([2.0, -2.0]))
@@ -96,11 +122,17 @@ def add_penalty_grad_(params: Sequence[nn.Parameter], regularizer: RegularizerNa
         >>> add_penalty_grad_([weight], "l2", strength=0.5)
         >>> weight.grad
         tensor([ 1., -1.])
+        >>> add_penalty_grad_([weight], "l2", strength=0.5, row_weights=[torch.tensor([0.0, 1.0])])
+        >>> weight.grad
+        tensor([ 1., -2.])
     """
     if strength == 0.0 or not params:
         return
     with torch.no_grad():
-        for param, grad in zip(params, penalty_grads(params, regularizer), strict=True):
+        grads = penalty_grads(params, regularizer)
+        if row_weights is not None:
+            grads = [g * w.reshape(-1, *([1] * (g.dim() - 1))) for g, w in zip(grads, row_weights, strict=True)]
+        for param, grad in zip(params, grads, strict=True):
             if param.grad is None:
                 param.grad = (grad * strength).to(param.dtype)
             else:

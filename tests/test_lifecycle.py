@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from helpers.lightning import RandomDataModule, planted_mlp, quiet_trainer, small_mlp
+from helpers.lightning import RandomDataModule, planted_mlp, quiet_trainer, small_mlp, train_with_callback
 from lightning_demp import DemonPruning
 from lightning_demp.demos import DemoClassifier
 from lightning_demp.graph import TracingError
@@ -164,3 +164,103 @@ def test_hooks_are_released_after_fit_and_when_the_callback_is_detached(tmp_path
     trainer.fit(model, datamodule=RandomDataModule())
     assert model.net[0].out_features == widths
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_validation_with_the_callback_attached_demands_nothing_fitting_needs(tmp_path):
+    trainer, model, _ = train_with_callback(tmp_path, planted_mlp(), max_epochs=1)
+    checkpoint = tmp_path / "fitted.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    evaluator = quiet_trainer(tmp_path, callbacks=[DemonPruning(verbose=False)])  # l1_norm_scale, no norms
+    (metrics,) = evaluator.validate(small_mlp(), datamodule=RandomDataModule(), ckpt_path=checkpoint)
+    assert math.isfinite(metrics["val_loss"])
+    with pytest.raises(ValueError, match="has no affine normalization layer"):  # fitting still demands it
+        evaluator.fit(small_mlp(), datamodule=RandomDataModule())
+
+
+class UnsizedStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            yield torch.randn(6, generator=generator), torch.randint(0, 3, (), generator=generator)
+
+
+def test_an_iterable_dataset_of_unknown_length_under_max_epochs_is_refused_before_training(tmp_path):
+    steps = []
+
+    class CountSteps(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            steps.append(trainer.global_step)
+
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[DemonPruning(regularizer="l2"), CountSteps()])
+    loader = torch.utils.data.DataLoader(UnsizedStream(), batch_size=8)
+    with pytest.raises(ValueError, match="needs the number of training steps.*`max_steps`"):
+        trainer.fit(small_mlp(), train_dataloaders=loader)
+    assert steps == []
+
+
+class NormedMLP(DemoClassifier):
+    """Linear → BatchNorm → ReLU → Linear; the training step skips a batch with a NaN, as users write it."""
+
+    def __init__(self, freeze_norm: bool = False) -> None:
+        super().__init__(num_classes=3, lr=1e-2)
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+        self.freeze_norm = freeze_norm
+        if freeze_norm:
+            self.net[1].requires_grad_(False)
+            self.net[1].running_mean.fill_(0.25)
+            self.net[1].running_var.fill_(2.0)
+            self.net[1].eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_norm:
+            self.net[1].eval()  # the usual way to keep a pretrained norm frozen
+        return self
+
+    def training_step(self, batch, batch_idx):
+        if not torch.isfinite(batch[0]).all():
+            return None  # skip the batch: no optimizer step
+        return super().training_step(batch, batch_idx)
+
+
+class OneNaNBatch(RandomDataModule):
+    """The last training batch of every epoch holds a NaN (no shuffling)."""
+
+    def __init__(self) -> None:
+        super().__init__(shuffle=False)
+
+    def load_arrays(self):
+        x, y, x_val, y_val = super().load_arrays()
+        x[-3, 2] = math.nan
+        return x, y, x_val, y_val
+
+
+def test_a_batch_the_training_step_skipped_enters_no_recalibration_and_no_check(tmp_path):
+    callback = DemonPruning(regularizer="l1_norm_scale", verbose=False, recalibrate_bn=True)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback])
+    model = NormedMLP()
+    trainer.fit(model, datamodule=OneNaNBatch())  # no "non-finite activations" warning: the check never saw it
+    assert callback.pruner.recalibrations > 0
+    assert torch.isfinite(model.net[1].running_mean).all() and torch.isfinite(model.net[1].running_var).all()
+    (metrics,) = trainer.validate(model, datamodule=OneNaNBatch(), verbose=False)
+    assert math.isfinite(metrics["val_loss"])
+
+
+def test_recalibration_keeps_the_old_statistics_when_the_new_ones_are_not_finite():
+    from lightning_demp.batchnorm import recalibrate_batchnorm_
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model[1].running_mean.fill_(0.5)
+    batches = [torch.randn(8, 3), torch.full((8, 3), math.nan)]
+    assert recalibrate_batchnorm_(model, batches, lambda m, b: m(b)) == 0
+    assert torch.equal(model[1].running_mean, torch.full((4,), 0.5))
+
+
+def test_a_frozen_batchnorm_is_left_alone_by_recalibration(tmp_path):
+    callback = DemonPruning(regularizer="l2", verbose=False, recalibrate_bn=True)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback])
+    model = NormedMLP(freeze_norm=True)
+    trainer.fit(model, datamodule=RandomDataModule())
+    assert callback.pruner.recalibrations == 0
+    assert torch.equal(model.net[1].running_mean, torch.full_like(model.net[1].running_mean, 0.25))
+    assert torch.equal(model.net[1].running_var, torch.full_like(model.net[1].running_var, 2.0))

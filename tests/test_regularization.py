@@ -18,6 +18,7 @@ PENALTIES = {
     "l2": lambda p: 0.5 * p.pow(2).sum(),
     "positive_l2": lambda p: 0.5 * p.clamp(min=0).pow(2).sum(),
     "l1_norm_scale": lambda p: p.abs().sum(),
+    "positive_group_l1": lambda p: p.clamp(min=0).reshape(p.shape[0], -1).norm(dim=1).sum(),
 }
 
 
@@ -124,3 +125,21 @@ def test_penalize_is_validated():
 
     with pytest.raises(ValueError, match=r"Expected `penalize` to be one of \('all', 'prunable'\), got 'some'"):
         DemonPruning(penalize="some")
+
+
+def test_the_group_pull_on_a_unit_is_the_same_whatever_the_size_of_its_weights():
+    weight = nn.Parameter(torch.tensor([[3.0, 4.0, -1.0], [0.03, 0.04, -2.0], [-1.0, -1.0, -1.0]]))
+    weight.grad = torch.zeros_like(weight)
+    add_penalty_grad_([weight], "positive_group_l1", strength=1.0)
+    assert torch.allclose(weight.grad[0], weight.grad[1])  # a large unit and a small one: the same pull
+    assert torch.allclose(weight.grad[:2].norm(dim=1), torch.ones(2))
+    assert not weight.grad[:, 2].any() and not weight.grad[2].any()  # negative weights are never pulled
+
+
+def test_positive_group_l1_kills_units_of_a_norm_free_mlp(tmp_path):
+    from helpers.lightning import small_mlp, train_with_callback
+
+    _, model, callback = train_with_callback(
+        tmp_path, small_mlp(), max_epochs=4, regularizer="positive_group_l1", reg_max=0.5, schedule="constant"
+    )
+    assert callback.events and model.net[0].out_features + model.net[2].out_features < 12 + 10

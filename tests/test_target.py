@@ -10,14 +10,16 @@ import torch
 from helpers.lightning import small_mlp, train_with_callback
 from helpers.models import kill_linear_units_, make_alive_
 from lightning_demp import DemonPruning
-from lightning_demp.target import StrengthController, limit_plan_to_target, planned_sparsity
+from lightning_demp.target import RAMP_START, StrengthController, limit_plan_to_target, planned_sparsity
 
 
 def test_ramp_is_cubic_and_reaches_the_target_at_the_end_of_the_span():
     assert planned_sparsity(0.0, 0.8) == 0.0
     assert planned_sparsity(1.0, 0.8) == pytest.approx(0.8)
     assert planned_sparsity(2.0, 0.8) == pytest.approx(0.8)
-    assert planned_sparsity(1 / 3, 0.8) == pytest.approx(0.8 * (1 - (2 / 3) ** 3))
+    third = RAMP_START + (1 - RAMP_START) / 3
+    assert planned_sparsity(third, 0.8) == pytest.approx(0.8 * (1 - (2 / 3) ** 3))
+    assert planned_sparsity(RAMP_START, 0.8) == 0.0  # nothing is planned before the ramp starts
 
 
 def test_controller_strengthens_when_behind_weakens_when_ahead_and_stops_at_the_target():
