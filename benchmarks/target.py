@@ -44,6 +44,7 @@ MODELS = {
     "cnn": (REPO / "configs" / "mnist1d_cnn.yaml", "frontier_cnn_decoupled.json", {"decoupled": True}),
     "mlp": (REPO / "configs" / "mnist1d_mlp.yaml", "frontier_mlp.json", {}),
     "unseen": (REPO / "benchmarks" / "unseen_cnn.yaml", "", {}),  # a plain CNN nothing was tuned on
+    "unseen_mlp": (REPO / "benchmarks" / "unseen_mlp.yaml", "", {}),  # a tapered norm-free MLP, likewise
 }
 PEER_FRONTIERS = {"cnn": "frontier_cnn.json", "mlp": "frontier_mlp.json"}  # Torch-Pruning magnitude, same recipe
 DEFAULTS = {"reg_max": 0.03, "noise_std": 5e-5}  # DemonPruning's own defaults, whatever the config's sweep point

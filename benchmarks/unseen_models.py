@@ -31,3 +31,16 @@ class PlainCNN1d(DemoClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x.unsqueeze(1)).mean(dim=-1))
+
+
+class TaperedMLP(DemoClassifier):
+    """A second model nothing was tuned on: a norm-free ReLU MLP that narrows with depth, with dropout,
+    ``40 → 192 → 160 → 96 → classes``."""
+
+    def __init__(self, input_dim: int = 40, dropout: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in [(input_dim, 192), (192, 160), (160, 96)]:
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU(), nn.Dropout(dropout)]
+        self.net = nn.Sequential(*layers, nn.Linear(96, self.num_classes))
+        self.example_input_array = torch.zeros(2, input_dim)

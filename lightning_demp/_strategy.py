@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_demp.collectives import Collectives
+from lightning_demp.config import PruningConfig
 from lightning_demp.resize import resize_on_load_enabled
 from lightning_demp.units import RemovalPlan
 
@@ -62,6 +65,29 @@ def check_spawned_reload(trainer: Trainer, module: torch.nn.Module) -> None:
         )
 
 
+def check_fit(trainer: Trainer, module: LightningModule, config: PruningConfig) -> None:
+    """Before a fit: refuse what cannot work (`check_callbacks`, `PruningConfig.check_model`), warn about the rest."""
+    check_callbacks(trainer)
+    for message in config.check_model(module):
+        rank_zero_warn(message)
+
+
+def check_callbacks(trainer: Trainer) -> None:
+    """Refuse, before training, the callbacks that keep a copy of the model at its old widths.
+
+    Examples:
+        >>> check_callbacks(Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False))
+    """
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, StochasticWeightAveraging):
+            raise ValueError(
+                "`DemonPruning` cannot run beside `StochasticWeightAveraging`: SWA averages a copy of the model made "
+                "at setup, whose widths the removals no longer match. Average after pruning instead: fit with "
+                "`DemonPruning` first, then fit the pruned model (`load_pruned_checkpoint`) with "
+                "`StochasticWeightAveraging` and without `DemonPruning`."
+            )
+
+
 def broadcast_plan(trainer: Trainer, plan: RemovalPlan) -> RemovalPlan:
     """Make every process hold rank 0's removal plan, and fail loudly if a rank had computed another one."""
     if trainer.world_size <= 1:
@@ -105,6 +131,22 @@ def is_last_epoch(trainer: Trainer) -> bool:
     if max_epochs is not None and trainer.current_epoch + 1 >= max_epochs:
         return True
     return trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+
+
+def schedule_step(trainer: Trainer) -> int:
+    """The step the schedules and removal events count: ``global_step`` under automatic optimization; under manual
+    optimization the training batches done, since ``global_step`` counts every optimizer's steps there (two
+    optimizers would end the schedule halfway through the fit).
+
+    Examples:
+        >>> trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        >>> schedule_step(trainer), trainer.strategy.connect(LightningModule()), schedule_step(trainer)
+        (0, None, 0)
+    """
+    module = trainer.lightning_module
+    if module is None or module.automatic_optimization:
+        return trainer.global_step
+    return trainer.fit_loop.epoch_loop.batch_progress.total.completed
 
 
 def total_steps(trainer: Trainer) -> int:

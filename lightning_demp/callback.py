@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,7 @@ from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, chec
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
 from lightning_demp.ledger import PruningLedger, RemovalEvent
-from lightning_demp.monitoring import log_size, log_state, warn_about_monitors
+from lightning_demp.monitoring import log_size, log_state, warn_at_fit_start
 from lightning_demp.plots import save_run_plot
 from lightning_demp.regularization import RegularizerName
 from lightning_demp.report import print_summary
@@ -85,8 +86,8 @@ class DemonPruning(Callback):
         penalize: ``"all"`` (the paper) or ``"prunable"`` (only the layers whose units can be removed).
         live_floor: The pull on a layer never exceeds what the loss resists on this share of its units
             (`lightning_demp.pressure`); ``0`` turns the floor off.
-        target_focus: With a target, pull only the least important live units the target still needs, re-ranked
-            at every event (`lightning_demp.pressure`); ``False``: pull every unit, as without a target.
+        target_focus: With a target, pull nothing before its ramp starts, then only the least important live
+            units it still needs, re-ranked at every event; ``False``: pull every unit, as without a target.
         plot: Save ``demp_units.png`` (live units per layer, λ/σ beneath) in the log directory when fit ends.
 
     Raises:
@@ -145,6 +146,7 @@ class DemonPruning(Callback):
         self._train_batch_size: int | None = None
         self._step_hooks: list[Any] = []
         self._load_hook: Any = None
+        self._model_ref: weakref.ref[pl.LightningModule] | None = None  # the model the record belongs to
 
     def _new_pruner(self) -> DemonPruner:
         info = rank_zero_info if self.verbose else None
@@ -233,9 +235,11 @@ class DemonPruning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _strategy.check_supported(trainer.strategy)
+        if stage == "fit" and self._model_ref is not None and self._model_ref() is not pl_module:
+            self.pruner, self._train_batch_size = self._new_pruner(), None  # a new model: start its own record
         if stage == "fit":  # validate/test/predict run no pressure: nothing to demand of the model
-            for message in self.config.check_model(pl_module):
-                rank_zero_warn(message)
+            self._model_ref = weakref.ref(pl_module)
+            _strategy.check_fit(trainer, pl_module, self.config)
         _strategy.check_spawned_reload(trainer, pl_module)
         self._load_hook = enable_resize_on_load(pl_module) or self._load_hook
         if self.decouple_residuals:
@@ -253,10 +257,9 @@ class DemonPruning(Callback):
         self._release_step_hooks()
         for optimizer in trainer.optimizers:
             self._step_hooks.append(optimizer.register_step_post_hook(lambda *args: self.pruner.add_noise_()))
-        if pl_module.example_input_array is not None:
-            self._prepare(pl_module, pl_module.example_input_array)
-        if self.config.reg_max > 0 or self.config.noise_std > 0:
-            warn_about_monitors(trainer, self.pruner.pressure.reg_schedule, self.pruner.pressure.total_steps)
+        if pl_module.example_input_array is not None:  # in the model's dtype under "bf16-true", "64-true"...
+            self._prepare(pl_module, trainer.precision_plugin.convert_input(pl_module.example_input_array))
+        warn_at_fit_start(trainer, self.pruner)
 
     def _prepare(self, pl_module: pl.LightningModule, example_input: Any) -> None:
         self.pruner.prepare(pl_module, example_input)
@@ -283,7 +286,7 @@ class DemonPruning(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self.pruner.regularize_(optimizer, pl_module, trainer.global_step)
+        self.pruner.regularize_(optimizer, pl_module, _strategy.schedule_step(trainer))
 
     @override
     def on_train_batch_end(
@@ -301,7 +304,7 @@ class DemonPruning(Callback):
         if (
             trainer.state.fn == "fit"
             and not trainer.sanity_checking
-            and self.pruner.schedule_active(trainer.global_step)
+            and self.pruner.schedule_active(_strategy.schedule_step(trainer))
         ):
             self.pruner.recalibrate(pl_module, _strategy.collectives(trainer))
 
@@ -315,7 +318,7 @@ class DemonPruning(Callback):
             self._removal_event(trainer, pl_module, final=_strategy.is_last_epoch(trainer))
         if self.pruner.prepared:
             log_size(trainer, pl_module, self.size_metrics(pl_module), use_module_log=True)
-        log_state(pl_module, self.pruner, trainer.global_step)
+        log_state(pl_module, self.pruner, _strategy.schedule_step(trainer))
 
     def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, final: bool) -> None:
         stats = self.pruner.stop_observing() if self.check_mode == "train_forwards" else None
@@ -323,7 +326,7 @@ class DemonPruning(Callback):
             pl_module,
             trainer.optimizers,
             stats,
-            step=trainer.global_step,
+            step=_strategy.schedule_step(trainer),
             epoch=trainer.current_epoch,
             final=final,
             collectives=_strategy.collectives(trainer),
@@ -333,17 +336,17 @@ class DemonPruning(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruner.prepared and self.pruner.ledger.last_check_step != trainer.global_step:
+        if self.pruner.prepared and self.pruner.ledger.last_check_step != _strategy.schedule_step(trainer):
             self._removal_event(trainer, pl_module, final=True)  # training stopped early: the paper's final check
             log_size(trainer, pl_module, self.size_metrics(pl_module), use_module_log=False)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.pruner.prepared:
             if self.plot:
-                self.plot_path = save_run_plot(self.state_dict(), Path(log_dir), trainer.loggers, trainer.global_step)
-                if self.verbose and self.plot_path is not None:
-                    rank_zero_info(f"DemonPruning: live units per layer over training, plotted in {self.plot_path}")
+                self.plot_path = save_run_plot(
+                    self.state_dict(), Path(log_dir), trainer.loggers, _strategy.schedule_step(trainer)
+                )
             if self.verbose:
-                print_summary(self.pruner.ledger, trainer, pl_module, self.fit_start_time)
+                print_summary(self.pruner.ledger, trainer, pl_module, self.fit_start_time, plot_path=self.plot_path)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -367,7 +370,7 @@ class DemonPruning(Callback):
         self.pruner.load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_step_hooks": [], "_load_hook": None}  # hooks are this process's own
+        return {**self.__dict__, "_step_hooks": [], "_load_hook": None, "_model_ref": None}  # this process's own
 
     # ------------------------------------------------------------------ internals
     def _observing_this_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -35,7 +35,7 @@ from lightning_demp.removal import remove_units_
 from lightning_demp.saturation import SaturationFolding
 from lightning_demp.shortfall import SHORTFALL_START, close_lag, force_target, live_floors
 from lightning_demp.sizes import SizeTable
-from lightning_demp.target import SparsityTarget
+from lightning_demp.target import RAMP_START, SparsityTarget
 from lightning_demp.units import RemovalPlan, Statistics
 
 STATE_VERSION = 1
@@ -103,6 +103,8 @@ class DemonPruner:
         self.graph: PrunableGraph | None = None
         self.monitor: ActivationMonitor | None = None
         self.pressure = Pressure(config)
+        if self.target is not None and config.target_focus:
+            self.pressure.focus_on({})  # nothing is pulled before the target's ramp starts
         self.example_input: Any = None
         self.recent_batches: deque[Any] = deque(maxlen=config.batches_kept)
         self.recalibrations = 0  # BatchNorm recalibrations done in this process
@@ -260,14 +262,14 @@ class DemonPruner:
         if self.target is not None and self.pressure.span_steps:
             measured = self.target.measured(self.ledger, self.size_table())
             self.pressure.scale = self.target.update_strength(step / self.pressure.span_steps, measured)
-            if self.config.target_focus:
+            if self.config.target_focus and step >= RAMP_START * self.pressure.span_steps:
                 self.pressure.focus_on(self._focus(model, stats if event is None else self.statistics(model)))
         return event
 
-    def _focus(self, model: nn.Module, stats: Statistics | None) -> dict[str, list[int]] | None:
+    def _focus(self, model: nn.Module, stats: Statistics | None) -> dict[str, list[int]]:
         """The units a focused target pulls: the least important live ones that the rest of the target needs."""
         if stats is None or self.target is None or self.graph is None:
-            return None
+            return {}
         floors = live_floors(self.config, self.ledger.initial_widths)
         plan = self.target.shortfall(
             self.graph.groups(),

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_demp import _strategy
 from lightning_demp.core import DemonPruner
 from lightning_demp.schedules import Schedule
 
@@ -92,6 +93,43 @@ def warn_about_monitors(trainer: pl.Trainer, schedule: Schedule | None, total_st
         )
 
 
+def warn_about_mid_epoch_checkpoints(trainer: pl.Trainer) -> None:
+    """Warn (on rank 0) when validation runs mid-epoch and a `ModelCheckpoint` saves after it: a resume from such
+    a checkpoint is not exact, because the next removal check sees only the batches after the resume point.
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> warn_about_mid_epoch_checkpoints(Trainer(logger=False, enable_progress_bar=False))  # once an epoch: fine
+    """
+    interval = trainer.val_check_interval
+    mid_epoch = (isinstance(interval, float) and interval < 1.0) or isinstance(interval, int)
+    savers = [
+        callback
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and getattr(callback, "_save_on_train_epoch_end", None) is not True
+    ]
+    if mid_epoch and savers and trainer.limit_val_batches != 0:
+        rank_zero_warn(
+            f"`DemonPruning`: `val_check_interval={interval!r}` validates mid-epoch and `ModelCheckpoint` saves after "
+            "validation, so checkpoints can be written mid-epoch. A resume from one is not exact: the next removal "
+            "check sees only the training batches after the resume point (the batches are not saved). For exact "
+            "resumes, pass `ModelCheckpoint(save_on_train_epoch_end=True)`."
+        )
+
+
+def warn_at_fit_start(trainer: pl.Trainer, pruner: DemonPruner) -> None:
+    """The fit-start warnings: mid-epoch checkpoints, and monitors that act within the schedule (with pressure).
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_demp.config import PruningConfig
+        >>> warn_at_fit_start(Trainer(logger=False, enable_progress_bar=False), DemonPruner(PruningConfig()))
+    """
+    warn_about_mid_epoch_checkpoints(trainer)
+    if pruner.config.reg_max > 0 or pruner.config.noise_std > 0:
+        warn_about_monitors(trainer, pruner.pressure.reg_schedule, pruner.pressure.total_steps)
+
+
 def log_size(
     trainer: pl.Trainer, module: pl.LightningModule, metrics: dict[str, float], *, use_module_log: bool
 ) -> None:
@@ -113,7 +151,13 @@ def log_size(
 
 
 def log_state(module: pl.LightningModule, pruner: DemonPruner, step: int) -> None:
-    """At an epoch end: the strength scale (with a target), the schedule's phase and whether the network settled."""
+    """At an epoch end: the strength scale (with a target), the schedule's phase and whether the network settled.
+
+    Examples:
+        >>> from lightning_demp.config import PruningConfig
+        >>> pruner = DemonPruner(PruningConfig())  # no schedule laid out, no target: nothing to log
+        >>> log_state(pl.LightningModule(), pruner, step=0)
+    """
     if pruner.target is not None:
         module.log("demp/strength_scale", pruner.strength_scale)
     schedule = pruner.pressure.reg_schedule
@@ -148,7 +192,7 @@ def network_settled(trainer: pl.Trainer) -> bool:
             "A settled-only callback (SettledModelCheckpoint, SettledEarlyStopping) needs a `DemonPruning` callback "
             "in the same Trainer: add one to `callbacks`, or use Lightning's ModelCheckpoint/EarlyStopping."
         )
-    return pruner.is_settled(trainer.global_step)
+    return pruner.is_settled(_strategy.schedule_step(trainer))
 
 
 class _ActsOnceSettled(pl.Callback):

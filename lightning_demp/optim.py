@@ -2,8 +2,10 @@
 
 Surgery replaces ``nn.Parameter`` objects with smaller ones. `remap_optimizer_` edits an optimizer in place
 so it trains the new parameters: ``param_groups`` are rebound, every state tensor shaped like the old parameter
-(Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``, ...) is sliced to the kept indices, scalar state
-such as ``step`` is kept, and no entry is left for a parameter that no longer exists. Because the optimizer object
+(Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``, ...) or like it with dimensions averaged to 1
+(Adafactor's ``row_var``/``col_var``) is sliced to the kept indices, scalar state such as ``step`` is kept, and no
+entry is left for a parameter that no longer exists. LBFGS, whose history spans all parameters flattened, is
+rebound and restarts its history. Because the optimizer object
 is the same, LR schedulers and Lightning's optimizer wrappers keep working.
 """
 
@@ -77,12 +79,23 @@ def slice_like(value: object, reference_shape: torch.Size, slices: Iterable[tupl
         tensor([1., 3.])
         >>> slice_like(torch.tensor(7.0), torch.Size([4]), [(0, torch.tensor([1, 3]))])
         tensor(7.)
+        >>> slice_like(torch.ones(4, 1), torch.Size([4, 3]), [(0, torch.tensor([1, 3]))]).shape  # Adafactor's row_var
+        torch.Size([2, 1])
     """
-    if not (isinstance(value, Tensor) and value.dim() > 0 and value.shape == reference_shape):
+    if not (isinstance(value, Tensor) and value.dim() > 0 and _reduced_like(value.shape, reference_shape)):
         return value
+    shape = list(reference_shape)
     for dim, kept in slices:
-        value = value.index_select(dim, kept.to(value.device))
+        if value.shape[dim] == shape[dim]:  # a dimension the state keeps (not averaged down to 1)
+            value = value.index_select(dim, kept.to(value.device))
+        shape[dim] = len(kept)
     return value.contiguous()
+
+
+def _reduced_like(shape: torch.Size, reference: torch.Size) -> bool:
+    """Whether a state of ``shape`` is its parameter's ``reference`` shape with some dimensions averaged down to 1
+    (Adafactor's factored ``row_var``/``col_var``), or the shape itself."""
+    return len(shape) == len(reference) and all(size in (1, full) for size, full in zip(shape, reference, strict=True))
 
 
 def remap_optimizer_(optimizer: torch.optim.Optimizer, remaps: Sequence[ParamRemap]) -> int:
@@ -125,6 +138,10 @@ def remap_optimizer_(optimizer: torch.optim.Optimizer, remaps: Sequence[ParamRem
                     key: slice_like(value, param.shape, chain.slices) for key, value in state.items()
                 }
         group["params"] = new_params
+    if rebound and isinstance(optimizer, torch.optim.LBFGS):
+        optimizer._params = optimizer.param_groups[0]["params"]  # its own cached list of what it trains ...
+        optimizer._numel_cache = None  # ... and their size
+        optimizer.state.clear()  # the curvature history spans the flattened old parameters: it restarts
     return rebound
 
 

@@ -92,9 +92,13 @@ def summary_totals(
 
 
 def print_summary(
-    ledger: PruningLedger, trainer: pl.Trainer, module: nn.Module, fit_start_time: float | None = None
+    ledger: PruningLedger,
+    trainer: pl.Trainer,
+    module: nn.Module,
+    fit_start_time: float | None = None,
+    plot_path: str | None = None,
 ) -> None:
-    """Print the summary with ``rich`` when it is installed, as plain text otherwise.
+    """Print the summary with ``rich`` when it is installed, as plain text otherwise; then where the run's plot is.
 
     Examples:
         >>> ledger, trainer, module = _example_run()  # 2 of 8 and 4 of 4 units kept, 10 of 20 parameters
@@ -110,6 +114,8 @@ def print_summary(
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is optional
         print(summary_text(ledger, trainer, module, fit_start_time))
+        if plot_path is not None:
+            print(f"DemonPruning: live units per layer over training, plotted in {plot_path}")
         return
     table = Table(title="DemonPruning summary")
     for column in ("layer", "units", "kept", "kept %"):
@@ -120,3 +126,5 @@ def print_summary(
     console.print(table)
     for key, value in summary_totals(ledger, trainer, module, fit_start_time).items():
         console.print(f"{key}: {value}")
+    if plot_path is not None:
+        console.print(f"DemonPruning: live units per layer over training, plotted in {plot_path}")

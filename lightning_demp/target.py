@@ -3,9 +3,9 @@
 DemP's final size falls out of λ_max, σ_max, the learning rate and the batch size. With a target, the callback
 multiplies λ_t and σ_t by a scale that a feedback rule adjusts at every removal event, so that the measured sparsity
 follows a cubic ramp to the target by the end of the schedule span (the ramp of gradual magnitude pruning), from
-`RAMP_START` of the span on. With ``target_focus`` (the default) the pull and the noise act only on the units the
-target still needs to remove: the least important live ones, re-ranked at every event (`SparsityTarget.shortfall`),
-so the units that will stay are never pulled toward death.
+`RAMP_START` of the span on. With ``target_focus`` (the default) nothing is pulled before the ramp starts, and then the
+pull and the noise act only on the units the target still needs to remove: the least important live ones,
+re-ranked at every event (`SparsityTarget.shortfall`), so the units that will stay are never pulled toward death.
 """
 
 from __future__ import annotations

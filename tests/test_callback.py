@@ -16,9 +16,14 @@ from lightning_demp.schedules import OneCycleSchedule
 # (arguments, exception type, message pattern)
 BAD_ARGUMENTS = [
     (
+        {"target_focus": "yes"},
+        TypeError,
+        r"Expected `target_focus` to be a bool, got str 'yes'",
+    ),
+    (
         {"regularizer": "l3"},
         ValueError,
-        r"Expected `regularizer` to be one of \('l2', 'positive_l2', 'l1_norm_scale'\), got 'l3'",
+        r"Expected `regularizer` to be one of \('l2', 'positive_l2', 'l1_norm_scale', 'positive_group_l1'\), got 'l3'",
     ),
     ({"regularizer": 2}, TypeError, r"Expected `regularizer` to be one of .* got int 2"),
     ({"reg_max": -1.0}, ValueError, r"Expected `reg_max` to be a number in \[0.0, inf\), got -1.0"),

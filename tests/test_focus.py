@@ -39,7 +39,7 @@ def test_a_focus_pulls_and_shakes_only_the_chosen_units():
     for name in ("2.weight", "2.bias", "4.weight", "4.bias"):  # no unit chosen, or not a group (the output)
         assert not penalty[name].any() and not noise[name].any(), name
 
-    pruner.pressure.focus_on(None)  # no focus: every unit, every parameter
+    pruner.pressure.focus_on(None)  # no focus (no target, or target_focus=False): every unit, every parameter
     for param in model.parameters():
         param.grad = torch.ones_like(param)
     pruner.regularize_(torch.optim.SGD(model.parameters(), lr=0.0), model, step=0)
@@ -52,9 +52,11 @@ def test_with_a_target_the_pull_is_on_the_least_important_units_the_target_still
     pruner = DemonPruner(config)
     pruner.prepare(model, torch.randn(2, 6), total_steps=100)
     pruner.remember_batch((torch.randn(64, 6), None))
-    assert pruner.pressure.focus is None  # nothing ranked yet: the first events pull every unit
+    assert pruner.pressure.focus == {}  # nothing is pulled before the target's ramp starts ...
     stats = pruner.statistics(model)
     assert pruner.removal_event(model, [], stats, step=10, epoch=0) is None  # every unit is alive
+    assert pruner.pressure.focus == {}  # ... at 11 % of the 90-step span
+    assert pruner.removal_event(model, [], stats, step=30, epoch=0) is None  # 33 %: past RAMP_START
     focus = pruner.pressure.focus
     assert focus is not None
     assert sum(len(units) for units in focus.values()) == math.ceil(0.25 * 18)  # what the target still needs
@@ -72,5 +74,5 @@ def test_without_target_focus_every_unit_is_pulled_on_the_way_to_a_target():
     pruner = DemonPruner(config)
     pruner.prepare(model, torch.randn(2, 6), total_steps=100)
     pruner.remember_batch((torch.randn(64, 6), None))
-    pruner.removal_event(model, [], step=10, epoch=0)
+    pruner.removal_event(model, [], step=30, epoch=0)
     assert pruner.pressure.focus is None

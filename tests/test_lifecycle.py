@@ -264,3 +264,114 @@ def test_a_frozen_batchnorm_is_left_alone_by_recalibration(tmp_path):
     assert callback.pruner.recalibrations == 0
     assert torch.equal(model.net[1].running_mean, torch.full_like(model.net[1].running_mean, 0.25))
     assert torch.equal(model.net[1].running_var, torch.full_like(model.net[1].running_var, 2.0))
+
+
+def test_one_callback_fitting_a_second_model_keeps_nothing_of_the_first(tmp_path):
+    callback = DemonPruning(regularizer="positive_l2", verbose=False)
+    first = planted_mlp()
+    quiet_trainer(tmp_path / "a", max_epochs=1, callbacks=[callback]).fit(first, datamodule=RandomDataModule())
+    assert callback.events  # the planted units went
+    continued = quiet_trainer(tmp_path / "b", max_epochs=2, callbacks=[callback])
+    continued.fit(first, datamodule=RandomDataModule())  # the same model again: its record goes on
+    assert callback.kept_units["net.0"] == [u for u in range(12) if u not in (1, 8)]
+
+    second = small_mlp(hidden_sizes=[16, 9])
+    trainer = quiet_trainer(tmp_path / "c", max_epochs=1, callbacks=[callback], enable_checkpointing=True)
+    trainer.fit(second, datamodule=RandomDataModule())
+    assert callback.ledger.initial_widths == {"net.0": 16, "net.2": 9}
+    assert callback.ledger.initial_params == sum(p.numel() for p in small_mlp(hidden_sizes=[16, 9]).parameters())
+    assert all(event.widths["net.0"] <= 16 for event in callback.events)
+    (checkpoint,) = (tmp_path / "c").rglob("*.ckpt")
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"]["DemonPruning"]
+    assert len(saved["kept_units"]["net.0"]) == second.net[0].out_features
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16-true", torch.bfloat16), ("16-true", torch.float16), ("64-true", torch.float64)]
+)
+def test_true_precision_with_an_example_input_traces_and_prunes_in_the_model_dtype(tmp_path, precision, dtype):
+    model = planted_mlp(optimizer="sgd")  # Adam's eps underflows in pure float16
+    assert model.example_input_array is not None and model.example_input_array.dtype == torch.float32
+    callback = DemonPruning(regularizer="positive_l2", verbose=False, noise_std=0.0)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback], precision=precision)
+    trainer.fit(model, datamodule=RandomDataModule())
+    assert [e.removed for e in callback.events] == [{"net.0": 2, "net.2": 1}]
+    assert model.net[0].weight.dtype == dtype and model.net[0].out_features == 10
+
+
+def test_stochastic_weight_averaging_beside_the_callback_is_refused_before_training(tmp_path):
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    steps = []
+
+    class CountSteps(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            steps.append(trainer.global_step)
+
+    swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[DemonPruning(regularizer="l2"), swa, CountSteps()])
+    with pytest.raises(ValueError, match="cannot run beside `StochasticWeightAveraging`.*Average after pruning"):
+        trainer.fit(planted_mlp(), datamodule=RandomDataModule())
+    assert steps == []
+
+
+class TwoOptimizers(DemoClassifier):
+    """Manual optimization: the hidden layers and the head have optimizers of their own, both stepped every batch."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=3)
+        self.automatic_optimization = False
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+        self.example_input_array = torch.zeros(2, 6)
+
+    def training_step(self, batch, batch_idx):
+        body, head = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        body.zero_grad()
+        head.zero_grad()
+        self.manual_backward(loss)
+        body.step()
+        head.step()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net[0].parameters(), 1e-2), torch.optim.Adam(self.net[2].parameters(), 1e-2)
+
+
+def test_with_two_manual_optimizers_the_schedule_spans_the_fit_not_half_of_it(tmp_path):
+    strengths = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            strengths.append(callback.pruner.pressure.last_reg_strength)
+
+    callback = DemonPruning(regularizer="l2", reg_max=0.1, schedule="constant", schedule_span=0.5, verbose=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=4, callbacks=[callback, Record()])
+    trainer.fit(TwoOptimizers(), datamodule=RandomDataModule())  # 6 batches an epoch, 12 optimizer steps
+    assert trainer.global_step == 2 * 24
+    assert callback.pruner.pressure.span_steps == 12  # half of the 24 batches
+    assert strengths[:12] == [pytest.approx(0.1)] * 12 and strengths[12:] == [0.0] * 12
+    assert callback.ledger.last_check_step == 24  # the final check, counted in batches
+
+
+def test_mid_epoch_checkpoints_are_warned_about_at_fit_start_and_epoch_end_ones_are_not(tmp_path):
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit_warnings(checkpoint: ModelCheckpoint) -> list[str]:
+        trainer = quiet_trainer(
+            tmp_path,
+            max_epochs=1,
+            val_check_interval=0.5,
+            enable_checkpointing=True,
+            callbacks=[DemonPruning(regularizer="l2", verbose=False), checkpoint],
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(planted_mlp(), datamodule=RandomDataModule())
+        return [str(w.message) for w in caught if "mid-epoch" in str(w.message)]
+
+    (message,) = fit_warnings(ModelCheckpoint(dirpath=tmp_path / "a"))
+    assert "val_check_interval=0.5" in message and "save_on_train_epoch_end=True" in message
+    assert fit_warnings(ModelCheckpoint(dirpath=tmp_path / "b", save_on_train_epoch_end=True)) == []

@@ -17,7 +17,13 @@ OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
     "sgd-momentum": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+    "adafactor": lambda params: torch.optim.Adafactor(params, lr=1e-2),  # factored row_var (n, 1), col_var (1, m)
 }
+
+
+def sliced_state(value: torch.Tensor, dim: int, idx: torch.Tensor, full: int) -> torch.Tensor:
+    """A state tensor sliced as its parameter was, where it keeps that dimension (not averaged down to 1)."""
+    return value.index_select(dim, idx) if value.shape[dim] == full else value
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
@@ -51,7 +57,8 @@ def test_state_is_sliced_step_kept_and_one_more_step_matches_a_hand_built_refere
                 assert torch.equal(torch.as_tensor(state["step"]), torch.as_tensor(old_value))
             elif key in expected_slices:
                 dim, idx = expected_slices[key]
-                assert torch.equal(state[state_key], old_value.index_select(dim, idx))
+                full = old_params[key].shape[dim]
+                assert torch.equal(state[state_key], sliced_state(old_value, dim, idx, full)), state_key
             else:
                 assert torch.equal(state[state_key], old_value)
 
@@ -64,8 +71,9 @@ def test_state_is_sliced_step_kept_and_one_more_step_matches_a_hand_built_refere
             param.copy_(old_params[key].index_select(dim, idx))
     for key, param in reference.named_parameters():
         dim, idx = expected_slices.get(key, (0, torch.arange(old_params[key].shape[0])))
+        full = old_params[key].shape[dim]
         reference_optimizer.state[param] = {
-            k: (v if k == "step" else v.index_select(dim, idx)) for k, v in copy.deepcopy(old_state[key]).items()
+            k: (v if k == "step" else sliced_state(v, dim, idx, full)) for k, v in copy.deepcopy(old_state[key]).items()
         }
     train_steps(model, optimizer, 1, seed=7)
     train_steps(reference, reference_optimizer, 1, seed=7)
@@ -102,3 +110,23 @@ def test_a_parameter_sliced_twice_is_remapped_through_the_whole_chain():
     assert optimizer.param_groups[0]["params"] == [final]
     assert torch.equal(optimizer.state[final]["momentum_buffer"], momentum[rows][:, cols])
     assert weight not in optimizer.state and middle not in optimizer.state
+
+
+def test_lbfgs_trains_the_new_parameters_after_a_removal():
+    model = make_alive_(MLP())
+    kill_linear_units_(model.fc1, [1, 4])
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    inputs = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = model(inputs).pow(2).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    remap_optimizer_(optimizer, remove_units_(PrunableGraph(model, torch.randn(2, 6)), {"fc1": torch.tensor([1, 4])}))
+    before = {key: param.detach().clone() for key, param in model.named_parameters()}
+    optimizer.step(closure)
+    for key, param in model.named_parameters():  # every parameter, the replaced ones too, keeps training
+        assert not torch.equal(param, before[key]), key
