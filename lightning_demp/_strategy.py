@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -165,3 +165,13 @@ def skipped_step(pl_module: LightningModule, outputs: Any) -> bool:
     so no optimizer step was taken and Lightning hands ``on_train_batch_end`` no loss."""
     missing = outputs is None or (isinstance(outputs, Mapping) and outputs.get("loss") is None)
     return missing and pl_module.automatic_optimization
+
+
+def resave_last_checkpoints(trainer: Trainer, *, removed: bool) -> None:
+    """After a removal at the end of a fit that stopped early (``EarlyStopping``), write each `ModelCheckpoint`'s
+    ``last.ckpt`` again: it was saved before the removal, and ``ckpt_path="last"`` must give the final network."""
+    if not removed:
+        return
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
+            trainer.save_checkpoint(callback.last_model_path)

@@ -320,7 +320,7 @@ class DemonPruning(Callback):
             log_size(trainer, pl_module, self.size_metrics(pl_module), use_module_log=True)
         log_state(pl_module, self.pruner, _strategy.schedule_step(trainer))
 
-    def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, final: bool) -> None:
+    def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, final: bool) -> bool:
         stats = self.pruner.stop_observing() if self.check_mode == "train_forwards" else None
         event = self.pruner.removal_event(
             pl_module,
@@ -333,12 +333,14 @@ class DemonPruning(Callback):
         )
         if event is not None:
             set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)
+        return event is not None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruner.prepared and self.pruner.ledger.last_check_step != _strategy.schedule_step(trainer):
-            self._removal_event(trainer, pl_module, final=True)  # training stopped early: the paper's final check
+            removed = self._removal_event(trainer, pl_module, final=True)  # stopped early: the paper's final check
             log_size(trainer, pl_module, self.size_metrics(pl_module), use_module_log=False)
+            _strategy.resave_last_checkpoints(trainer, removed=removed)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.pruner.prepared:
             if self.plot:
@@ -380,9 +382,8 @@ class DemonPruning(Callback):
         return math.isinf(total) or batch_idx >= total - self.config.check_batches
 
     def _release_step_hooks(self) -> None:
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks = []
+        while self._step_hooks:
+            self._step_hooks.pop().remove()
 
     def _release_hooks(self) -> None:
         self._release_step_hooks()

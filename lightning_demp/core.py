@@ -32,6 +32,8 @@ from lightning_demp.policy import decide_removal
 from lightning_demp.pressure import Pressure
 from lightning_demp.regularization import group_parameters
 from lightning_demp.removal import remove_units_
+from lightning_demp.resize import changed_dims, merge_dims, note_changed_dims, tensor_shapes
+from lightning_demp.rollback import all_or_nothing
 from lightning_demp.saturation import SaturationFolding
 from lightning_demp.shortfall import SHORTFALL_START, close_lag, force_target, live_floors
 from lightning_demp.sizes import SizeTable
@@ -121,6 +123,7 @@ class DemonPruner:
         if self.saturation is not None:
             self.saturation.bind(model)
         self._refresh_penalized()
+        note_changed_dims(model, self.ledger.changed_dims)  # a resumed run's record
         if total_steps is not None:
             self.pressure.lay_out(total_steps)
 
@@ -296,15 +299,22 @@ class DemonPruner:
         """Surgery, optimizer remap, rewrap and bookkeeping for one plan (identical on every process)."""
         assert self.graph is not None, "call `prepare` first"
         self.ledger.start_removal()
-        remaps = remove_units_(self.graph, plan.units)
-        orders, order_remaps = order_routed_channels_(self.graph)  # selections become single slice adds
-        head_remaps = remove_heads_(model, plan.heads)
-        for optimizer in optimizers:
-            remap_optimizer_(optimizer, remaps + order_remaps + head_remaps)
+        shapes = tensor_shapes(model)
+        try:
+            with all_or_nothing(model, optimizers):  # a failure half-way leaves no half-pruned network behind
+                remaps = remove_units_(self.graph, plan.units)
+                orders, order_remaps = order_routed_channels_(self.graph)  # selections become single slice adds
+                head_remaps = remove_heads_(model, plan.heads)
+                for optimizer in optimizers:
+                    remap_optimizer_(optimizer, remaps + order_remaps + head_remaps)
+        finally:
+            self.graph.forget_groups()  # shapes changed, or were put back
         collectives.after_surgery()
         if any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()):
             torch.compiler.reset()  # drop graphs guarded on the old shapes instead of piling up recompiles
         self.ledger.record_removal(plan, orders)
+        merge_dims(self.ledger.changed_dims, changed_dims(shapes, tensor_shapes(model)))
+        note_changed_dims(model, self.ledger.changed_dims)  # what a load from before this removal may grow back
         self.monitor = self._new_monitor()
         if self.saturation is not None:
             self.saturation.bind(model)

@@ -301,6 +301,10 @@ class PrunableGraph:
         order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
         return sorted(result, key=lambda group: order[group.name])
 
+    def forget_groups(self) -> None:
+        """Drop the cached `groups` (after a removal, or one that was rolled back)."""
+        self._groups = None
+
     def cut(self, name: str, unit_idxs: Sequence[int]) -> GroupCut:
         """What removing (or, with every index, reordering) units ``unit_idxs`` of group ``name`` touches.
 

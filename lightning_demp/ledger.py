@@ -115,6 +115,7 @@ class PruningLedger:
     kept_units: dict[str, list[int]] = field(default_factory=dict)
     initial_heads: dict[str, int] = field(default_factory=dict)
     kept_heads: dict[str, list[int]] = field(default_factory=dict)
+    changed_dims: dict[str, list[int]] = field(default_factory=dict)  # tensor key -> dims removals changed
     initial_params: int | None = None
     initial_flops: float | None = None
     current_flops: float | None = None
@@ -225,6 +226,7 @@ class PruningLedger:
             "events": [event.to_dict() for event in self.events],
             "last_check_step": self.last_check_step,
             "last_removed_count": self.last_removed_count,
+            "changed_dims": {key: list(dims) for key, dims in self.changed_dims.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -238,3 +240,4 @@ class PruningLedger:
         self.events = [RemovalEvent.from_dict(event) for event in state.get("events", [])]
         self.last_check_step = int(state.get("last_check_step", -1))
         self.last_removed_count = int(state.get("last_removed_count", 0))
+        self.changed_dims = {key: list(dims) for key, dims in state.get("changed_dims", {}).items()}

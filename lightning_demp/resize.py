@@ -1,8 +1,8 @@
-"""Resize on load: shrink a freshly built, full-size model to the widths of a state dict saved after removals."""
+"""Resize on load: give a model the widths of the state dict it loads, saved before or after removals."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,19 +33,89 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     return {name: int(width) for name, module in model.named_modules() if (width := layer_width(module)) is not None}
 
 
-def resize_like_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Shrink the layers of ``model`` to the shapes found in ``state_dict``, so that it can be loaded.
+_CHANGED = "_demp_changed_dims"  # on a model: {state-dict key: dims} its removals changed (the ledger's record)
+_INCOMING = "_demp_incoming_changed_dims"  # on a model, during a Lightning load: the checkpoint's record
 
-    Which entries survive does not matter: every one is overwritten by the load that follows. Only Linear, Conv,
-    BatchNorm and LayerNorm layers are resized; other mismatches are left for ``load_state_dict`` to report.
+
+def tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter and buffer, by state-dict key.
+
+    Examples:
+        >>> tensor_shapes(nn.Linear(2, 3))
+        {'weight': (3, 2), 'bias': (3,)}
+    """
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return {name: tuple(tensor.shape) for name, tensor in named}
+
+
+def changed_dims(before: Mapping[str, tuple[int, ...]], after: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """The dimensions whose size differs between two `tensor_shapes` of one model, by key.
+
+    Examples:
+        >>> changed_dims({"0.weight": (8, 4), "2.weight": (2, 8)}, {"0.weight": (6, 4), "2.weight": (2, 6)})
+        {'0.weight': [0], '2.weight': [1]}
+    """
+    found = {}
+    for key, shape in after.items():
+        old = before.get(key)
+        if old is not None and len(old) == len(shape) and old != shape:
+            found[key] = [dim for dim, (a, b) in enumerate(zip(old, shape, strict=True)) if a != b]
+    return found
+
+
+def merge_dims(record: dict[str, list[int]], more: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """``record`` with ``more`` added to it, in place; returned.
+
+    Examples:
+        >>> merge_dims({"a": [0]}, {"a": [1], "b": [0]})
+        {'a': [0, 1], 'b': [0]}
+    """
+    for key, dims in more.items():
+        record[key] = sorted({*record.get(key, []), *(int(d) for d in dims)})
+    return record
+
+
+def note_changed_dims(model: nn.Module, record: Mapping[str, Sequence[int]]) -> None:
+    """Keep on ``model`` which widths its removals changed, so that loading a checkpoint from before one may grow
+    exactly those back (and nothing else).
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))  # pruned from 8 units
+        >>> note_changed_dims(model, {"0.weight": [0], "0.bias": [0], "2.weight": [1]})
+        >>> wider = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).state_dict()
+        >>> resize_like_(model, wider), model[0].out_features
+        (['0', '2'], 8)
+    """
+    object.__setattr__(model, _CHANGED, merge_dims(dict(getattr(model, _CHANGED, {})), record))
+
+
+def resize_like_(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    prefix: str = "",
+    allowed: Mapping[str, Sequence[int]] | None = None,
+) -> list[str]:
+    """Resize the layers of ``model`` to the shapes found in ``state_dict``, so that it can be loaded.
+
+    A fresh, full-size model shrinks to a pruned checkpoint's widths; a pruned model grows back to a checkpoint
+    written before a removal (a best-``k`` save from early in the run). Which values the resized tensors hold does
+    not matter: every one is overwritten by the load that follows. Only Linear, Conv, BatchNorm and LayerNorm
+    layers are resized; other mismatches are left for ``load_state_dict`` to report.
 
     Args:
-        model: A freshly built, full-size model.
-        state_dict: A state dict saved from a pruned copy of it.
+        model: The model to load into.
+        state_dict: A state dict saved from a copy of it with other widths.
         prefix: Prefix of ``model``'s keys in ``state_dict``.
+
+        allowed: The dimensions DemP changed, by key (``changed_dims`` in a DemP checkpoint's callback state,
+            joined with the model's own record). A mismatch anywhere else is a checkpoint of another architecture:
+            a ``ValueError`` naming the tensor. ``None`` with no record on the model: any Linear/Conv/norm width.
 
     Returns:
         The names of the resized modules.
+
+    Raises:
+        ValueError: A width DemP never changes differs (with ``allowed``, or a record on the model).
 
     Examples:
         >>> pruned = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -54,7 +124,13 @@ def resize_like_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = 
         ['0', '2']
         >>> fresh.load_state_dict(pruned.state_dict())
         <All keys matched successfully>
+        >>> resize_like_(fresh, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).state_dict())  # back
+        ['0', '2']
+        >>> fresh[0].out_features
+        8
     """
+    record = merge_dims(dict(getattr(model, _CHANGED, {})), allowed or {})
+    checked = allowed is not None or bool(record)
     resized = []
     for name, module in model.named_modules():
         key = f"{prefix}{name}." if name else prefix
@@ -65,8 +141,18 @@ def resize_like_(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = 
             saved = state_dict.get(key + param_name)
             if not isinstance(saved, Tensor) or saved.shape == param.shape or saved.dim() != param.dim():
                 continue
-            slices = tuple(slice(0, size) for size in saved.shape)
-            new_value = param.detach()[slices].clone()
+            local = f"{name}.{param_name}" if name else param_name
+            differing = [dim for dim in range(saved.dim()) if saved.shape[dim] != param.shape[dim]]
+            if checked and not set(differing) <= set(record.get(local, [])):
+                raise ValueError(
+                    f"The checkpoint's `{prefix}{local}` has shape {tuple(saved.shape)}, the model's "
+                    f"{tuple(param.shape)}: DemP never changed dimension {differing} of it, so the checkpoint "
+                    "belongs to another architecture (another `num_classes`, input size or width?). Build the "
+                    "model with the arguments of the run that wrote it."
+                )
+            new_value = param.detach().new_zeros(saved.shape)  # wider (a checkpoint from before a removal) or not
+            overlap = tuple(slice(0, min(a, b)) for a, b in zip(saved.shape, param.shape, strict=True))
+            new_value[overlap] = param.detach()[overlap]
             if isinstance(param, nn.Parameter):
                 setattr(module, param_name, nn.Parameter(new_value, requires_grad=param.requires_grad))
             else:
@@ -85,8 +171,38 @@ _RESIZE_FLAG = "_demp_resize_on_load"
 
 
 def _resize_on_load_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: shrink to the incoming shapes before the values are copied."""
-    resize_like_(module, state_dict, prefix)
+    """``load_state_dict`` pre-hook: take the incoming shapes before the values are copied."""
+    incoming = module.__dict__.pop(_INCOMING, None)
+    resize_like_(module, state_dict, prefix, allowed=incoming)
+
+
+def record_of_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, list[int]] | None:
+    """The ``changed_dims`` a DemP callback saved in a Lightning checkpoint (``None`` without one).
+
+    Examples:
+        >>> record_of_checkpoint({"callbacks": {"DemonPruning": {"kept_units": {}, "changed_dims": {"0.weight": [0]}}}})
+        {'0.weight': [0]}
+        >>> record_of_checkpoint({"state_dict": {}}) is None
+        True
+    """
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, Mapping) and "kept_units" in state and "changed_dims" in state:
+            return {key: list(dims) for key, dims in state["changed_dims"].items()}
+    return None
+
+
+class _StashRecord:
+    """A LightningModule's ``on_load_checkpoint`` (Lightning calls it before the weights load) that first hands the
+    checkpoint's record to the resize hook, then runs the class's own hook."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, checkpoint: dict[str, Any]) -> Any:
+        record = record_of_checkpoint(checkpoint)
+        if record is not None:
+            self.module.__dict__[_INCOMING] = record
+        return type(self.module).on_load_checkpoint(self.module, checkpoint)  # type: ignore[attr-defined]
 
 
 def enable_resize_on_load(module: nn.Module) -> torch.utils.hooks.RemovableHandle | None:
@@ -112,6 +228,8 @@ def enable_resize_on_load(module: nn.Module) -> torch.utils.hooks.RemovableHandl
         return None
     handle = module.register_load_state_dict_pre_hook(_resize_on_load_hook)
     object.__setattr__(module, _RESIZE_FLAG, True)
+    if callable(getattr(type(module), "on_load_checkpoint", None)):  # a LightningModule
+        module.__dict__["on_load_checkpoint"] = _StashRecord(module)
     return handle
 
 
@@ -131,6 +249,8 @@ def disable_resize_on_load(module: nn.Module, handle: torch.utils.hooks.Removabl
     """
     handle.remove()
     object.__setattr__(module, _RESIZE_FLAG, False)
+    if isinstance(module.__dict__.get("on_load_checkpoint"), _StashRecord):
+        del module.__dict__["on_load_checkpoint"]
 
 
 def resize_on_load_enabled(module: nn.Module) -> bool:

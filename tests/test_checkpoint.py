@@ -177,3 +177,85 @@ def test_the_compact_model_exports_and_the_exported_program_matches(tmp_path):
 
 def test_checksums_differ_between_independent_models():  # guards the helpers used above
     assert model_checksum(small_mlp()) != model_checksum(small_mlp())
+
+
+def test_an_exception_half_way_through_a_removal_leaves_a_consistent_checkpoint(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    from lightning_demp.graph import PrunableGraph
+
+    real_cut, calls = PrunableGraph.cut, []
+
+    def cut_then_fail(self, name, unit_idxs):
+        calls.append(name)
+        if len(calls) == 2:  # the first group (`net.0`) is already sliced
+            raise Crash("killed during surgery")
+        return real_cut(self, name, unit_idxs)
+
+    monkeypatch.setattr(PrunableGraph, "cut", cut_then_fail)
+    callback = DemonPruning(regularizer="positive_l2", verbose=False, noise_std=0.0)
+    saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
+    model = planted_mlp()
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback, saver], enable_checkpointing=True)
+    with pytest.raises(Crash):
+        trainer.fit(model, datamodule=RandomDataModule())
+    assert model.net[0].out_features == model.net[2].in_features == 12  # nothing half-removed
+
+    saved = torch.load(tmp_path / "on_exception.ckpt", weights_only=False)
+    kept = saved["callbacks"]["DemonPruning"]["kept_units"]
+    assert saved["state_dict"]["net.0.weight"].shape[0] == len(kept["net.0"]) == 12
+    assert saved["optimizer_states"][0]["state"][0]["exp_avg"].shape[0] == 12
+    assert saved["callbacks"]["DemonPruning"]["events"] == []
+
+    monkeypatch.setattr(PrunableGraph, "cut", real_cut)
+    resumed_callback = DemonPruning(regularizer="positive_l2", verbose=False, noise_std=0.0)
+    resumed = quiet_trainer(tmp_path / "resumed", max_epochs=2, callbacks=[resumed_callback])
+    resumed.fit(small_mlp(), datamodule=RandomDataModule(), ckpt_path=tmp_path / "on_exception.ckpt")
+    assert resumed_callback.kept_units["net.0"] == [u for u in range(12) if u not in (1, 8)]
+
+
+def test_a_checkpoint_from_before_a_removal_loads_back_into_the_pruned_model(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}", save_last=True)
+    callback = DemonPruning(regularizer="positive_l2", verbose=False, noise_std=0.0, prune_every_n_epochs=2)
+    model = planted_mlp()
+    trainer = quiet_trainer(tmp_path, max_epochs=4, callbacks=[callback, saver], enable_checkpointing=True)
+    trainer.fit(model, datamodule=RandomDataModule())
+    assert model.net[0].out_features == 10  # pruned after epoch 1
+    early = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=False)
+    assert early["state_dict"]["net.0.weight"].shape[0] == 12  # written before the removal
+
+    (metrics,) = trainer.test(model, datamodule=RandomDataModule(), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    assert model.net[0].out_features == model.net[2].in_features == 12 and model.net[2].out_features == 10
+    assert all(torch.equal(value, early["state_dict"][key]) for key, value in model.state_dict().items())
+    assert 0.0 <= metrics["test_acc"] <= 1.0
+    trainer.test(model, datamodule=RandomDataModule(), ckpt_path="last")  # and back to the pruned widths
+    assert model.net[0].out_features == 10
+
+
+@pytest.mark.parametrize(
+    ("other", "tensor"),
+    [({"num_classes": 5}, "net.4.weight"), ({"input_dim": 8}, "net.0.weight")],
+    ids=["num_classes", "input_dim"],
+)
+def test_a_checkpoint_of_another_architecture_is_refused_naming_the_tensor(tmp_path, other, tensor):
+    fit(tmp_path, planted_mlp(), max_epochs=1)
+    with pytest.raises(ValueError, match=f"`{tensor}` has shape .*DemP never changed dimension"):
+        load_pruned_checkpoint(small_mlp(**other), tmp_path / "ckpt" / "last.ckpt")
+    model = load_pruned_checkpoint(small_mlp(), tmp_path / "ckpt" / "last.ckpt")  # the run's own architecture
+    assert model.net[0].out_features == 10
+
+
+def test_after_early_stopping_last_ckpt_holds_the_final_removal(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    stopper = EarlyStopping(monitor="val_loss", mode="max", patience=0)  # val_loss falls: stops after epoch 2
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callback = DemonPruning(regularizer="positive_l2", verbose=False, noise_std=0.0, prune_every_n_epochs=5)
+    model = planted_mlp()
+    trainer = quiet_trainer(tmp_path, max_epochs=20, callbacks=[callback, stopper, saver], enable_checkpointing=True)
+    trainer.fit(model, datamodule=RandomDataModule())
+    assert trainer.current_epoch < 5 and len(callback.events) == 1  # the final check at on_train_end
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["state_dict"]["net.0.weight"].shape[0] == 10
+    assert len(last["callbacks"]["DemonPruning"]["events"]) == 1
+    trainer.test(small_mlp(), datamodule=RandomDataModule(), ckpt_path="last")
