@@ -252,7 +252,7 @@ class DemonPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.pruner.pressure.lay_out(_strategy.total_steps(trainer))
+        self.pruner.lay_out(_strategy.total_steps(trainer), resumed_at=_strategy.schedule_step(trainer))
         self.fit_start_time = time.perf_counter()
         self._release_step_hooks()
         for optimizer in trainer.optimizers:

@@ -35,7 +35,7 @@ from lightning_demp.removal import remove_units_
 from lightning_demp.resize import changed_dims, merge_dims, note_changed_dims, tensor_shapes
 from lightning_demp.rollback import all_or_nothing
 from lightning_demp.saturation import SaturationFolding
-from lightning_demp.shortfall import SHORTFALL_START, close_lag, force_target, live_floors
+from lightning_demp.shortfall import SHORTFALL_START, close_lag, focus_units, force_target
 from lightning_demp.sizes import SizeTable
 from lightning_demp.target import RAMP_START, SparsityTarget
 from lightning_demp.units import RemovalPlan, Statistics
@@ -125,7 +125,17 @@ class DemonPruner:
         self._refresh_penalized()
         note_changed_dims(model, self.ledger.changed_dims)  # a resumed run's record
         if total_steps is not None:
-            self.pressure.lay_out(total_steps)
+            self.lay_out(total_steps)
+
+    def lay_out(self, total_steps: int, resumed_at: int = 0) -> None:
+        """Lay the schedules over ``total_steps``; warn when a resume at ``resumed_at`` brought other settings (the
+        checkpoint's schedule stays in the record's history, so plots keep what each part of the run trained with)."""
+        changed = self.pressure.lay_out(total_steps, resumed_at)
+        if changed:
+            self.warn(
+                f"`DemonPruning`: resumed with another schedule than the checkpoint's ({'; '.join(changed)}); the "
+                "new one applies from the resumed step on, the old one stays in the record's history."
+            )
 
     @property
     def prepared(self) -> bool:
@@ -266,24 +276,8 @@ class DemonPruner:
             measured = self.target.measured(self.ledger, self.size_table())
             self.pressure.scale = self.target.update_strength(step / self.pressure.span_steps, measured)
             if self.config.target_focus and step >= RAMP_START * self.pressure.span_steps:
-                self.pressure.focus_on(self._focus(model, stats if event is None else self.statistics(model)))
+                self.pressure.focus_on(focus_units(self, model, stats if event is None else self.statistics(model)))
         return event
-
-    def _focus(self, model: nn.Module, stats: Statistics | None) -> dict[str, list[int]]:
-        """The units a focused target pulls: the least important live ones that the rest of the target needs."""
-        if stats is None or self.target is None or self.graph is None:
-            return {}
-        floors = live_floors(self.config, self.ledger.initial_widths)
-        plan = self.target.shortfall(
-            self.graph.groups(),
-            stats,
-            dict(model.named_modules()),
-            self.ledger,
-            self.size_table(),
-            goal=self.target.target,
-            floors=floors,
-        )
-        return {name: idxs.tolist() for name, idxs in plan.units.items()}
 
     def apply(
         self,

@@ -7,6 +7,7 @@ be plotted at the end of training or later from a saved checkpoint with `plot_ch
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,34 @@ def units_over_steps(state: Mapping[str, Any]) -> tuple[list[int], dict[str, lis
         for name, series in widths.items():
             series.append(int(event.get("widths", {}).get(name, series[-1])))
     return steps, widths
+
+
+def schedule_values(schedule: Mapping[str, Any], steps: Sequence[int]) -> tuple[list[float], list[float]]:
+    """λ_t and σ_t at ``steps`` from a saved schedule record: each earlier schedule of a run resumed with other
+    settings (its ``history``) up to the step it ended at, then the current one.
+
+    Examples:
+        >>> record = {"name": "constant", "reg_max": 0.3, "noise_std": 0.0, "span_steps": 10,
+        ...           "history": [{"name": "constant", "reg_max": 0.1, "noise_std": 0.0, "span_steps": 10,
+        ...                        "until_step": 4}]}
+        >>> schedule_values(record, [0, 3, 4, 9, 10])[0]
+        [0.1, 0.1, 0.3, 0.3, 0.0]
+    """
+    segments = sorted(schedule.get("history", []), key=lambda segment: int(segment["until_step"]))
+    built = [
+        (
+            int(part.get("until_step", math.inf)) if part is not schedule else math.inf,
+            make_schedule(part["name"], float(part["reg_max"]), int(part["span_steps"])),
+            make_schedule(part["name"], float(part["noise_std"]), int(part["span_steps"])),
+        )
+        for part in [*segments, schedule]
+    ]
+    reg_values, noise_values = [], []
+    for step in steps:
+        _, reg, noise = next(part for part in built if step < part[0])
+        reg_values.append(reg.value(step))
+        noise_values.append(noise.value(step))
+    return reg_values, noise_values
 
 
 def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
@@ -77,13 +106,11 @@ def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
     top.grid(alpha=0.3)
     if schedule:
         xs = torch.linspace(0, total, 200).round().long().tolist()
-        span = int(schedule["span_steps"])
-        reg = make_schedule(schedule["name"], float(schedule["reg_max"]), span)
-        noise = make_schedule(schedule["name"], float(schedule["noise_std"]), span)
-        bottom.plot(xs, [reg.value(x) for x in xs], color="tab:red", label="λ (regularization)")
+        reg_values, noise_values = schedule_values(schedule, xs)
+        bottom.plot(xs, reg_values, color="tab:red", label="λ (regularization)")
         bottom.set_ylabel("λ_t", color="tab:red")
         twin = bottom.twinx()
-        twin.plot(xs, [noise.value(x) for x in xs], color="tab:blue", linestyle="--", label="σ (noise)")
+        twin.plot(xs, noise_values, color="tab:blue", linestyle="--", label="σ (noise)")
         twin.set_ylabel("σ_t", color="tab:blue")
     for step in steps[1:]:
         bottom.axvline(step, color="grey", alpha=0.3, linewidth=0.8)

@@ -34,6 +34,8 @@ from lightning_demp.regularization import (
 )
 from lightning_demp.schedules import Schedule, make_schedule
 
+_SETTINGS = ("name", "reg_max", "noise_std", "span_steps", "total_steps")
+
 
 class Pressure:
     """λ_t and σ_t over a run, applied around each optimizer step.
@@ -45,7 +47,8 @@ class Pressure:
         >>> layer = nn.Linear(2, 2)
         >>> optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
         >>> pressure = Pressure(PruningConfig(regularizer="l2", reg_max=0.5, schedule="constant"))
-        >>> pressure.lay_out(total_steps=10)
+        >>> pressure.lay_out(total_steps=10)  # a fresh run: nothing changed since a checkpoint
+        []
         >>> layer(torch.ones(1, 2)).sum().backward()
         >>> before = layer.weight.grad.clone()
         >>> pressure.before_step_(optimizer, layer, step=0)
@@ -59,6 +62,8 @@ class Pressure:
         self.noise_schedule: Schedule | None = None
         self.total_steps: int | None = None
         self.loaded_record: dict[str, Any] | None = None  # a checkpoint's schedule record, until one is laid out
+        self.history: list[dict[str, Any]] = []  # earlier schedules of a run resumed with other settings
+        self._ended: dict[str, Any] | None = None  # the schedule a resume replaced, until its first step
         self.scale = 1.0  # multiplies λ_t and σ_t (steered by a sparsity target)
         self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
         self.groups: dict[str, tuple[GroupParameters, int]] = {}  # group -> (its parameters, initial units)
@@ -94,12 +99,27 @@ class Pressure:
             self._focus_rows = rows
         return self._focus_rows
 
-    def lay_out(self, total_steps: int) -> None:
-        """Lay λ_t and σ_t over ``schedule_span`` of ``total_steps`` optimizer steps."""
+    def lay_out(self, total_steps: int, resumed_at: int = 0) -> list[str]:
+        """Lay λ_t and σ_t over ``schedule_span`` of ``total_steps`` optimizer steps.
+
+        On a resume (a checkpoint's schedule was loaded) with other settings, the loaded schedule is kept in the
+        record's ``history`` up to the first step the resumed run takes (``resumed_at`` until then), so that plots
+        draw what each part of the run trained with; returns what changed (empty when nothing did).
+        """
         self.total_steps = total_steps
         span_steps = max(1, round(self.config.schedule_span * total_steps))
         self.reg_schedule = make_schedule(self.config.schedule, self.config.reg_max, span_steps)
         self.noise_schedule = make_schedule(self.config.schedule, self.config.noise_std, span_steps)
+        loaded, self.loaded_record = self.loaded_record, None
+        if loaded is None:
+            return []
+        self.history = [dict(segment) for segment in loaded.get("history", [])]
+        now = self.record()
+        assert now is not None
+        changed = [f"{key} {loaded.get(key)!r} → {now[key]!r}" for key in _SETTINGS if loaded.get(key) != now[key]]
+        if changed:  # it ends where the resumed run takes its first step (known once it does)
+            self._ended = {**{key: loaded.get(key) for key in _SETTINGS}, "until_step": resumed_at}
+        return changed
 
     @property
     def span_steps(self) -> int:
@@ -114,6 +134,9 @@ class Pressure:
         """Add λ_t·∇R to the gradients; note the live entries (non-zero gradient) for the noise after the step."""
         assert self.reg_schedule is not None, "lay the schedule out first (`lay_out`, or `DemonPruner.prepare`)"
         assert self.noise_schedule is not None
+        if self._ended is not None:
+            self.history.append({**self._ended, "until_step": step})
+            self._ended = None
         self.last_reg_strength = self.reg_schedule.value(step) * self.scale
         self.last_noise_std = self.noise_schedule.value(step) * self.scale
         if self.last_reg_strength == 0 and self.last_noise_std == 0:
@@ -181,6 +204,7 @@ class Pressure:
             "noise_std": self.config.noise_std,
             "span_steps": self.reg_schedule.span_steps,
             "total_steps": self.total_steps,
+            "history": [dict(segment) for segment in self.history],
         }
 
 

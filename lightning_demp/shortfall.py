@@ -75,6 +75,33 @@ def live_floors(config: PruningConfig, initial_widths: dict[str, int]) -> dict[s
     return {name: max(config.min_units, math.ceil(config.live_floor * n)) for name, n in initial_widths.items()}
 
 
+def focus_units(core: Core, model: nn.Module, stats: Statistics | None) -> dict[str, list[int]]:
+    """The units a focused target pulls: the least important live ones that the rest of the target needs, ranked
+    as the lag closing ranks them (`SparsityTarget.shortfall`), no group below its live floor.
+
+    Examples:
+        >>> from lightning_demp.core import DemonPruner
+        >>> model = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 2))
+        >>> pruner = DemonPruner(PruningConfig(regularizer="l2", target_sparsity=0.3, target_metric="units"))
+        >>> pruner.prepare(model, torch.randn(2, 4), total_steps=10)
+        >>> pruner.remember_batch((torch.randn(32, 4), None))
+        >>> {name: len(units) for name, units in focus_units(pruner, model, pruner.statistics(model)).items()}
+        {'0': 6}
+    """
+    if stats is None or core.target is None or core.graph is None:
+        return {}
+    plan = core.target.shortfall(
+        core.graph.groups(),
+        stats,
+        dict(model.named_modules()),
+        core.ledger,
+        core.size_table(),
+        goal=core.target.target,
+        floors=live_floors(core.config, core.ledger.initial_widths),
+    )
+    return {name: idxs.tolist() for name, idxs in plan.units.items()}
+
+
 def close_lag(
     core: Core,
     model: nn.Module,

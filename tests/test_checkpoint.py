@@ -259,3 +259,29 @@ def test_after_early_stopping_last_ckpt_holds_the_final_removal(tmp_path):
     assert last["state_dict"]["net.0.weight"].shape[0] == 10
     assert len(last["callbacks"]["DemonPruning"]["events"]) == 1
     trainer.test(small_mlp(), datamodule=RandomDataModule(), ckpt_path="last")
+
+
+def test_resuming_with_another_schedule_warns_and_keeps_the_history_true(tmp_path):
+    from lightning_demp.plots import schedule_values
+
+    class StopAfterTwoEpochs(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    def run(reg_max: float, extra: list, ckpt_path=None) -> DemonPruning:
+        callback = DemonPruning(
+            regularizer="l2", reg_max=reg_max, noise_std=0.0, schedule="constant", schedule_span=1.0, verbose=False
+        )
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        callbacks = [callback, saver, *extra]
+        trainer = quiet_trainer(tmp_path, max_epochs=4, callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(small_mlp() if ckpt_path else planted_mlp(), datamodule=RandomDataModule(), ckpt_path=ckpt_path)
+        return callback
+
+    run(0.1, [StopAfterTwoEpochs()])  # 6 steps an epoch: stops at step 12 of 24
+    with pytest.warns(UserWarning, match=r"resumed with another schedule .*\(reg_max 0.1 → 0.3\)"):
+        resumed = run(0.3, [], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    record = resumed.state_dict()["schedule"]
+    assert [(segment["reg_max"], segment["until_step"]) for segment in record["history"]] == [(0.1, 12)]
+    reg_values, _ = schedule_values(record, [0, 11, 12, 23])
+    assert reg_values == [0.1, 0.1, 0.3, 0.3]  # the plot draws what each part of the run trained with
