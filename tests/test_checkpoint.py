@@ -285,3 +285,24 @@ def test_resuming_with_another_schedule_warns_and_keeps_the_history_true(tmp_pat
     assert [(segment["reg_max"], segment["until_step"]) for segment in record["history"]] == [(0.1, 12)]
     reg_values, _ = schedule_values(record, [0, 11, 12, 23])
     assert reg_values == [0.1, 0.1, 0.3, 0.3]  # the plot draws what each part of the run trained with
+
+
+def test_a_decoupled_run_checkpoint_loads_into_a_fresh_model_without_extra_steps(tmp_path):
+    from test_selection import PlainResidualClassifier
+
+    from helpers.models import kill_bn_units_, randomize_bn_
+
+    model = PlainResidualClassifier()
+    randomize_bn_(model)
+    kill_bn_units_(model.net.stem_bn, [1], shift=-5.0)
+    callback = DemonPruning(regularizer="l1_norm_scale", verbose=False, noise_std=0.0, decouple_residuals=True)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback, saver], enable_checkpointing=True)
+    trainer.fit(model, datamodule=RandomDataModule(num_features=16, num_classes=4))
+    assert callback.events
+
+    loaded = load_pruned_checkpoint(PlainResidualClassifier(), tmp_path / "ckpt" / "last.ckpt")
+    x = torch.randn(8, 16)
+    model.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x))
