@@ -25,6 +25,7 @@ from lightning_demp.attention import HeadedAttention
 from lightning_demp.resize import layer_width
 from lightning_demp.selection import ChannelSelect
 from lightning_demp.units import ReaderSlice, UnitGroup
+from lightning_demp.usage import modules_sharing_parameters, weights_used_outside
 
 _OPTYPE = tp.ops.OPTYPE
 # Module types whose units we can remove exactly: per-channel layers and the Linear/Conv producers/readers.
@@ -157,6 +158,7 @@ class PrunableGraph:
                     verbose=False,
                     customized_pruners={ChannelSelect: ChannelSelectPruner(), HeadedAttention: HeadedAttentionPruner()},
                 )
+                self._used_outside = weights_used_outside(model, example_inputs)
         except Exception as error:
             raise TracingError(
                 f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
@@ -202,19 +204,6 @@ class PrunableGraph:
         by_name = dict(self.model.named_modules())
         return {by_name[name] for names in matches.values() for name in names}
 
-    def _modules_sharing_parameters(self) -> dict[nn.Module, str]:
-        """Modules holding a parameter that another module also holds (tied weights), with the other's name."""
-        owners: dict[int, list[nn.Module]] = {}
-        for module in self.model.modules():
-            for param in module.parameters(recurse=False):
-                owners.setdefault(id(param), []).append(module)
-        shared: dict[nn.Module, str] = {}
-        for modules in owners.values():
-            for module in modules if len(modules) > 1 else ():
-                other = next(m for m in modules if m is not module)
-                shared[module] = self._names.get(other, type(other).__name__)
-        return shared
-
     def norm_after(self, name: str) -> nn.Module | None:
         """The BatchNorm that directly and only consumes the output of layer ``name``, if any."""
         node = self._graph.module2node.get(dict(self.model.named_modules())[name])
@@ -242,7 +231,7 @@ class PrunableGraph:
 
     def _describe_groups(self) -> list[UnitGroup]:
         excluded = self._excluded_modules()
-        shared = self._modules_sharing_parameters()
+        shared = modules_sharing_parameters(self.model, self._names)
         graph = self._graph
         result = []
         for tp_group in graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES):
@@ -274,6 +263,8 @@ class PrunableGraph:
                     continue
                 if module in shared:
                     reasons.append(f"`{name}` shares parameters with `{shared[module]}`")
+                if module in self._used_outside:
+                    reasons.append(f"the weight of `{name}` is also used outside it (a tied or transposed weight)")
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
                 if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
                     reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")

@@ -108,3 +108,34 @@ def test_parameters_frozen_by_the_user_are_removed_like_others_and_stay_frozen()
     remove_dead_(model, torch.randn(32, 5))
     assert not model.fc1.weight.requires_grad
     assert model.fc1.out_features == 7
+
+
+class TransposedDecoder(nn.Module):
+    """An autoencoder whose decoder is the encoder's weight, transposed: ``F.linear(h, enc.weight.t())``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 8)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.linear(F.relu(self.enc(x)), self.enc.weight.t()))
+
+
+def test_a_transposed_tied_weight_blocks_its_group_and_training_goes_on(tmp_path):
+    from helpers.lightning import RandomDataModule, quiet_trainer
+    from lightning_demp import DemonPruning
+    from lightning_demp.demos import DemoClassifier
+
+    class Classifier(DemoClassifier):
+        def __init__(self) -> None:
+            super().__init__(num_classes=3)
+            self.net = make_alive_(TransposedDecoder())
+            kill_linear_units_(self.net.enc, [2, 5])  # dead, but their rows are also the decoder's columns
+
+    groups = {g.name: g for g in PrunableGraph(TransposedDecoder(), torch.randn(2, 6)).groups()}
+    assert "also used outside it (a tied or transposed weight)" in groups["enc"].blocked
+    model = Classifier()
+    callback = DemonPruning(regularizer="l2", verbose=False)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, datamodule=RandomDataModule())
+    assert model.net.enc.out_features == 8 and callback.events == []

@@ -1,0 +1,102 @@
+"""How a model uses its parameters: tied between layers, or used outside the layer that holds them.
+
+A layer's units can be removed only if slicing its parameters changes nothing but that layer. Two patterns break
+this without Torch-Pruning seeing it: a parameter held by two modules (tied embeddings), and a weight a forward
+uses directly (``F.linear(h, self.enc.weight.t())``, a tied decoder). `lightning_demp.graph` blocks the groups
+of such layers, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def modules_sharing_parameters(model: nn.Module, names: dict[nn.Module, str]) -> dict[nn.Module, str]:
+    """Modules holding a parameter that another module also holds (tied weights), with the other's name.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> model[1].weight = model[0].weight
+        >>> sorted(modules_sharing_parameters(model, {m: n for n, m in model.named_modules()}).values())
+        ['0', '1']
+    """
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    shared: dict[nn.Module, str] = {}
+    for modules in owners.values():
+        for module in modules if len(modules) > 1 else ():
+            other = next(m for m in modules if m is not module)
+            shared[module] = names.get(other, type(other).__name__)
+    return shared
+
+
+def weights_used_outside(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
+    """The Linear/Conv layers whose weight one forward on ``example_inputs`` uses more often than the layer runs:
+    some code outside the layer reads it (a transposed, tied decoder weight).
+
+    Counted on the autograd graph: each use of a weight is one reference to its gradient accumulator.
+
+    Examples:
+        >>> class Tied(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.enc = nn.Linear(6, 8)
+        ...     def forward(self, x):
+        ...         return nn.functional.linear(torch.relu(self.enc(x)), self.enc.weight.t())
+        >>> model = Tied()
+        >>> weights_used_outside(model, torch.randn(2, 6)) == {model.enc}
+        True
+    """
+    layers = [module for module in model.modules() if isinstance(module, _LAYERS)]
+    calls: Counter[nn.Module] = Counter()
+    handles = [layer.register_forward_hook(lambda m, args, out: calls.update([m])) for layer in layers]
+    try:
+        with torch.enable_grad():
+            outputs = _call(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    uses: Counter[int] = Counter()
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                uses.update([id(variable)])
+            stack.append(child)
+    return {
+        layer
+        for layer in layers
+        if isinstance(layer.weight, nn.Parameter) and uses[id(layer.weight)] > calls[layer] and calls[layer] > 0
+    }
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
