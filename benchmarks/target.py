@@ -1,8 +1,8 @@
 """Sparsity targets on MNIST-1D: the sparsity reached against the target, and the accuracy at that sparsity against
 the ``reg_max`` sweep of the frontier benchmark.
 
-For the CNN (decoupled residual channels, the demo's default), the MLP and a plain CNN nothing was tuned on
-(``unseen_models.PlainCNN1d``), ``DemonPruning(target_sparsity=t, target_metric=m)`` trains with the config's recipe,
+For the CNN (decoupled residual channels, the demo's default), the MLP and two models nothing was tuned on (a plain
+CNN, ``unseen_models.PlainCNN1d``, and a tapered norm-free MLP, ``unseen_models.TaperedMLP``), ``DemonPruning(target_sparsity=t, target_metric=m)`` trains with the config's recipe,
 but ``reg_max`` and ``noise_std`` at the callback's defaults, for each target ``t`` and seed, with the same epochs
 and seeds as ``frontier.py``. Torch-Pruning's magnitude pruner at the same sparsity is read off ``frontier_cnn.json``
 / ``frontier_mlp.json`` the same way (its coupled-CNN runs for the CNN). The accuracy a hand-tuned ``reg_max`` gives at the same sparsity is read off the frontier's
@@ -11,7 +11,7 @@ between its two nearest points (the nearest point when the reached sparsity lies
 
 Writes ``benchmarks/results/target.json`` and ``target.md``.
 
-    python benchmarks/target.py           # CNN and MLP, targets 0.5 to 0.95, 3 seeds, 30 epochs
+    python benchmarks/target.py --models cnn mlp unseen unseen_mlp   # targets 0.5 to 0.95, 3 seeds, 30 epochs
     python benchmarks/target.py --models unseen --metric flops --append   # a plain CNN nothing was tuned on
     python benchmarks/target.py --models mlp --targets 0.8 --force-target --append   # the opt-in final step
     python benchmarks/target.py --quick   # MLP only, 1 seed, 6 epochs, smoke test

@@ -25,7 +25,7 @@ from lightning_demp.attention import HeadedAttention
 from lightning_demp.resize import layer_width
 from lightning_demp.selection import ChannelSelect
 from lightning_demp.units import ReaderSlice, UnitGroup
-from lightning_demp.usage import modules_sharing_parameters, weights_used_outside
+from lightning_demp.usage import buffer_pointers, buffer_read_by, modules_sharing_parameters, weights_used_outside
 
 _OPTYPE = tp.ops.OPTYPE
 # Module types whose units we can remove exactly: per-channel layers and the Linear/Conv producers/readers.
@@ -232,6 +232,7 @@ class PrunableGraph:
     def _describe_groups(self) -> list[UnitGroup]:
         excluded = self._excluded_modules()
         shared = modules_sharing_parameters(self.model, self._names)
+        buffers = buffer_pointers(self.model)
         graph = self._graph
         result = []
         for tp_group in graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES):
@@ -241,6 +242,8 @@ class PrunableGraph:
             for item in tp_group.items:
                 dep = item.dep
                 module = dep.target.module
+                if (buffer := buffer_read_by(getattr(dep.target, "grad_fn", None), buffers)) is not None:
+                    reasons.append(f"the buffer `{buffer}` is applied to its units and would keep its size")
                 if not isinstance(module, nn.Module) or dep.target.type not in (
                     *_SUPPORTED_MODULE_TYPES,
                     _OPTYPE.LN,
@@ -308,10 +311,12 @@ class PrunableGraph:
             raise KeyError(f"`{name}` names no group of units; the groups are {names} (their root layers).")
         pruner = self._graph.get_pruner_of_module(root)
         tp_group = self._graph.get_pruning_group(root, pruner.prune_out_channels, list(unit_idxs))
-        layers = []
+        layers, parameters = [], []
         for item in tp_group.items:
             module = item.dep.target.module
-            if not isinstance(module, nn.Module) or isinstance(module, nn.Parameter):
+            if isinstance(module, nn.Parameter):  # an unwrapped parameter (a per-unit gain): sliced too
+                parameters.append((module, [int(i) for i in item.idxs]))
+            if not isinstance(module, nn.Module):
                 continue
             per_unit = item.dep.target.type in _SUPPORTED_MODULE_TYPES or isinstance(module, ChannelSelect)
             layers.append(  # functional ops hold no tensor that follows the units: their indices are not needed
@@ -324,7 +329,7 @@ class PrunableGraph:
                     per_unit=per_unit,
                 )
             )
-        return GroupCut(name, layers, tp_group)
+        return GroupCut(name, layers, tp_group, parameters)
 
 
 @dataclass(frozen=True)
@@ -365,9 +370,12 @@ class GroupCut:
         (2, 2)
     """
 
-    def __init__(self, name: str, layers: list[CoupledLayer], tp_group: Any) -> None:
+    def __init__(
+        self, name: str, layers: list[CoupledLayer], tp_group: Any, parameters: list[tuple[nn.Parameter, list[int]]]
+    ) -> None:
         self.name = name
         self.layers = layers
+        self.parameters = parameters  # unwrapped parameters the cut slices, with the indices they lose
         self._tp_group = tp_group
 
     def apply(self) -> None:

@@ -81,6 +81,8 @@ def remove_units_(graph: PrunableGraph, plan: Mapping[str, Tensor]) -> list[Para
         shapes = {
             f"{graph.name_of(module)}.{param_name}": tuple(old.shape) for (module, param_name), old in before.items()
         }
+        owners = {id(param): (module, param_name) for module, param_name, param in _direct_parameters(graph.model)}
+        unwrapped = [(owners[id(param)], param, idxs) for param, idxs in cut.parameters if id(param) in owners]
         try:
             cut.apply()
         except Exception as error:
@@ -94,7 +96,18 @@ def remove_units_(graph: PrunableGraph, plan: Mapping[str, Tensor]) -> list[Para
                 continue
             new.requires_grad_(old.requires_grad)
             remaps.extend(_describe_slices(old, new, touched[module]))
+        for (module, param_name), old, idxs in unwrapped:  # so that the optimizer keeps training them
+            new = getattr(module, param_name)
+            if new is not old:
+                new.requires_grad_(old.requires_grad)
+                remaps.extend(_describe_slices(old, new, [(True, idxs)]))
     return remaps
+
+
+def _direct_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    return [
+        (module, name, param) for module in model.modules() for name, param in module.named_parameters(recurse=False)
+    ]
 
 
 def _describe_slices(old: Tensor, new: Tensor, prunings: list[tuple[bool, list[int]]]) -> list[ParamRemap]:

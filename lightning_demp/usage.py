@@ -86,6 +86,38 @@ def weights_used_outside(model: nn.Module, example_inputs: Any) -> set[nn.Module
     }
 
 
+def buffer_pointers(model: nn.Module) -> dict[int, str]:
+    """The storage address of each buffer with more than one entry, to its name.
+
+    Examples:
+        >>> model = nn.BatchNorm1d(3)
+        >>> sorted(buffer_pointers(model).values())
+        ['running_mean', 'running_var']
+    """
+    return {buffer.data_ptr(): name for name, buffer in model.named_buffers() if buffer.numel() > 1}
+
+
+def buffer_read_by(grad_fn: Any, buffers: dict[int, str]) -> str | None:
+    """The name of a model buffer an autograd op read (``h * self.scale``), if any: Torch-Pruning does not see
+    buffers, so a buffer sized by the units would keep its size while they go.
+
+    Examples:
+        >>> model = nn.Linear(2, 3)
+        >>> model.register_buffer("scale", torch.ones(3))
+        >>> out = model(torch.randn(1, 2)) * model.scale
+        >>> buffer_read_by(out.grad_fn, buffer_pointers(model))
+        'scale'
+    """
+    for attribute in ("_saved_other", "_saved_self"):
+        try:
+            saved = getattr(grad_fn, attribute, None) if grad_fn is not None else None
+        except RuntimeError:  # a parameter the optimizer has changed in place since the trace: not a buffer
+            continue
+        if isinstance(saved, Tensor) and saved.numel() > 1 and saved.data_ptr() in buffers:
+            return buffers[saved.data_ptr()]
+    return None
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, dict):
         return model(**inputs)

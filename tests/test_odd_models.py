@@ -139,3 +139,59 @@ def test_a_transposed_tied_weight_blocks_its_group_and_training_goes_on(tmp_path
     callback = DemonPruning(regularizer="l2", verbose=False)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, datamodule=RandomDataModule())
     assert model.net.enc.out_features == 8 and callback.events == []
+
+
+class UnitSizedTensors(nn.Module):
+    """A per-unit gain (an unwrapped parameter) and, optionally, a per-unit buffer on the hidden units."""
+
+    def __init__(self, with_buffer: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12)
+        self.gain = nn.Parameter(torch.ones(12))
+        self.fc2 = nn.Linear(12, 3)
+        self.with_buffer = with_buffer
+        self.register_buffer("scale", torch.full((12,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(self.fc1(x)) * self.gain
+        return self.fc2(hidden * self.scale if self.with_buffer else hidden)
+
+
+def _unit_sized_classifier(with_buffer: bool):
+    from lightning_demp.demos import DemoClassifier
+
+    class Classifier(DemoClassifier):
+        def __init__(self) -> None:
+            super().__init__(num_classes=3, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
+            self.net = make_alive_(UnitSizedTensors(with_buffer))
+            kill_linear_units_(self.net.fc1, [2, 5])
+
+    return Classifier()
+
+
+def test_a_unit_sized_parameter_is_sliced_and_keeps_training_in_its_optimizer_group(tmp_path):
+    from helpers.lightning import RandomDataModule, quiet_trainer
+    from lightning_demp import DemonPruning
+
+    model = _unit_sized_classifier(with_buffer=False)
+    callback = DemonPruning(regularizer="l2", verbose=False, noise_std=0.0)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback])
+    trainer.fit(model, datamodule=RandomDataModule())
+    assert model.net.fc1.out_features == 10 and model.net.gain.shape == (10,)
+    optimizer = trainer.optimizers[0]
+    assert any(p is model.net.gain for group in optimizer.param_groups for p in group["params"])
+    assert optimizer.state[model.net.gain]["exp_avg"].shape == (10,)
+    assert not torch.equal(model.net.gain.detach(), torch.ones(10))  # it trained after the removal too
+
+
+def test_a_unit_sized_buffer_blocks_its_group_with_a_reason(tmp_path):
+    from helpers.lightning import RandomDataModule, quiet_trainer
+    from lightning_demp import DemonPruning
+
+    groups = {g.name: g for g in PrunableGraph(UnitSizedTensors(with_buffer=True), torch.randn(2, 6)).groups()}
+    assert "the buffer `scale` is applied to its units" in groups["fc1"].blocked
+    model = _unit_sized_classifier(with_buffer=True)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[DemonPruning(regularizer="l2", verbose=False)]).fit(
+        model, datamodule=RandomDataModule()
+    )
+    assert model.net.fc1.out_features == 12  # nothing removed, training went on
