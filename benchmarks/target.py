@@ -90,9 +90,13 @@ def main() -> None:
         "--no-pressure", action="store_true", help="reg_max=0, noise_std=0: the late removal of live units alone"
     )
     parser.add_argument("--append", action="store_true", help="add these rows to the saved results")
+    parser.add_argument("--dense", action="store_true", help="only the models' dense runs (no DemP), added")
     args = parser.parse_args()
     if args.replot:
         render("_quick" if args.quick else "")
+        return
+    if args.dense:
+        add_dense_runs(args.models, args.seeds, args.epochs, args.jobs)
         return
     models = ["mlp"] if args.quick else args.models
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -145,6 +149,29 @@ def main() -> None:
         }
     write_json(f"target{suffix}.json", payload)
     render(suffix)
+
+
+def add_dense_runs(models: list[str], seeds: list[int], epochs: int, jobs: int) -> None:
+    """The same recipes without DemP, saved beside the target runs (``dense``) as the reference accuracy."""
+    path = RESULTS / "target.json"
+    payload = json.loads(path.read_text())
+    tasks = [
+        (
+            model,
+            {
+                "config": with_recorded_betas(load_config(MODELS[model][0])),
+                "seed": seed,
+                "with_demp": False,
+                "max_epochs": epochs,
+                "model_overrides": MODELS[model][2],
+            },
+        )
+        for model in models
+        for seed in seeds
+    ]
+    payload.setdefault("dense", {}).update(run_grouped(tasks, jobs))
+    write_json("target.json", payload)
+    render("")
 
 
 def render(suffix: str) -> None:
@@ -207,6 +234,17 @@ def render(suffix: str) -> None:
             f"{', '.join(f'{100 * v:.1f}' for v in row['reached_per_seed'])} | {'yes' if row['within_2pt'] else 'no'} | "
             f"{100 * row['test_acc']:.2f} ± {100 * row['test_acc_std']:.2f} | {sweep_text} | {delta} | {peer_text} |"
         )
+    dense = {model: [run["test_acc"] for run in runs] for model, runs in payload.get("dense", {}).items() if runs}
+    if dense:
+        lines += [
+            "",
+            "Dense, the same recipe without DemP: "
+            + ", ".join(
+                f"{model} {100 * statistics.mean(accs):.2f} ± {100 * (statistics.stdev(accs) if len(accs) > 1 else 0):.2f} %"
+                for model, accs in dense.items()
+            )
+            + ".",
+        ]
     lines += [
         "",
         "The sweep's accuracy is interpolated between the two DemP `reg_max` points of the frontier benchmark that "

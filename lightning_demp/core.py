@@ -39,6 +39,7 @@ from lightning_demp.shortfall import SHORTFALL_START, close_lag, focus_units, fo
 from lightning_demp.sizes import SizeTable
 from lightning_demp.target import RAMP_START, SparsityTarget
 from lightning_demp.units import RemovalPlan, Statistics
+from lightning_demp.untraced import UntracedWatch, block_untraced_readers
 
 STATE_VERSION = 1
 
@@ -110,6 +111,7 @@ class DemonPruner:
         self.example_input: Any = None
         self.recent_batches: deque[Any] = deque(maxlen=config.batches_kept)
         self.recalibrations = 0  # BatchNorm recalibrations done in this process
+        self.untraced_watch: UntracedWatch | None = None  # until the first training forward after `prepare`
 
     # ------------------------------------------------------------------ setting up
     def prepare(self, model: nn.Module, example_input: Any, total_steps: int | None = None) -> None:
@@ -124,6 +126,8 @@ class DemonPruner:
             self.saturation.bind(model)
         self._refresh_penalized()
         note_changed_dims(model, self.ledger.changed_dims)  # a resumed run's record
+        traced = {modules[group.name] for modules in [dict(model.named_modules())] for group in self.graph.groups()}
+        self.untraced_watch = UntracedWatch(model, traced, self._block_untraced)
         if total_steps is not None:
             self.lay_out(total_steps)
 
@@ -381,7 +385,7 @@ class DemonPruner:
     def __getstate__(self) -> dict[str, Any]:
         """Everything but this process's runtime parts (graph, hooks, kept batches), which `prepare` rebuilds."""
         state = self.__dict__.copy()
-        state.update(graph=None, monitor=None, example_input=None)
+        state.update(graph=None, monitor=None, example_input=None, untraced_watch=None)
         if state["decider"] == self.decide:
             state["decider"] = None  # a bound method of this object: rebound on unpickling
         state["recent_batches"] = deque(maxlen=self.config.batches_kept)
@@ -392,8 +396,15 @@ class DemonPruner:
         if self.decider is None:
             self.decider = self.decide
 
+    def _block_untraced(self, widths: dict[str, int]) -> None:
+        assert self.graph is not None
+        for message in block_untraced_readers(self.graph, widths):
+            self.warn(f"`DemonPruning`: {message}")
+
     def detach(self) -> None:
         """Remove the monitor's hooks and drop a pending noise draw (after an exception)."""
+        if self.untraced_watch is not None:
+            self.untraced_watch.remove()
         if self.monitor is not None:
             self.monitor.detach()
         self.pressure.drop_pending()

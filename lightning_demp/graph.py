@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_demp._modes import eval_mode, metrics_hidden
 from lightning_demp.attention import HeadedAttention
-from lightning_demp.resize import layer_width
+from lightning_demp.resize import layer_width, tensor_shapes
 from lightning_demp.selection import ChannelSelect
 from lightning_demp.units import ReaderSlice, UnitGroup
 from lightning_demp.usage import buffer_pointers, buffer_read_by, modules_sharing_parameters, weights_used_outside
@@ -172,6 +172,7 @@ class PrunableGraph:
         self._modules_by_name = {name: module for module, name in self._names.items()}
         self._output_layers = self._find_output_layers()
         self._groups: list[UnitGroup] | None = None
+        self.extra_blocks: dict[str, str] = {}  # group name -> a reason found after the trace
         self._groups_signature: tuple[Any, ...] = ()
 
     def name_of(self, module: nn.Module) -> str:
@@ -223,10 +224,13 @@ class PrunableGraph:
         The description is cached and rebuilt only when the model's parameter shapes changed since (a removal),
         so that asking several times per event costs one analysis.
         """
-        signature = _shape_signature(self.model)
+        signature = tuple(tensor_shapes(self.model).items())
         if self._groups is None or self._groups_signature != signature:
             self._groups = self._describe_groups()
             self._groups_signature = signature
+        for group in self._groups:  # blocks found after the trace (`block`)
+            if group.name in self.extra_blocks and self.extra_blocks[group.name] not in (group.blocked or ""):
+                group.blocked = "; ".join(filter(None, [group.blocked, self.extra_blocks[group.name]]))
         return list(self._groups)
 
     def _describe_groups(self) -> list[UnitGroup]:
@@ -381,11 +385,6 @@ class GroupCut:
     def apply(self) -> None:
         """Slice every coupled layer (Torch-Pruning replaces the parameters)."""
         self._tp_group.prune(record_history=False)
-
-
-def _shape_signature(model: nn.Module) -> tuple[Any, ...]:
-    """Shapes of every parameter and buffer: changes whenever units are removed."""
-    return tuple((name, tuple(t.shape)) for name, t in (*model.named_parameters(), *model.named_buffers()))
 
 
 def _reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:

@@ -195,3 +195,36 @@ def test_a_unit_sized_buffer_blocks_its_group_with_a_reason(tmp_path):
         model, datamodule=RandomDataModule()
     )
     assert model.net.fc1.out_features == 12  # nothing removed, training went on
+
+
+def test_a_training_only_head_the_trace_did_not_see_blocks_the_groups_it_reads(tmp_path):
+    import pytest
+
+    from helpers.lightning import RandomDataModule, quiet_trainer
+    from lightning_demp import DemonPruning
+    from lightning_demp.demos import DemoClassifier
+
+    class AuxiliaryHead(DemoClassifier):
+        def __init__(self) -> None:
+            super().__init__(num_classes=3, optimizer="adam", lr_schedule="constant", weight_decay=0.0)
+            self.body = nn.Linear(6, 12)
+            self.head = nn.Linear(12, 3)
+            self.aux = nn.Linear(12, 3)  # only in training: the eval-mode trace never runs it
+            self.example_input_array = torch.zeros(2, 6)
+            make_alive_(self)
+            kill_linear_units_(self.body, [1, 8])
+
+        def forward(self, x):
+            hidden = F.relu(self.body(x))
+            return (self.head(hidden), self.aux(hidden)) if self.training else self.head(hidden)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits, aux = self(x)
+            return F.cross_entropy(logits, y) + 0.3 * F.cross_entropy(aux, y)
+
+    model = AuxiliaryHead()
+    callback = DemonPruning(regularizer="l2", verbose=False)
+    with pytest.warns(UserWarning, match=r"`aux` ran in training but not in the trace; its groups \['body'\]"):
+        quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, datamodule=RandomDataModule())
+    assert model.body.out_features == model.aux.in_features == 12 and callback.events == []
