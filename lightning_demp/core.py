@@ -126,8 +126,7 @@ class DemonPruner:
             self.saturation.bind(model)
         self._refresh_penalized()
         note_changed_dims(model, self.ledger.changed_dims)  # a resumed run's record
-        traced = {modules[group.name] for modules in [dict(model.named_modules())] for group in self.graph.groups()}
-        self.untraced_watch = UntracedWatch(model, traced, self._block_untraced)
+        self.untraced_watch = UntracedWatch(model, self.graph.traced_modules(), self._block_untraced)
         if total_steps is not None:
             self.lay_out(total_steps)
 
@@ -400,6 +399,7 @@ class DemonPruner:
         assert self.graph is not None
         for message in block_untraced_readers(self.graph, widths):
             self.warn(f"`DemonPruning`: {message}")
+        self._refresh_penalized()  # the live floor and ``penalize="prunable"`` leave the blocked groups alone
 
     def detach(self) -> None:
         """Remove the monitor's hooks and drop a pending noise draw (after an exception)."""

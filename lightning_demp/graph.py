@@ -219,11 +219,8 @@ class PrunableGraph:
         return {reader.reader: modules[reader.reader] for group in self.groups() for reader in group.readers}
 
     def groups(self) -> list[UnitGroup]:
-        """Describe every group of coupled units, blocked or not, in the model's current shape.
-
-        The description is cached and rebuilt only when the model's parameter shapes changed since (a removal),
-        so that asking several times per event costs one analysis.
-        """
+        """Every group of coupled units, blocked or not, in the model's current shape (cached until a shape
+        changes, so that asking several times per event costs one analysis)."""
         signature = tuple(tensor_shapes(self.model).items())
         if self._groups is None or self._groups_signature != signature:
             self._groups = self._describe_groups()
@@ -298,6 +295,11 @@ class PrunableGraph:
             result.append(group)
         order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
         return sorted(result, key=lambda group: order[group.name])
+
+    def traced_modules(self) -> set[nn.Module]:
+        """The modules the trace saw, with everything inside them (a custom-pruned layer's own projections)."""
+        seen = [module for module in self._graph.module2node if isinstance(module, nn.Module)]
+        return {inner for module in seen for inner in module.modules()}
 
     def forget_groups(self) -> None:
         """Drop the cached `groups` (after a removal, or one that was rolled back)."""
