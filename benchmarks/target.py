@@ -14,6 +14,7 @@ Writes ``benchmarks/results/target.json`` and ``target.md``.
     python benchmarks/target.py --models cnn mlp unseen unseen_mlp   # targets 0.5 to 0.95, 3 seeds, 30 epochs
     python benchmarks/target.py --models unseen --metric flops --append   # a plain CNN nothing was tuned on
     python benchmarks/target.py --models mlp --targets 0.8 --force-target --append   # the opt-in final step
+    python benchmarks/target.py --models transformer --targets 0.3 0.5 --epochs 20 --name target_transformer
     python benchmarks/target.py --quick   # MLP only, 1 seed, 6 epochs, smoke test
 """
 
@@ -45,8 +46,9 @@ MODELS = {
     "mlp": (REPO / "configs" / "mnist1d_mlp.yaml", "frontier_mlp.json", {}),
     "unseen": (REPO / "benchmarks" / "unseen_cnn.yaml", "", {}),  # a plain CNN nothing was tuned on
     "unseen_mlp": (REPO / "benchmarks" / "unseen_mlp.yaml", "", {}),  # a tapered norm-free MLP, likewise
+    "transformer": (REPO / "configs" / "mnist1d_transformer.yaml", "frontier_transformer.json", {}),
 }
-PEER_FRONTIERS = {"cnn": "frontier_cnn.json", "mlp": "frontier_mlp.json"}  # Torch-Pruning magnitude, same recipe
+PEER_FRONTIERS = {"cnn": "frontier_cnn.json", "mlp": "frontier_mlp.json", "transformer": "frontier_transformer.json"}  # Torch-Pruning magnitude, same recipe
 DEFAULTS = {"reg_max": 0.03, "noise_std": 5e-5}  # DemonPruning's own defaults, whatever the config's sweep point
 NO_PRESSURE = {"reg_max": 0.0, "noise_std": 0.0}  # nothing is pushed to die: the shortfall removal does it all
 
@@ -91,9 +93,10 @@ def main() -> None:
     )
     parser.add_argument("--append", action="store_true", help="add these rows to the saved results")
     parser.add_argument("--dense", action="store_true", help="only the models' dense runs (no DemP), added")
+    parser.add_argument("--name", default="target", help="results file name (another epoch count needs its own)")
     args = parser.parse_args()
     if args.replot:
-        render("_quick" if args.quick else "")
+        render(args.name + ("_quick" if args.quick else ""))
         return
     if args.dense:
         add_dense_runs(args.models, args.seeds, args.epochs, args.jobs)
@@ -134,7 +137,8 @@ def main() -> None:
     tag = ("+force_target" if args.force_target else "") + ("" if args.metric == "params" else f"+{args.metric}")
     tag += "+no_pressure" if args.no_pressure else ""
     new_runs = {f"{m}@{t}{tag}": r for (m, t), r in runs.items()}
-    path = RESULTS / f"target{suffix}.json"
+    name = args.name + suffix
+    path = RESULTS / f"{name}.json"
     if args.append and path.exists():  # add these rows to the saved results (same epochs and seeds)
         payload = json.loads(path.read_text())
         payload["runs"].update(new_runs)
@@ -147,8 +151,8 @@ def main() -> None:
             "machine": machine(),
             "runs": new_runs,
         }
-    write_json(f"target{suffix}.json", payload)
-    render(suffix)
+    write_json(f"{name}.json", payload)
+    render(name)
 
 
 def add_dense_runs(models: list[str], seeds: list[int], epochs: int, jobs: int) -> None:
@@ -174,9 +178,9 @@ def add_dense_runs(models: list[str], seeds: list[int], epochs: int, jobs: int) 
     render("")
 
 
-def render(suffix: str) -> None:
-    """Write ``target<suffix>.md`` from the saved runs and the frontier results as they are now."""
-    payload = json.loads((RESULTS / f"target{suffix}.json").read_text())
+def render(name: str) -> None:
+    """Write ``<name>.md`` from the saved runs and the frontier results as they are now."""
+    payload = json.loads((RESULTS / f"{name}.json").read_text())
     epochs, seeds = payload["epochs"], payload["seeds"]
     rows = []
     for key, model_runs in payload["runs"].items():
@@ -210,7 +214,7 @@ def render(suffix: str) -> None:
             row["peer_acc"], row["peer_extrapolated"] = sweep_accuracy(peers, mean_reached, "TP magnitude")
         rows.append(row)
     payload["rows"] = rows
-    write_json(f"target{suffix}.json", payload)
+    write_json(f"{name}.json", payload)
     lines = [
         f"# Sparsity targets on MNIST-1D ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}, {epochs} epochs, "
         f"`reg_max` and `noise_std` at their defaults, a removal event every {payload['prune_every_n_epochs']} epochs)",
@@ -252,7 +256,7 @@ def render(suffix: str) -> None:
         "axes by another, such as a collapsed run, left out).",
         "",
     ]
-    write_report(f"target{suffix}.md", lines, payload["machine"])
+    write_report(f"{name}.md", lines, payload["machine"])
 
 
 if __name__ == "__main__":
