@@ -48,7 +48,11 @@ MODELS = {
     "unseen_mlp": (REPO / "benchmarks" / "unseen_mlp.yaml", "", {}),  # a tapered norm-free MLP, likewise
     "transformer": (REPO / "configs" / "mnist1d_transformer.yaml", "frontier_transformer.json", {}),
 }
-PEER_FRONTIERS = {"cnn": "frontier_cnn.json", "mlp": "frontier_mlp.json", "transformer": "frontier_transformer.json"}  # Torch-Pruning magnitude, same recipe
+PEER_FRONTIERS = {
+    "cnn": "frontier_cnn.json",
+    "mlp": "frontier_mlp.json",
+    "transformer": "frontier_transformer.json",
+}  # Torch-Pruning magnitude, same recipe
 DEFAULTS = {"reg_max": 0.03, "noise_std": 5e-5}  # DemonPruning's own defaults, whatever the config's sweep point
 NO_PRESSURE = {"reg_max": 0.0, "noise_std": 0.0}  # nothing is pushed to die: the shortfall removal does it all
 
