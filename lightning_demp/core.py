@@ -131,8 +131,7 @@ class DemonPruner:
             self.lay_out(total_steps)
 
     def lay_out(self, total_steps: int, resumed_at: int = 0) -> None:
-        """Lay the schedules over ``total_steps``; warn when a resume at ``resumed_at`` brought other settings (the
-        checkpoint's schedule stays in the record's history, so plots keep what each part of the run trained with)."""
+        """Lay the schedules over ``total_steps``; warn when a resume brought other settings (`Pressure.lay_out`)."""
         changed = self.pressure.lay_out(total_steps, resumed_at)
         if changed:
             self.warn(
@@ -267,19 +266,23 @@ class DemonPruner:
         if plan.units and self.saturation is not None:
             self.saturation.fold_(self.graph.groups(), stats, plan.units, self.graph.norm_after, optimizers)
         event = self.apply(model, plan, optimizers, step=step, epoch=epoch, collectives=collectives) if plan else None
+        fresh = stats if event is None else None  # None once a removal renumbered the units: check again
         if self.target is not None and self.pressure.span_steps >= 1:
             progress = step / self.pressure.span_steps
             if progress >= SHORTFALL_START:
-                fresh = stats if not plan else self.statistics(model)  # the removal renumbered the units
-                event = close_lag(self, model, optimizers, fresh, progress, step, epoch, collectives) or event
+                fresh = fresh if fresh is not None else self.statistics(model)
+                if (lag := close_lag(self, model, optimizers, fresh, progress, step, epoch, collectives)) is not None:
+                    event, fresh = lag, None
             if final and self.target.force:
-                fresh = stats if event is None else self.statistics(model)
-                event = force_target(self, model, optimizers, fresh, step, epoch, collectives) or event
+                fresh = fresh if fresh is not None else self.statistics(model)
+                if (forced := force_target(self, model, optimizers, fresh, step, epoch, collectives)) is not None:
+                    event, fresh = forced, None
         if self.target is not None and self.pressure.span_steps:
             measured = self.target.measured(self.ledger, self.size_table())
             self.pressure.scale = self.target.update_strength(step / self.pressure.span_steps, measured)
             if self.config.target_focus and step >= RAMP_START * self.pressure.span_steps:
-                self.pressure.focus_on(focus_units(self, model, stats if event is None else self.statistics(model)))
+                fresh = fresh if fresh is not None else self.statistics(model)
+                self.pressure.focus_on(focus_units(self, model, fresh))
         return event
 
     def apply(

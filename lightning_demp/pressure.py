@@ -84,6 +84,10 @@ class Pressure:
         self.focus = None if units is None else {name: sorted(int(i) for i in idxs) for name, idxs in units.items()}
         self._focus_rows = None
 
+    def focus_is_empty(self) -> bool:
+        """Whether a focus is set and holds no unit (before a target's ramp starts, once it is reached)."""
+        return self.focus is not None and not any(self.focus.values())
+
     def focus_rows(self) -> dict[int, Tensor] | None:
         """With a focus, the weight of the pull on each row (unit) of each group parameter, by parameter id."""
         if self.focus is None:
@@ -139,11 +143,11 @@ class Pressure:
             self._ended = None
         self.last_reg_strength = self.reg_schedule.value(step) * self.scale
         self.last_noise_std = self.noise_schedule.value(step) * self.scale
-        if self.last_reg_strength == 0 and self.last_noise_std == 0:
-            self._pending_noise = None
+        rows = self.focus_rows()
+        if (self.last_reg_strength == 0 and self.last_noise_std == 0) or self.focus_is_empty():
+            self._pending_noise = None  # nothing to pull or shake this step (a focus with no unit yet)
             return
         factors = self.floor_factors()
-        rows = self.focus_rows()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if rows is not None:
             params = [p for p in params if id(p) in rows]

@@ -23,6 +23,20 @@ def layer_width(module: nn.Module) -> int | None:
     return None
 
 
+def input_width(module: nn.Module) -> int | None:
+    """Input width of a Linear or Conv layer (``None`` for any other module).
+
+    Examples:
+        >>> input_width(nn.Linear(6, 2)), input_width(nn.Conv1d(4, 8, 3)), input_width(nn.ReLU())
+        (6, 4, None)
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels
+    return None
+
+
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every Linear/Conv layer, by name.
 

@@ -16,24 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch  # noqa: F401  (the examples use it)
 from torch import nn
 
+from lightning_demp.resize import input_width
+
 if TYPE_CHECKING:
     from lightning_demp.graph import PrunableGraph
 
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
-
-
-def input_width(layer: nn.Module) -> int | None:
-    """The number of features a Linear or Conv layer reads.
-
-    Examples:
-        >>> input_width(nn.Linear(6, 2)), input_width(nn.Conv1d(4, 8, 3)), input_width(nn.ReLU())
-        (6, 4, None)
-    """
-    if isinstance(layer, nn.Linear):
-        return layer.in_features
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        return layer.in_channels
-    return None
 
 
 class _Seen:
