@@ -344,9 +344,7 @@ class DemonPruning(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.pruner.prepared:
             if self.plot:
-                self.plot_path = save_run_plot(
-                    self.state_dict(), Path(log_dir), trainer.loggers, _strategy.schedule_step(trainer)
-                )
+                self.plot_path = save_run_plot(self.state_dict(), Path(log_dir), trainer.loggers, trainer.global_step)
             if self.verbose:
                 print_summary(self.pruner.ledger, trainer, pl_module, self.fit_start_time, plot_path=self.plot_path)
 
