@@ -65,7 +65,7 @@ def schedule_values(schedule: Mapping[str, Any], steps: Sequence[int]) -> tuple[
 
 
 def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
-    """Draw live units per layer (top) and λ_t/σ_t (bottom); save as PNG when ``path`` is given.
+    """Draw the share of units each layer keeps (top) and λ_t/σ_t (bottom); save as PNG when ``path`` is given.
 
     Args:
         state: ``DemonPruning.state_dict()``, or the ``"DemonPruning"`` entry of a checkpoint's ``"callbacks"``.
@@ -97,12 +97,15 @@ def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
     steps, widths = units_over_steps(state)
     schedule = state.get("schedule") or {}
     total = int(schedule.get("total_steps") or max(steps[-1], 1))
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1.4])
-    for name, series in widths.items():
-        top.step([*steps, total], [*series, series[-1]], where="post", label=name)
-    top.set_ylabel("live units")
-    top.set_title("DemonPruning: live units per layer")
-    top.legend(fontsize="small", loc="upper right")
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 1.4])
+    initial = {name: max(1, series[0]) for name, series in widths.items()}
+    for name, series in widths.items():  # kept share, so that layers of any width compare on one axis
+        kept = [100.0 * width / initial[name] for width in [*series, series[-1]]]
+        top.step([*steps, total], kept, where="post", label=f"{name}: {series[0]} → {series[-1]}")
+    top.set_ylabel("units kept (%)")
+    top.set_ylim(0, 105)
+    top.set_title("DemonPruning: units kept per layer (legend: units at the start → at the end)")
+    top.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     top.grid(alpha=0.3)
     if schedule:
         xs = torch.linspace(0, total, 200).round().long().tolist()
@@ -110,8 +113,18 @@ def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
         bottom.plot(xs, reg_values, color="tab:red", label="λ (regularization)")
         bottom.set_ylabel("λ_t", color="tab:red")
         twin = bottom.twinx()
-        twin.plot(xs, noise_values, color="tab:blue", linestyle="--", label="σ (noise)")
-        twin.set_ylabel("σ_t", color="tab:blue")
+        reg_peak, noise_peak = max(reg_values), max(noise_values)
+        proportional = reg_peak > 0 and all(
+            abs(noise * reg_peak - reg * noise_peak) <= 1e-9 * reg_peak * max(noise_peak, 1e-30)
+            for reg, noise in zip(reg_values, noise_values, strict=True)
+        )
+        if proportional and noise_peak > 0:  # one curve read on both axes instead of two lines on top of each other
+            low, high = bottom.get_ylim()
+            twin.set_ylim(low * noise_peak / reg_peak, high * noise_peak / reg_peak)
+            twin.set_ylabel("σ_t (same curve)", color="tab:blue")
+        else:
+            twin.plot(xs, noise_values, color="tab:blue", linestyle="--", label="σ (noise)")
+            twin.set_ylabel("σ_t (dashed)", color="tab:blue")
     for step in steps[1:]:
         bottom.axvline(step, color="grey", alpha=0.3, linewidth=0.8)
     bottom.set_xlabel("optimizer step")

@@ -36,8 +36,11 @@ def test_plot_file_is_written_in_the_log_dir_and_shows_every_layer_and_event(tmp
 
     figure = plot_run(callback.state_dict())
     top, bottom = figure.axes[:2]
-    assert [text.get_text() for text in top.get_legend().get_texts()] == ["net.0", "net.2"]
     steps, widths = units_over_steps(callback.state_dict())
+    assert [text.get_text() for text in top.get_legend().get_texts()] == [
+        f"{name}: {widths[name][0]} → {widths[name][-1]}" for name in ("net.0", "net.2")
+    ]
+    assert top.get_lines()[0].get_ydata()[0] == 100.0  # the share kept, from 100 %
     assert steps == [0, *(event.step for event in callback.events)]
     assert widths["net.0"][0] == 12 and widths["net.0"][-1] == len(callback.kept_units["net.0"])
     line = top.get_lines()[0]
