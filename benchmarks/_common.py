@@ -56,6 +56,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """``info`` (from `machine`) as one readable line for the result tables."""
+    threads = f", {info['torch_threads']} torch thread(s)" if "torch_threads" in info else ""
+    return (
+        f"Machine: {info.get('processor', '?')} on {info.get('platform', '?')}, {info.get('cpu_count', '?')} CPU(s)"
+        f"{threads}; torch {info.get('torch', '?')}, lightning {info.get('lightning', '?')}, "
+        f"python {info.get('python', '?')}."
+    )
+
+
 def _override(spec: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     return {**spec, "init_args": {**spec.get("init_args", {}), **(overrides or {})}}
 
@@ -162,7 +172,7 @@ def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 10) -
 
 def write_report(name: str, lines: list[str], machine_info: dict[str, Any]) -> None:
     """Write ``lines`` and a closing machine line to ``results/<name>``, and print them."""
-    text = "\n".join([*lines, f"Machine: {machine_info}", ""])
+    text = "\n".join([*lines, machine_line(machine_info), ""])
     (RESULTS / name).write_text(text)
     print(text)
 

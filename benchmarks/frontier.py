@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_jobs, load_config, machine, run_configs, with_recorded_betas, write_json
+from _common import (
+    RESULTS,
+    default_jobs,
+    load_config,
+    machine,
+    machine_line,
+    run_configs,
+    with_recorded_betas,
+    write_json,
+)
 from peers import model_pruning_callbacks, torch_pruning_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,7 +349,7 @@ def render(name: str, payload: dict[str, Any]) -> None:
         "shown in the last column (and used as its x-position in the plot).",
         "",
         f"Runs: {payload.get('jobs', 1)} side by side, one thread each (fit times in the JSON are not speed figures). "
-        f"Machine: {payload['machine']}",
+        + machine_line(payload["machine"]),
         "",
     ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
