@@ -143,3 +143,76 @@ data:
     # schedule's end removes nothing
     assert "epoch=0.ckpt" not in saved
     assert saved[-1] == "epoch=3.ckpt"
+
+
+def _print_config(capsys, args: list[str]) -> dict:
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_a_users_own_model_and_data_keep_their_own_defaults_not_the_embedded_configs(capsys):
+    config = _print_config(
+        capsys, ["--model", "helpers.lightning.UserMLP", "--data", "helpers.lightning.RandomDataModule"]
+    )
+    assert config["model"]["init_args"]["lr"] == 3e-3  # UserMLP's default; the embedded CNN config says 0.01
+    assert config["data"]["init_args"]["batch_size"] == 32  # RandomDataModule's default; the embedded says 128
+    assert not config["trainer"]["callbacks"]  # nothing from the embedded CNN recipe sneaks in
+
+
+def test_a_users_config_file_is_not_mixed_with_the_embedded_one(capsys):
+    import yaml
+
+    own = yaml.safe_load((REPO / "configs" / "digits_mlp.yaml").read_text())
+    config = _print_config(capsys, ["--config", str(REPO / "configs" / "digits_mlp.yaml")])
+    assert config["model"]["class_path"] == own["model"]["class_path"]
+    assert "betas" not in own["model"].get("init_args", {})
+    embedded = yaml.safe_load(Path(default_config_path()).read_text())
+    assert config["model"]["init_args"].get("betas") != embedded["model"]["init_args"]["betas"]
+
+
+def test_without_config_model_or_data_the_embedded_default_applies(capsys):
+    import yaml
+
+    embedded = yaml.safe_load(Path(default_config_path()).read_text())
+    config = _print_config(capsys, ["--trainer.max_epochs=2"])
+    assert config["model"]["class_path"] == embedded["model"]["class_path"]
+    assert config["trainer"]["max_epochs"] == 2
+
+
+def test_a_bad_callback_value_ends_in_one_short_error_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_demp", "fit", "--trainer.callbacks.init_args.reg_max=-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: DemonPruning: Expected `reg_max` to be a number in [0.0, inf), got -1.0."]
+    assert len(result.stderr.splitlines()) <= 4
+
+
+def test_a_misspelled_callback_argument_suggests_the_accepted_name(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--trainer.callbacks.init_args.reg_maxx=1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert "`lightning_demp.DemonPruning` has no argument `reg_maxx`. Did you mean `reg_max`?" in err
+    assert len(err.splitlines()) <= 3
+
+
+def test_help_speaks_of_demp_and_version_prints_the_package_version(capsys):
+    from lightning_demp import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "Demon's Pruning" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lightning-demp {__version__}"

@@ -39,6 +39,13 @@ class RandomDataModule(ArrayDataModule):
         return x[:split], y[:split], x[split:], y[split:]
 
 
+class UserMLP(MLPClassifier):
+    """A user's own model class, with defaults of its own (the CLI must keep them)."""
+
+    def __init__(self, input_dim: int = 6, lr: float = 3e-3, num_classes: int = 3) -> None:
+        super().__init__(input_dim=input_dim, hidden_sizes=[16], num_classes=num_classes, lr=lr)
+
+
 def small_mlp(**kwargs: Any) -> MLPClassifier:
     options: dict[str, Any] = {
         "input_dim": 6,
