@@ -10,7 +10,6 @@ import math
 import time
 import weakref
 from dataclasses import fields
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -24,7 +23,6 @@ from lightning_demp import _strategy
 from lightning_demp.accounting import (
     batch_size_of,
     call_with,
-    count_parameters,
     first_input,
     first_samples,
     set_flops_per_batch,
@@ -32,21 +30,20 @@ from lightning_demp.accounting import (
 from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice, check_int
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
-from lightning_demp.ledger import PruningLedger, RemovalEvent
 from lightning_demp.monitoring import log_size, log_state, warn_at_fit_start
-from lightning_demp.plots import save_run_plot
 from lightning_demp.regularization import RegularizerName
-from lightning_demp.report import print_summary
+from lightning_demp.report import check_plot, plot_directory, report_end_of_fit
 from lightning_demp.resize import disable_resize_on_load, enable_resize_on_load
 from lightning_demp.schedules import ScheduleName
 from lightning_demp.target import TargetMetric
 from lightning_demp.units import RemovalPlan, Statistics
+from lightning_demp.views import PrunerViews
 
 CheckMode = Literal["eval_pass", "train_forwards"]
 _CHECK_MODES = ("eval_pass", "train_forwards")
 
 
-class DemonPruning(Callback):
+class DemonPruning(PrunerViews, Callback):
     r"""Demon's Pruning (DemP): promote neuron death while training, and remove dead units physically.
 
     Every optimizer step, λ_t·∇R is added to the gradients before the step and σ_t noise to the entries that had a
@@ -88,7 +85,9 @@ class DemonPruning(Callback):
             (`lightning_demp.pressure`); ``0`` turns the floor off.
         target_focus: With a target, pull nothing before its ramp starts, then only the least important live
             units it still needs, re-ranked at every event; ``False``: pull every unit, as without a target.
-        plot: Save ``demp_units.png`` (live units per layer, λ/σ beneath) in the log directory when fit ends.
+        plot: When fit ends, draw ``demp_units.png`` (share of units kept per layer, λ/σ beneath): ``True`` saves it
+            in the logger's directory and sends it to loggers that take figures (no logger, no file); a directory
+            saves it there; ``False``: no plot.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -127,7 +126,7 @@ class DemonPruning(Callback):
         target_sparsity: float | None = None,
         target_metric: TargetMetric = "params",
         force_target: bool = False,
-        plot: bool = True,
+        plot: bool | str = True,
         penalize: PenalizeScope = "all",
         live_floor: float = 0.05,
         target_focus: bool = True,
@@ -139,10 +138,11 @@ class DemonPruning(Callback):
         self.check_mode: CheckMode = check_choice("check_mode", check_mode, _CHECK_MODES)  # type: ignore[assignment]
         self.verbose = check_bool("verbose", verbose)
         self.decouple_residuals = check_bool("decouple_residuals", decouple_residuals)
-        self.plot = check_bool("plot", plot)
+        self.plot = check_plot(plot)
         self.pruner = self._new_pruner()
         self.plot_path: str | None = None
         self.fit_start_time: float | None = None  # perf_counter() at the start of fit, for the summary
+        self._removals_before_validation: int | None = None  # removal events behind the last validation's metrics
         self._train_batch_size: int | None = None
         self._step_hooks: list[Any] = []
         self._load_hook: Any = None
@@ -153,44 +153,6 @@ class DemonPruning(Callback):
         return DemonPruner(
             self.config, forward=self._forward_module, warn=rank_zero_warn, info=info, decide=self._plan_for
         )
-
-    # ------------------------------------------------------------------ what the core holds
-    @property
-    def ledger(self) -> PruningLedger:
-        """The `lightning_demp.ledger.PruningLedger`: initial and kept widths, events, sizes."""
-        return self.pruner.ledger
-
-    @property
-    def events(self) -> list[RemovalEvent]:
-        """One `RemovalEvent` per removal."""
-        return self.pruner.ledger.events
-
-    @property
-    def kept_units(self) -> dict[str, list[int]]:
-        """For each group, the original indices of the units still present."""
-        return self.pruner.ledger.kept_units
-
-    @property
-    def kept_heads(self) -> dict[str, list[int]]:
-        """For each attention layer, the original heads still present."""
-        return self.pruner.ledger.kept_heads
-
-    @property
-    def strength_scale(self) -> float:
-        """The factor on λ_t and σ_t (steered when a target is set)."""
-        return self.pruner.strength_scale
-
-    def measured_sparsity(self, pl_module: nn.Module) -> float:
-        """The sparsity ``target_metric`` measures now: the removed fraction of parameters, FLOPs or units."""
-        return self.pruner.ledger.sparsity(self.config.target_metric, count_parameters(pl_module))
-
-    def size_metrics(self, pl_module: nn.Module) -> dict[str, float]:
-        """The logged size metrics: units per group, kept/removed fractions, parameters and FLOPs."""
-        return self.pruner.ledger.size_metrics(count_parameters(pl_module))
-
-    def is_settled(self, step: int) -> bool:
-        """The schedule is over and a check since its end removed nothing (see `DemonPruner.is_settled`)."""
-        return self.pruner.is_settled(step)
 
     # ------------------------------------------------------------------ extension points
     def batch_to_input(self, batch: Any) -> Any:
@@ -226,6 +188,11 @@ class DemonPruning(Callback):
     def _plan_for(self, module: nn.Module, stats: Statistics) -> RemovalPlan:
         assert isinstance(module, pl.LightningModule)
         return self.plan_removal(module, stats)
+
+    @property
+    def cadence(self) -> str:
+        """How often removal events come, as the arguments that set it."""
+        return f"prune_every_n_epochs={self.prune_every_n_epochs}"
 
     def should_prune(self, trainer: pl.Trainer) -> bool:
         """Whether the current training epoch ends with a removal event (override for other cadences)."""
@@ -311,6 +278,8 @@ class DemonPruning(Callback):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pruner.pause_observing(False)
+        if not trainer.sanity_checking:  # the logged accuracy belongs to the network with these events behind it
+            self._removals_before_validation = len(self.pruner.ledger.events)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -341,12 +310,9 @@ class DemonPruning(Callback):
             removed = self._removal_event(trainer, pl_module, final=True)  # stopped early: the paper's final check
             log_size(trainer, pl_module, self.size_metrics(pl_module), use_module_log=False)
             _strategy.resave_last_checkpoints(trainer, removed=removed)
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        directory = plot_directory(self.plot, trainer)  # asks trainer.log_dir, a collective under DDP: every rank
         if trainer.is_global_zero and self.pruner.prepared:
-            if self.plot:
-                self.plot_path = save_run_plot(self.state_dict(), Path(log_dir), trainer.loggers, trainer.global_step)
-            if self.verbose:
-                print_summary(self.pruner.ledger, trainer, pl_module, self.fit_start_time, plot_path=self.plot_path)
+            report_end_of_fit(self, trainer, pl_module, directory, self._removals_before_validation)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

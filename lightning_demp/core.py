@@ -252,7 +252,7 @@ class DemonPruner:
         Returns:
             The event record when something was removed, else ``None``.
         """
-        self.ledger.last_check_step = step
+        self.ledger.note_check(step)
         if self.graph is None or self.monitor is None:
             return None
         stats = stats if stats is not None else self.statistics(model)

@@ -63,9 +63,12 @@ class RemovalEvent:
             "shortfall": "least important live units (target shortfall)",
             "force_target": "least active live units (force_target)",
         }.get(self.reason, f"units ({self.reason})")
+        if units == 1:
+            what = what.replace("units", "unit", 1)
+        layers = len(self.removed)
         return (
-            f"removed {units} {what} from {len(self.removed)} layers"
-            + (f" and {heads} dead attention heads" if heads else "")
+            f"removed {units} {what} from {layers} layer{'s' if layers != 1 else ''}"
+            + (f" and {heads} dead attention head{'s' if heads != 1 else ''}" if heads else "")
             + f": {ledger.units_kept_fraction():.0%} of units, {ledger.flops_kept_fraction():.0%} of FLOPs kept."
         )
 
@@ -100,6 +103,7 @@ class PruningLedger:
         current_flops: Forward FLOPs per sample now (measured after each removal; not saved).
         events: One `RemovalEvent` per removal.
         last_check_step: Step of the last dead check (``-1`` before the first).
+        checks_run: Dead checks made so far (saved, so a resumed run counts on).
         last_removed_count: Units and heads that check removed.
 
     Examples:
@@ -121,8 +125,13 @@ class PruningLedger:
     current_flops: float | None = None
     events: list[RemovalEvent] = field(default_factory=list)
     last_check_step: int = -1
+    checks_run: int = 0
     last_removed_count: int = 0
     _removal_started: float | None = field(default=None, repr=False, compare=False)
+
+    def note_check(self, step: int) -> None:
+        """Record a dead check at ``step``."""
+        self.last_check_step, self.checks_run = step, self.checks_run + 1
 
     def start(self, groups: list[UnitGroup], heads: Mapping[str, int], params: int, flops: float) -> None:
         """Record the starting widths and sizes; a ledger restored from a checkpoint keeps its own."""
@@ -225,6 +234,7 @@ class PruningLedger:
             "initial_flops": self.initial_flops,
             "events": [event.to_dict() for event in self.events],
             "last_check_step": self.last_check_step,
+            "checks_run": self.checks_run,
             "last_removed_count": self.last_removed_count,
             "changed_dims": {key: list(dims) for key, dims in self.changed_dims.items()},
         }
@@ -239,5 +249,6 @@ class PruningLedger:
         self.initial_flops = state.get("initial_flops")
         self.events = [RemovalEvent.from_dict(event) for event in state.get("events", [])]
         self.last_check_step = int(state.get("last_check_step", -1))
+        self.checks_run = int(state.get("checks_run", 0))
         self.last_removed_count = int(state.get("last_removed_count", 0))
         self.changed_dims = {key: list(dims) for key, dims in state.get("changed_dims", {}).items()}

@@ -17,6 +17,7 @@ from lightning_demp.core import DemonPruner
 from lightning_demp.schedules import Schedule
 
 PHASE_RISING, PHASE_FALLING, PHASE_DONE = 0, 1, 2
+PROGRESS_BAR_KEY = "demp/kept"  # the fraction of parameters kept, on the progress bar only
 
 
 def schedule_phase(schedule: Schedule, step: int) -> int:
@@ -141,9 +142,11 @@ def log_size(
         >>> log_size(Trainer(logger=False), pl.LightningModule(), {"demp/params": 10.0}, use_module_log=False)
     """
     if use_module_log:
-        on_bar = {"demp/units_kept_frac", "demp/flops_kept_frac"}
-        for key, value in metrics.items():
-            module.log(key, value, prog_bar=key in on_bar, sync_dist=False)
+        for key, value in metrics.items():  # the same on every process: the max reduces them exactly, quietly
+            module.log(key, value, sync_dist=True, reduce_fx="max")
+        if "demp/params_removed_frac" in metrics:  # one short key on the progress bar, not sent to the loggers
+            kept = 1.0 - metrics["demp/params_removed_frac"]
+            module.log(PROGRESS_BAR_KEY, kept, prog_bar=True, logger=False, sync_dist=True, reduce_fx="max")
         return
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
@@ -158,12 +161,15 @@ def log_state(module: pl.LightningModule, pruner: DemonPruner, step: int) -> Non
         >>> pruner = DemonPruner(PruningConfig())  # no schedule laid out, no target: nothing to log
         >>> log_state(pl.LightningModule(), pruner, step=0)
     """
+    values = {}  # identical on every process: the max reduces them exactly, and Lightning does not warn under DDP
     if pruner.target is not None:
-        module.log("demp/strength_scale", pruner.strength_scale)
+        values["demp/strength_scale"] = pruner.strength_scale
     schedule = pruner.pressure.reg_schedule
     if schedule is not None:
-        module.log("demp/schedule_phase", float(schedule_phase(schedule, step)))
-        module.log("demp/settled", float(pruner.is_settled(step)))
+        values["demp/schedule_phase"] = float(schedule_phase(schedule, step))
+        values["demp/settled"] = float(pruner.is_settled(step))
+    for key, value in values.items():
+        module.log(key, value, sync_dist=True, reduce_fx="max")
 
 
 def network_settled(trainer: pl.Trainer) -> bool:

@@ -1,14 +1,28 @@
-"""End-of-fit summary: accuracy, units, parameters and FLOPs kept per layer, wall time; read off the ledger."""
+"""End of fit: the plot where a logger or a directory says, the summary (accuracy, units, parameters and FLOPs
+kept per layer, wall time; read off the ledger) and, when nothing was removed, why.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_demp.accounting import count_parameters
+from lightning_demp.diagnosis import nothing_removed_message, nothing_removed_reasons
 from lightning_demp.ledger import PruningLedger
+from lightning_demp.plots import save_run_plot
+
+if TYPE_CHECKING:
+    from lightning_demp.callback import DemonPruning
+
+NO_LOGGER_NOTE = "DemonPruning: no logger, so the units plot was not saved; pass plot='<directory>' to save it."
 
 
 def _example_run() -> tuple[PruningLedger, pl.Trainer, nn.Module]:
@@ -40,7 +54,11 @@ def summary_rows(ledger: PruningLedger) -> list[tuple[str, int, int, str]]:
 
 
 def summary_text(
-    ledger: PruningLedger, trainer: pl.Trainer, module: nn.Module, fit_start_time: float | None = None
+    ledger: PruningLedger,
+    trainer: pl.Trainer,
+    module: nn.Module,
+    fit_start_time: float | None = None,
+    stale_removals: int = 0,
 ) -> str:
     """Render the summary as plain text (also the fallback when ``rich`` is not installed).
 
@@ -60,27 +78,39 @@ def summary_text(
     lines += [
         f"{name:<32} {initial:>7} {kept:>7} {fraction:>7}" for name, initial, kept, fraction in summary_rows(ledger)
     ]
-    totals = summary_totals(ledger, trainer, module, fit_start_time)
+    totals = summary_totals(ledger, trainer, module, fit_start_time, stale_removals)
     lines += ["", *(f"{key}: {value}" for key, value in totals.items())]
     return "\n".join(lines)
 
 
 def summary_totals(
-    ledger: PruningLedger, trainer: pl.Trainer, module: nn.Module, fit_start_time: float | None = None
+    ledger: PruningLedger,
+    trainer: pl.Trainer,
+    module: nn.Module,
+    fit_start_time: float | None = None,
+    stale_removals: int = 0,
 ) -> dict[str, str]:
     """Totals shown under the table: accuracy metrics, units, parameters, FLOPs, wall time since ``fit_start_time``
     (a ``time.perf_counter()`` reading; no wall time without it). FLOPs are 100 % until they were measured.
+
+    ``stale_removals`` counts the removal events after the metrics were logged: the accuracy then belongs to an
+    earlier network, and its label says so.
 
     Examples:
         >>> ledger, trainer, module = _example_run()  # 2 of 8 and 4 of 4 units kept, 10 of 20 parameters
         >>> summary_totals(ledger, trainer, module)  # doctest: +NORMALIZE_WHITESPACE
         {'val_acc': '0.9000', 'units kept': '50.0%', 'parameters kept': '10 / 20 (50.0%)',
          'forward FLOPs kept': '100.0%'}
+        >>> list(summary_totals(ledger, trainer, module, stale_removals=1))[0]
+        'val_acc (measured before 1 later removal)'
     """
     totals: dict[str, str] = {}
+    before = f" (measured before {stale_removals} later removal{'s' if stale_removals > 1 else ''})"
     for key, value in trainer.callback_metrics.items():
         if "acc" in key and not key.startswith("demp/"):
-            totals[key] = f"{float(value):.4f}"
+            totals[key + (before if stale_removals else "")] = f"{float(value):.4f}"
+    if stale_removals and totals:
+        totals["final network"] = "not validated since; `trainer.validate(model, datamodule=...)` measures it"
     params = count_parameters(module)
     initial = ledger.initial_params or params
     totals["units kept"] = f"{ledger.units_kept_fraction():.1%}"
@@ -97,8 +127,11 @@ def print_summary(
     module: nn.Module,
     fit_start_time: float | None = None,
     plot_path: str | None = None,
+    stale_removals: int = 0,
+    notes: Sequence[str] = (),
 ) -> None:
-    """Print the summary with ``rich`` when it is installed, as plain text otherwise; then where the run's plot is.
+    """Print the summary with ``rich`` when it is installed, as plain text otherwise; then where the run's plot
+    is, and ``notes`` (such as why nothing was removed).
 
     Examples:
         >>> ledger, trainer, module = _example_run()  # 2 of 8 and 4 of 4 units kept, 10 of 20 parameters
@@ -113,9 +146,9 @@ def print_summary(
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is optional
-        print(summary_text(ledger, trainer, module, fit_start_time))
-        if plot_path is not None:
-            print(f"DemonPruning: live units per layer over training, plotted in {plot_path}")
+        print(summary_text(ledger, trainer, module, fit_start_time, stale_removals))
+        for line in [*_plot_lines(plot_path), *notes]:
+            print(line)
         return
     table = Table(title="DemonPruning summary")
     for column in ("layer", "units", "kept", "kept %"):
@@ -124,7 +157,71 @@ def print_summary(
         table.add_row(name, str(initial), str(kept), fraction)
     console = Console()
     console.print(table)
-    for key, value in summary_totals(ledger, trainer, module, fit_start_time).items():
-        console.print(f"{key}: {value}")
-    if plot_path is not None:
-        console.print(f"DemonPruning: live units per layer over training, plotted in {plot_path}")
+    for key, value in summary_totals(ledger, trainer, module, fit_start_time, stale_removals).items():
+        console.print(f"{key}: {value}", markup=False, soft_wrap=True)
+    for line in [*_plot_lines(plot_path), *notes]:
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def _plot_lines(plot_path: str | None) -> list[str]:
+    return [] if plot_path is None else [f"DemonPruning: live units per layer over training, plotted in {plot_path}"]
+
+
+def check_plot(plot: object) -> bool | str:
+    """Validate `DemonPruning`'s ``plot``: a bool, or a directory to save the plot in.
+
+    Examples:
+        >>> check_plot(True), check_plot("plots/run1")
+        (True, 'plots/run1')
+        >>> check_plot(3)
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `plot` to be a bool or a directory (str or path), got 3.
+    """
+    if isinstance(plot, bool):
+        return plot
+    if isinstance(plot, (str, os.PathLike)) and str(plot):
+        return str(plot)
+    raise TypeError(f"Expected `plot` to be a bool or a directory (str or path), got {plot!r}.")
+
+
+def plot_directory(plot: bool | str, trainer: pl.Trainer) -> Path | None:
+    """Where the plot goes: the given directory, the logger's directory with ``plot=True``, else nowhere.
+
+    Asks ``trainer.log_dir`` (a collective under DDP) whenever a logger is attached: call it on every process.
+
+    Examples:
+        >>> plot_directory(True, pl.Trainer(logger=False)) is None, plot_directory("out", pl.Trainer(logger=False))
+        (True, PosixPath('out'))
+    """
+    log_dir = trainer.log_dir if trainer.loggers else None
+    if isinstance(plot, str):
+        return Path(plot)
+    return Path(log_dir or trainer.default_root_dir) if plot and trainer.loggers else None
+
+
+def report_end_of_fit(
+    callback: DemonPruning,
+    trainer: pl.Trainer,
+    module: nn.Module,
+    directory: Path | None,
+    removals_before_validation: int | None,
+) -> None:
+    """On the main process when fit ends: save the plot (``callback.plot_path``), warn when nothing was removed,
+    print the summary when ``callback.verbose``.
+    """
+    ledger = callback.pruner.ledger
+    notes: list[str] = []
+    if directory is not None:
+        callback.plot_path = save_run_plot(callback.state_dict(), directory, trainer.loggers, trainer.global_step)
+    elif callback.plot is True:
+        notes.append(NO_LOGGER_NOTE)
+    if not ledger.events:
+        reasons = nothing_removed_reasons(
+            ledger, callback.config, module, epochs_run=trainer.current_epoch, cadence=callback.cadence
+        )
+        rank_zero_warn(nothing_removed_message(reasons))
+        notes.append(nothing_removed_message(reasons))
+    if callback.verbose:
+        stale = len(ledger.events) - removals_before_validation if removals_before_validation is not None else 0
+        print_summary(ledger, trainer, module, callback.fit_start_time, callback.plot_path, stale, notes)
