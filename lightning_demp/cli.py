@@ -105,7 +105,20 @@ def short_error(message: str) -> str:
 
 
 class DemonPruningArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, ending a bad command line in one short message instead of a page of usage."""
+    """LightningCLI's parser, ending a bad command line in one short message instead of a page of usage.
+
+    Examples:
+        >>> import contextlib, io
+        >>> parser = DemonPruningArgumentParser(prog="demo")
+        >>> _ = parser.add_argument("--epochs", type=int)
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     try:
+        ...         parser.parse_args(["--epochs", "many"])
+        ...     except SystemExit as exit:
+        ...         code = exit.code
+        >>> code, err.getvalue().startswith("error: "), err.getvalue().splitlines()[-1]
+        (2, True, '(`demo --help` lists the accepted options.)')
+    """
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         """Print ``message`` (shortened by `short_error`) and where the options are listed, then exit with code 2."""
@@ -118,7 +131,21 @@ class DemonPruningArgumentParser(LightningArgumentParser):
 
 
 class DemonPruningCLI(LightningCLI):
-    """LightningCLI that checks DemonPruning's arguments before anything is built and reports them in one line."""
+    """LightningCLI that checks DemonPruning's arguments before anything is built and reports them in one line.
+
+    Examples:
+        >>> import contextlib, io
+        >>> args = ["fit", "--trainer.callbacks=lightning_demp.DemonPruning", "--trainer.callbacks.reg_max=-1",
+        ...         "--model=lightning_demp.demos.MLPClassifier", "--data=lightning_demp.demos.DigitsDataModule"]
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     try:
+        ...         DemonPruningCLI(pl.LightningModule, pl.LightningDataModule, args=args,
+        ...                         subclass_mode_model=True, subclass_mode_data=True)
+        ...     except SystemExit as exit:
+        ...         code = exit.code
+        >>> code, err.getvalue().splitlines()[0]
+        (2, 'error: DemonPruning: Expected `reg_max` to be a number in [0.0, inf), got -1.0.')
+    """
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """The parser, of `DemonPruningArgumentParser`'s kind."""

@@ -209,6 +209,17 @@ def report_end_of_fit(
 ) -> None:
     """On the main process when fit ends: save the plot (``callback.plot_path``), warn when nothing was removed,
     print the summary when ``callback.verbose``.
+
+    Examples:
+        >>> import warnings
+        >>> from lightning_demp import DemonPruning
+        >>> callback = DemonPruning(reg_max=0.0, verbose=False)  # a fit that removed nothing, without a logger
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     report_end_of_fit(callback, pl.Trainer(logger=False), nn.Linear(2, 2), None, None)
+        >>> print(str(caught[-1].message).splitlines()[0]), callback.plot_path
+        DemonPruning removed nothing in this fit. Likely causes:
+        (None, None)
     """
     ledger = callback.pruner.ledger
     notes: list[str] = []

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check lightning_demp tests benchmarks
-.venv/bin/ruff format --check lightning_demp tests benchmarks
+.venv/bin/ruff check lightning_demp tests benchmarks scripts
+.venv/bin/ruff format --check lightning_demp tests benchmarks scripts
 .venv/bin/mypy
 .venv/bin/mypy benchmarks
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet -d "$(mktemp -d)"
