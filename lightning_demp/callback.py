@@ -6,7 +6,6 @@ broadcast, the DDP rewrap and the BatchNorm averaging. See ``docs/how-it-works.m
 
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from dataclasses import fields
@@ -27,7 +26,8 @@ from lightning_demp.accounting import (
     first_samples,
     set_flops_per_batch,
 )
-from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice, check_int
+from lightning_demp.cadence import Cadence
+from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
 from lightning_demp.monitoring import log_size, log_state, warn_at_fit_start
@@ -62,6 +62,8 @@ class DemonPruning(PrunerViews, Callback):
         schedule_span: Fraction of the total optimizer steps that the schedule spans, in (0, 1].
         noise_std: Peak σ of the noise on live entries; ``0`` turns noise off.
         prune_every_n_epochs: Check and remove at the end of every n-th training epoch (and at the end of training).
+        prune_every_n_train_steps: Check and remove after every n-th optimizer step instead, mid-epoch included (and
+            at the end of training); ``None``: by epochs. Set one of the two.
         dead_threshold: A unit is dead when every reader gets ``|value| <= dead_threshold`` from it everywhere.
         check_batches: How many training batches the dead check observes.
         check_mode: ``"eval_pass"`` (the paper's eval-mode pass over recent batches) or ``"train_forwards"``
@@ -112,6 +114,7 @@ class DemonPruning(PrunerViews, Callback):
         schedule_span: float = 0.9,
         noise_std: float = 5e-5,
         prune_every_n_epochs: int = 1,
+        prune_every_n_train_steps: int | None = None,
         dead_threshold: float = 0.0,
         check_batches: int = 12,
         check_mode: CheckMode = "eval_pass",
@@ -134,7 +137,8 @@ class DemonPruning(PrunerViews, Callback):
         super().__init__()
         arguments = {**locals(), "exclude": () if exclude is None else exclude}
         self.config = PruningConfig(**{field.name: arguments[field.name] for field in fields(PruningConfig)})
-        self.prune_every_n_epochs = check_int("prune_every_n_epochs", prune_every_n_epochs, low=1)
+        self._cadence = Cadence(prune_every_n_epochs, prune_every_n_train_steps)
+        self.prune_every_n_epochs, self.prune_every_n_train_steps = prune_every_n_epochs, prune_every_n_train_steps
         self.check_mode: CheckMode = check_choice("check_mode", check_mode, _CHECK_MODES)  # type: ignore[assignment]
         self.verbose = check_bool("verbose", verbose)
         self.decouple_residuals = check_bool("decouple_residuals", decouple_residuals)
@@ -192,11 +196,11 @@ class DemonPruning(PrunerViews, Callback):
     @property
     def cadence(self) -> str:
         """How often removal events come, as the arguments that set it."""
-        return f"prune_every_n_epochs={self.prune_every_n_epochs}"
+        return self._cadence.describe()
 
     def should_prune(self, trainer: pl.Trainer) -> bool:
         """Whether the current training epoch ends with a removal event (override for other cadences)."""
-        return (trainer.current_epoch + 1) % self.prune_every_n_epochs == 0 or _strategy.is_last_epoch(trainer)
+        return self._cadence.at_epoch_end(trainer.current_epoch, _strategy.is_last_epoch(trainer))
 
     # ------------------------------------------------------------------ lifecycle
     @override
@@ -264,6 +268,10 @@ class DemonPruning(PrunerViews, Callback):
         if self.config.reg_max > 0 or self.config.noise_std > 0:
             pl_module.log("demp/reg_strength", self.pruner.pressure.last_reg_strength, on_step=True, on_epoch=False)
             pl_module.log("demp/noise_std", self.pruner.pressure.last_noise_std, on_step=True, on_epoch=False)
+        step = _strategy.schedule_step(trainer)
+        ends_fit = _strategy.is_last_epoch(trainer) and batch_idx + 1 >= trainer.num_training_batches
+        if self._cadence.after_step(step, ends_fit) and self.pruner.prepared and self.ledger.last_check_step != step:
+            self._removal_event(trainer, pl_module, final=False)  # the step cadence: mid-epoch
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -340,10 +348,15 @@ class DemonPruning(PrunerViews, Callback):
 
     # ------------------------------------------------------------------ internals
     def _observing_this_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        if self.check_mode != "train_forwards" or not self.should_prune(trainer):
+        if self.check_mode != "train_forwards":
             return False
-        total = trainer.num_training_batches
-        return math.isinf(total) or batch_idx >= total - self.config.check_batches
+        return self._cadence.observe_batch(
+            _strategy.schedule_step(trainer),
+            batch_idx,
+            trainer.num_training_batches,
+            self.config.check_batches,
+            epoch_event=self.should_prune(trainer),
+        )
 
     def _release_step_hooks(self) -> None:
         while self._step_hooks:
