@@ -188,6 +188,7 @@ class ActivationMonitor:
         # A partial of a method, not a closure: a model with hooks attached still pickles and deep-copies.
         return functools.partial(self._record, name)
 
+    @torch.compiler.disable  # eager under `model.compile()`: no graph per reader width, no recompile per event
     def _record(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self.paused and args and isinstance(args[0], Tensor):
             self.activity[name].update(args[0])

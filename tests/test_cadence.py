@@ -63,3 +63,28 @@ def test_one_cadence_at_a_time_named_in_the_error():
     with pytest.raises(ValueError, match="Expected `prune_every_n_train_steps` to be an int >= 1, got 0"):
         DemonPruning(prune_every_n_train_steps=0)
     assert DemonPruning(prune_every_n_train_steps=10).cadence == "prune_every_n_train_steps=10"
+
+
+def test_a_compiled_model_recompiles_without_hitting_the_limit_as_it_shrinks(tmp_path):
+    import torch
+
+    model = planted_mlp(lr=0.0)
+    from torch._dynamo.utils import counters
+
+    model.compile(backend="eager")  # dynamo's guards and recompiles, without a C++ compiler
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        trainer, _, callback = train_with_callback(
+            tmp_path,
+            model=model,
+            max_epochs=2,
+            trainer_kwargs={"callbacks": [KillFirstUnitAtBatch(batch_idx=2)]},
+            reg_max=0.0,
+            noise_std=0.0,
+            prune_every_n_train_steps=2,
+        )
+    assert len(callback.events) == 2 and model.net[0].out_features == 9  # shrank twice while compiled
+    assert counters["stats"]["unique_graphs"] <= 1 + len(callback.events)  # the first graph, then one per event
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(model(x), model.net(x))  # the compiled call computes the pruned network
