@@ -87,6 +87,8 @@ class DemonPruning(PrunerViews, Callback):
             (`lightning_demp.pressure`); ``0`` turns the floor off.
         target_focus: With a target, pull nothing before its ramp starts, then only the least important live
             units it still needs, re-ranked at every event; ``False``: pull every unit, as without a target.
+        round_to: Keep each group's width a multiple of this (dead units stay until the multiple is reached);
+            ``1``: any width.
         plot: When fit ends, draw ``demp_units.png`` (share of units kept per layer, λ/σ beneath): ``True`` saves it
             in the logger's directory and sends it to loggers that take figures (no logger, no file); a directory
             saves it there; ``False``: no plot.
@@ -133,6 +135,7 @@ class DemonPruning(PrunerViews, Callback):
         penalize: PenalizeScope = "all",
         live_floor: float = 0.05,
         target_focus: bool = True,
+        round_to: int = 1,
     ) -> None:
         super().__init__()
         arguments = {**locals(), "exclude": () if exclude is None else exclude}

@@ -115,6 +115,7 @@ class PruningConfig:
     penalize: PenalizeScope = "all"
     live_floor: float = 0.05
     target_focus: bool = True
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         check_choice("regularizer", self.regularizer, REGULARIZER_NAMES)
@@ -144,6 +145,7 @@ class PruningConfig:
         check_choice("penalize", self.penalize, PENALIZE_SCOPES)
         self._set("live_floor", check_number("live_floor", self.live_floor, low=0.0, low_inclusive=True, high=0.5))
         check_bool("target_focus", self.target_focus)
+        check_int("round_to", self.round_to, low=1)
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

@@ -28,10 +28,10 @@ from lightning_demp.graph import PrunableGraph
 from lightning_demp.ledger import PruningLedger, RemovalEvent
 from lightning_demp.optim import remap_optimizer_
 from lightning_demp.permutation import order_routed_channels_
-from lightning_demp.policy import decide_removal
+from lightning_demp.policy import decide_removal, round_plan
 from lightning_demp.pressure import Pressure
 from lightning_demp.regularization import group_parameters
-from lightning_demp.removal import remove_units_
+from lightning_demp.removal import forget_compiled_graphs, remove_units_
 from lightning_demp.resize import changed_dims, merge_dims, note_changed_dims, tensor_shapes
 from lightning_demp.rollback import all_or_nothing
 from lightning_demp.saturation import SaturationFolding
@@ -262,6 +262,7 @@ class DemonPruner:
         plan = collectives.broadcast_plan(self.decider(model, stats))
         if self.target is not None:  # identical on every rank: same model, same plan
             plan = self.target.limit(plan, self.ledger, table)
+        plan = round_plan(plan, self.ledger.widths(), self.config.round_to)  # widths stay multiples of round_to
         self.ledger.last_removed_count = plan.num_units + plan.num_heads
         if plan.units and self.saturation is not None:
             self.saturation.fold_(self.graph.groups(), stats, plan.units, self.graph.norm_after, optimizers)
@@ -310,8 +311,7 @@ class DemonPruner:
         finally:
             self.graph.forget_groups()  # shapes changed, or were put back
         collectives.after_surgery()
-        if any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()):
-            torch.compiler.reset()  # drop graphs guarded on the old shapes instead of piling up recompiles
+        forget_compiled_graphs(model)  # graphs guarded on the old shapes go, instead of piling up recompiles
         self.ledger.record_removal(plan, orders)
         merge_dims(self.ledger.changed_dims, changed_dims(shapes, tensor_shapes(model)))
         note_changed_dims(model, self.ledger.changed_dims)  # what a load from before this removal may grow back

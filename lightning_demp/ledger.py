@@ -182,6 +182,10 @@ class PruningLedger:
         self._removal_started = None
         return event
 
+    def widths(self) -> dict[str, int]:
+        """The current width of each group."""
+        return {name: len(kept) for name, kept in self.kept_units.items()}
+
     def units_kept_fraction(self) -> float:
         """Fraction of the removable units still present."""
         initial = sum(self.initial_widths.values())

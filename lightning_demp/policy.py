@@ -7,7 +7,7 @@ group below ``min_units``; dead heads of every `HeadedAttention`. Nothing is dec
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,3 +90,28 @@ def decide_removal(
             units[group.name] = dead
     heads = plan_head_removal(model, {name: reader.max_abs for name, reader in stats.items()}, threshold)
     return Decision(RemovalPlan(units=units, heads=heads), tuple(warnings))
+
+
+def round_plan(plan: RemovalPlan, widths: Mapping[str, int], multiple: int) -> RemovalPlan:
+    """``plan`` with each group's removals cut so that its width stays a multiple of ``multiple`` (``round_to``).
+
+    A group goes down to the smallest multiple at or above the width the plan would leave; one whose width is not
+    a multiple yet loses units only once the plan reaches the multiple below it. The planned units kept are the
+    highest-numbered ones. Heads are left as planned.
+
+    Examples:
+        >>> plan = RemovalPlan(units={"fc1": torch.tensor([0, 1, 2, 5, 9]), "fc2": torch.tensor([3])})
+        >>> {name: units.tolist() for name, units in round_plan(plan, {"fc1": 16, "fc2": 12}, 4).units.items()}
+        {'fc1': [0, 1, 2, 5]}
+        >>> round_plan(plan, {"fc1": 16, "fc2": 12}, 1) is plan
+        True
+    """
+    if multiple <= 1:
+        return plan
+    units = {}
+    for name, removed in plan.units.items():
+        width = widths[name]
+        kept_width = -(-(width - len(removed)) // multiple) * multiple  # the multiple at or above what is left
+        if kept_width < width:
+            units[name] = removed[: width - kept_width]
+    return plan.with_units(units)

@@ -128,3 +128,17 @@ def _describe_slices(old: Tensor, new: Tensor, prunings: list[tuple[bool, list[i
         remaps.append(ParamRemap(old=current, new=target, dim=dim, kept=kept))
         current = target
     return remaps
+
+
+def forget_compiled_graphs(model: nn.Module) -> bool:
+    """After a removal, drop torch.compile's graphs when any module of ``model`` is compiled (their guards hold
+    the old shapes); returns whether it did.
+
+    Examples:
+        >>> forget_compiled_graphs(nn.Linear(2, 2))
+        False
+    """
+    if any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()):
+        torch.compiler.reset()
+        return True
+    return False

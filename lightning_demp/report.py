@@ -8,19 +8,42 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_demp.accounting import count_parameters
+from lightning_demp.config import PruningConfig
+from lightning_demp.core import DemonPruner
 from lightning_demp.diagnosis import nothing_removed_message, nothing_removed_reasons
 from lightning_demp.ledger import PruningLedger
 from lightning_demp.plots import save_run_plot
 
-if TYPE_CHECKING:
-    from lightning_demp.callback import DemonPruning
+
+@runtime_checkable
+class FitRecord(Protocol):
+    """What the end-of-fit report reads off the callback.
+
+    Examples:
+        >>> from lightning_demp import DemonPruning
+        >>> isinstance(DemonPruning(), FitRecord)
+        True
+    """
+
+    pruner: DemonPruner
+    config: PruningConfig
+    plot: bool | str
+    plot_path: str | None
+    verbose: bool
+    fit_start_time: float | None
+
+    @property
+    def cadence(self) -> str: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
 
 NO_LOGGER_NOTE = "DemonPruning: no logger, so the units plot was not saved; pass plot='<directory>' to save it."
 
@@ -201,7 +224,7 @@ def plot_directory(plot: bool | str, trainer: pl.Trainer) -> Path | None:
 
 
 def report_end_of_fit(
-    callback: DemonPruning,
+    callback: FitRecord,
     trainer: pl.Trainer,
     module: nn.Module,
     directory: Path | None,

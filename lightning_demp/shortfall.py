@@ -18,6 +18,7 @@ from lightning_demp.collectives import Collectives
 from lightning_demp.config import PruningConfig
 from lightning_demp.graph import PrunableGraph
 from lightning_demp.ledger import PruningLedger, RemovalEvent
+from lightning_demp.policy import round_plan
 from lightning_demp.sizes import SizeTable
 from lightning_demp.target import SparsityTarget, planned_sparsity, reaches
 from lightning_demp.units import RemovalPlan, Statistics
@@ -143,6 +144,7 @@ def close_lag(
     plan = collectives.broadcast_plan(
         target.shortfall(graph.groups(), stats, modules, core.ledger, table, goal=goal, floors=floors)
     )
+    plan = round_plan(plan, core.ledger.widths(), core.config.round_to)
     if not plan:
         return None
     event = core.apply(model, plan, optimizers, step=step, epoch=epoch, reason="shortfall", collectives=collectives)
@@ -184,9 +186,13 @@ def force_target(
         return None
     forced, event = 0, None
     while stats is not None and not reaches(target.measured(core.ledger, core.size_table()), target.target):
-        plan = target.least_active(graph.groups(), stats, core.config.min_units)
+        plan = round_plan(target.least_active(graph.groups(), stats, core.config.min_units), core.ledger.widths(),
+                          core.config.round_to)  # fmt: skip
         if not plan:
-            core.warn("`DemonPruning(force_target=True)`: every group is at `min_units`; target not met.")
+            core.warn(
+                "`DemonPruning(force_target=True)`: every group is at `min_units`, or its next removal would break "
+                "`round_to`; target not met."
+            )
             break
         plan = collectives.broadcast_plan(plan)
         event = core.apply(
