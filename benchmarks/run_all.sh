@@ -28,3 +28,4 @@ run benchmarks/step_pieces.py
 run benchmarks/index_add_cost.py
 run benchmarks/speed.py
 run benchmarks/removal_cost.py
+run benchmarks/round_to.py

@@ -9,6 +9,7 @@
 
     python benchmarks/speed.py           # about 8 min on 2 CPU cores
     python benchmarks/speed.py --quick   # 10-epoch fits, fewer repeats
+    python benchmarks/speed.py --round-to [--quick]   # widths kept multiples of 8 and 16: see round_to.py
 """
 
 from __future__ import annotations
@@ -97,7 +98,13 @@ def step_times(config: dict[str, Any], with_demp: bool, epochs: int) -> list[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--round-to", action="store_true", help="measure round_to=1/8/16 instead (round_to.py)")
     args = parser.parse_args()
+    if args.round_to:
+        import round_to
+
+        round_to.main(["--quick"] if args.quick else [])
+        return
     torch.set_num_threads(2)
     config = with_recorded_betas(load_config(CONFIG))
     epochs = 10 if args.quick else config["trainer"]["max_epochs"]
