@@ -17,6 +17,7 @@ import torch
 from lightning_demp.schedules import make_schedule
 
 log = logging.getLogger(__name__)
+LINES_UP_TO = 12  # layers drawn as lines; more become the rows of a heat map
 
 
 def units_over_steps(state: Mapping[str, Any]) -> tuple[list[int], dict[str, list[int]]]:
@@ -67,6 +68,8 @@ def schedule_values(schedule: Mapping[str, Any], steps: Sequence[int]) -> tuple[
 def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
     """Draw the share of units each layer keeps (top) and λ_t/σ_t (bottom); save as PNG when ``path`` is given.
 
+    Up to `LINES_UP_TO` layers are lines with a legend; more are the rows of a heat map of the share kept.
+
     Args:
         state: ``DemonPruning.state_dict()``, or the ``"DemonPruning"`` entry of a checkpoint's ``"callbacks"``.
         path: Where to write the PNG.
@@ -97,16 +100,29 @@ def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
     steps, widths = units_over_steps(state)
     schedule = state.get("schedule") or {}
     total = int(schedule.get("total_steps") or max(steps[-1], 1))
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 1.4])
+    many = len(widths) > LINES_UP_TO
+    height = max(6.0, 2.8 + 0.17 * len(widths)) if many else 6.0
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(10, height), sharex=True, height_ratios=[3, 1.4], layout="constrained" if many else None
+    )
     initial = {name: max(1, series[0]) for name, series in widths.items()}
-    for name, series in widths.items():  # kept share, so that layers of any width compare on one axis
-        kept = [100.0 * width / initial[name] for width in [*series, series[-1]]]
-        top.step([*steps, total], kept, where="post", label=f"{name}: {series[0]} → {series[-1]}")
-    top.set_ylabel("units kept (%)")
-    top.set_ylim(0, 105)
-    top.set_title("DemonPruning: units kept per layer (legend: units at the start → at the end)")
-    top.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    top.grid(alpha=0.3)
+    if many:  # one row per layer, coloured by the share kept: readable for 50 layers, where lines would tangle
+        kept_rows = [[100.0 * width / initial[name] for width in series] for name, series in widths.items()]
+        mesh = top.pcolormesh([*steps, total], range(len(widths) + 1), kept_rows, cmap="viridis", vmin=0, vmax=100)
+        labels = [f"{name}: {series[0]} → {series[-1]}" for name, series in widths.items()]
+        top.set_yticks([row + 0.5 for row in range(len(widths))], labels=labels, fontsize=7)
+        top.invert_yaxis()
+        figure.colorbar(mesh, ax=top, location="top", label="units kept (%)", fraction=0.05, aspect=60)
+        figure.suptitle("DemonPruning: units kept per layer (rows: units at the start → at the end)")
+    else:
+        for name, series in widths.items():  # kept share, so that layers of any width compare on one axis
+            kept = [100.0 * width / initial[name] for width in [*series, series[-1]]]
+            top.step([*steps, total], kept, where="post", label=f"{name}: {series[0]} → {series[-1]}")
+        top.set_ylabel("units kept (%)")
+        top.set_ylim(0, 105)
+        top.set_title("DemonPruning: units kept per layer (legend: units at the start → at the end)")
+        top.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        top.grid(alpha=0.3)
     if schedule:
         xs = torch.linspace(0, total, 200).round().long().tolist()
         reg_values, noise_values = schedule_values(schedule, xs)
@@ -128,7 +144,8 @@ def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
     for step in steps[1:]:
         bottom.axvline(step, color="grey", alpha=0.3, linewidth=0.8)
     bottom.set_xlabel("optimizer step")
-    figure.tight_layout()
+    if not many:  # the heat map's figure is laid out by matplotlib's constrained layout (labels, colour bar)
+        figure.tight_layout()
     if path is not None:
         figure.savefig(path, dpi=120)
     return figure

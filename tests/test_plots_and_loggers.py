@@ -79,3 +79,27 @@ def test_plot_can_be_turned_off_and_is_validated(tmp_path):
     assert not (tmp_path / "lightning_logs" / "version_0" / "demp_units.png").exists()
     with pytest.raises(TypeError, match="Expected `plot` to be a bool or a directory"):
         DemonPruning(plot=3)
+
+
+def test_fifty_layers_are_drawn_as_a_heat_map_with_every_layer_labelled():
+    from matplotlib.collections import QuadMesh
+
+    names = [f"blocks.{index}.conv" for index in range(50)]
+    state = {
+        "initial_widths": dict.fromkeys(names, 64),
+        "events": [{"step": 10, "widths": {name: 64 - index for index, name in enumerate(names)}}],
+        "schedule": None,
+    }
+    figure = plot_run(state)
+    top = figure.axes[0]
+    assert top.get_legend() is None and not top.get_lines()  # no 50 tangled lines and an overflowing legend
+    (mesh,) = [child for child in top.get_children() if isinstance(child, QuadMesh)]
+    kept = mesh.get_array().reshape(50, 2)
+    assert kept[0].tolist() == [100.0, 100.0] and kept[49, 1] == pytest.approx(100 * 15 / 64)
+    assert [label.get_text() for label in top.get_yticklabels()][49] == "blocks.49.conv: 64 → 15"
+
+
+def test_a_few_layers_stay_lines_with_a_legend():
+    state = {"initial_widths": {"a": 8, "b": 4, "c": 2}, "events": [{"step": 3, "widths": {"a": 5}}], "schedule": None}
+    top = plot_run(state).axes[0]
+    assert len(top.get_lines()) == 3 and top.get_legend() is not None
