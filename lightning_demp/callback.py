@@ -31,6 +31,7 @@ from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, chec
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
 from lightning_demp.monitoring import log_size, log_state, warn_at_fit_start
+from lightning_demp.plots import validation_point
 from lightning_demp.regularization import RegularizerName
 from lightning_demp.report import check_plot, plot_directory, report_end_of_fit
 from lightning_demp.resize import disable_resize_on_load, enable_resize_on_load
@@ -150,6 +151,7 @@ class DemonPruning(PrunerViews, Callback):
         self.plot_path: str | None = None
         self.fit_start_time: float | None = None  # perf_counter() at the start of fit, for the summary
         self._removals_before_validation: int | None = None  # removal events behind the last validation's metrics
+        self.validation_history: list[dict[str, Any]] = []  # {"step", "name", "value"} after each validation
         self._train_batch_size: int | None = None
         self._step_hooks: list[Any] = []
         self._load_hook: Any = None
@@ -210,7 +212,7 @@ class DemonPruning(PrunerViews, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _strategy.check_supported(trainer.strategy)
         if stage == "fit" and self._model_ref is not None and self._model_ref() is not pl_module:
-            self.pruner, self._train_batch_size = self._new_pruner(), None  # a new model: start its own record
+            self.pruner, self._train_batch_size, self.validation_history = self._new_pruner(), None, []  # a new model
         if stage == "fit":  # validate/test/predict run no pressure: nothing to demand of the model
             self._model_ref = weakref.ref(pl_module)
             _strategy.check_fit(trainer, pl_module, self.config)
@@ -291,6 +293,9 @@ class DemonPruning(PrunerViews, Callback):
         self.pruner.pause_observing(False)
         if not trainer.sanity_checking:  # the logged accuracy belongs to the network with these events behind it
             self._removals_before_validation = len(self.pruner.ledger.events)
+            point = validation_point(trainer.callback_metrics, _strategy.schedule_step(trainer))
+            if trainer.state.fn == "fit" and point is not None:
+                self.validation_history.append(point)  # for the plot; saved in checkpoints
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -340,11 +345,12 @@ class DemonPruning(PrunerViews, Callback):
     # ------------------------------------------------------------------ checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.pruner.state_dict()
+        return {**self.pruner.state_dict(), "validation": [dict(point) for point in self.validation_history]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.pruner.load_state_dict(state_dict)
+        self.validation_history = [dict(point) for point in state_dict.get("validation", [])]
+        self.pruner.load_state_dict({key: value for key, value in state_dict.items() if key != "validation"})
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_step_hooks": [], "_load_hook": None, "_model_ref": None}  # this process's own

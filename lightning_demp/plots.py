@@ -65,8 +65,22 @@ def schedule_values(schedule: Mapping[str, Any], steps: Sequence[int]) -> tuple[
     return reg_values, noise_values
 
 
+def validation_point(metrics: Mapping[str, Any], step: int) -> dict[str, Any] | None:
+    """The run's validation accuracy at ``step`` for the plot: the first logged ``val*acc*`` metric, or ``None``.
+
+    Examples:
+        >>> validation_point({"train_loss": 0.3, "val_acc": torch.tensor(0.875)}, step=40)
+        {'step': 40, 'name': 'val_acc', 'value': 0.875}
+    """
+    for name, value in metrics.items():
+        if name.startswith("val") and "acc" in name:
+            return {"step": int(step), "name": str(name), "value": float(value)}
+    return None
+
+
 def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
-    """Draw the share of units each layer keeps (top) and λ_t/σ_t (bottom); save as PNG when ``path`` is given.
+    """Draw the share of units each layer keeps (top), the validation accuracy when the state recorded it
+    (middle), and λ_t/σ_t (bottom); save as PNG when ``path`` is given.
 
     Up to `LINES_UP_TO` layers are lines with a legend; more are the rows of a heat map of the share kept.
 
@@ -102,9 +116,18 @@ def plot_run(state: Mapping[str, Any], path: str | Path | None = None) -> Any:
     total = int(schedule.get("total_steps") or max(steps[-1], 1))
     many = len(widths) > LINES_UP_TO
     height = max(6.0, 2.8 + 0.17 * len(widths)) if many else 6.0
-    figure, (top, bottom) = plt.subplots(
-        2, 1, figsize=(10, height), sharex=True, height_ratios=[3, 1.4], layout="constrained" if many else None
-    )
+    validation = list(state.get("validation") or [])  # (step, accuracy) after each validation, when recorded
+    rows, ratios = (3, [3, 1.2, 1.4]) if validation else (2, [3, 1.4])
+    figure, axes = plt.subplots(
+        rows, 1, figsize=(10, height + 1.5 * (rows - 2)), sharex=True, height_ratios=ratios,
+        layout="constrained" if many else None,
+    )  # fmt: skip
+    top, bottom = axes[0], axes[-1]
+    if validation:
+        middle = axes[1]
+        middle.plot([p["step"] for p in validation], [100 * p["value"] for p in validation], color="black", marker=".")
+        middle.set_ylabel(f"{validation[-1]['name']} (%)")
+        middle.grid(alpha=0.3)
     initial = {name: max(1, series[0]) for name, series in widths.items()}
     if many:  # one row per layer, coloured by the share kept: readable for 50 layers, where lines would tangle
         kept_rows = [[100.0 * width / initial[name] for width in series] for name, series in widths.items()]

@@ -35,7 +35,8 @@ def test_plot_file_is_written_in_the_log_dir_and_shows_every_layer_and_event(tmp
     assert image.shape[0] > 300 and image.shape[1] > 500
 
     figure = plot_run(callback.state_dict())
-    top, bottom = figure.axes[:2]
+    top = figure.axes[0]
+    bottom = next(axis for axis in figure.axes if axis.get_ylabel() == "λ_t")
     steps, widths = units_over_steps(callback.state_dict())
     assert [text.get_text() for text in top.get_legend().get_texts()] == [
         f"{name}: {widths[name][0]} → {widths[name][-1]}" for name in ("net.0", "net.2")
@@ -103,3 +104,17 @@ def test_a_few_layers_stay_lines_with_a_legend():
     state = {"initial_widths": {"a": 8, "b": 4, "c": 2}, "events": [{"step": 3, "widths": {"a": 5}}], "schedule": None}
     top = plot_run(state).axes[0]
     assert len(top.get_lines()) == 3 and top.get_legend() is not None
+
+
+def test_the_plot_shows_the_validation_accuracy_recorded_after_each_validation(tmp_path):
+    trainer, callback = fit_with_logger(tmp_path, CSVLogger(tmp_path))
+    history = callback.state_dict()["validation"]
+    assert [point["name"] for point in history] == ["val_acc"] * 3  # one per epoch of the 3
+    assert history[-1]["value"] == pytest.approx(float(trainer.callback_metrics["val_acc"]))
+    figure = plot_run(callback.state_dict())
+    middle = figure.axes[1]
+    assert middle.get_ylabel() == "val_acc (%)"
+    assert list(middle.get_lines()[0].get_ydata()) == pytest.approx([100 * point["value"] for point in history])
+    restored = DemonPruning(regularizer="positive_l2")
+    restored.load_state_dict(callback.state_dict())
+    assert restored.validation_history == history  # kept in checkpoints, so plot_checkpoint draws it too
