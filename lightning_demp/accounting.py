@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +26,9 @@ def count_parameters(module: nn.Module) -> int:
 def call_with(module: nn.Module, inputs: Any) -> Any:
     """Call ``module`` on ``inputs`` as Lightning does with ``example_input_array``.
 
-    A tuple or list is unpacked as positional arguments, a dict as keyword arguments, anything else is passed as is.
+    A tuple or list is unpacked as positional arguments, a mapping (a dict, a Hugging Face ``BatchEncoding``) as
+    keyword arguments, anything else is passed as is. A ``forward`` without ``**kwargs`` gets only the keys it
+    names, so a batch's ``labels`` do not break ``forward(input_ids, attention_mask)``.
 
     Examples:
         >>> class Scale(nn.Module):
@@ -38,9 +41,29 @@ def call_with(module: nn.Module, inputs: Any) -> Any:
     """
     if isinstance(inputs, (tuple, list)):
         return module(*inputs)
-    if isinstance(inputs, dict):
-        return module(**inputs)
+    if isinstance(inputs, Mapping):
+        return module(**accepted_keywords(module, inputs))
     return module(inputs)
+
+
+def accepted_keywords(module: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``inputs`` that ``module.forward`` takes: all of them when it has ``**kwargs``.
+
+    Examples:
+        >>> class Encoder(nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None):
+        ...         return input_ids
+        >>> sorted(accepted_keywords(Encoder(), {"input_ids": 1, "attention_mask": 2, "labels": 3}))
+        ['attention_mask', 'input_ids']
+    """
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return dict(inputs)
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return dict(inputs)
+    names = {parameter.name for parameter in parameters}
+    return {key: value for key, value in inputs.items() if key in names}
 
 
 def batch_size_of(inputs: Any) -> int:
@@ -56,7 +79,7 @@ def batch_size_of(inputs: Any) -> int:
     """
     if isinstance(inputs, Tensor):
         return int(inputs.shape[0]) if inputs.dim() > 0 else 1
-    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else ()
     for value in values:
         if isinstance(value, Tensor) and value.dim() > 0:
             return int(value.shape[0])
@@ -155,15 +178,32 @@ def count_flops_per_sample(module: nn.Module, inputs: Any) -> float:
     return counter.get_total_flops() / batch_size_of(inputs)
 
 
-def first_input(batch: Any) -> Any:
-    """The model input of a batch: the batch itself when it is a tensor, else its first element (``(x, y)``).
+def first_input(batch: Any, input_keys: Sequence[str] | None = None) -> Any:
+    """The model input of a batch: the batch itself when it is a tensor, its first element (``(x, y)``), or for a
+    mapping (a dict, a Hugging Face ``BatchEncoding``) its entries as keyword arguments, only ``input_keys`` when
+    given.
+
+    Raises:
+        KeyError: A key of ``input_keys`` is not in the batch (the message lists the batch's keys).
 
     Examples:
         >>> first_input((torch.ones(2, 3), torch.zeros(2))).shape
         torch.Size([2, 3])
+        >>> sorted(first_input({"input_ids": 1, "attention_mask": 2, "labels": 3}, ["input_ids", "attention_mask"]))
+        ['attention_mask', 'input_ids']
     """
     if isinstance(batch, Tensor):
         return batch
+    if isinstance(batch, Mapping):
+        if input_keys is None:
+            return dict(batch)
+        missing = [key for key in input_keys if key not in batch]
+        if missing:
+            raise KeyError(
+                f"`DemonPruning(input_keys={list(input_keys)})`: the batch has no {missing}; "
+                f"its keys are {list(batch)}."
+            )
+        return {key: batch[key] for key in input_keys}
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
     raise TypeError(
@@ -193,7 +233,7 @@ def first_samples(inputs: Any, count: int = 2) -> Any:
         return inputs[:count]
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(first_samples(value, count) for value in inputs)
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return {key: first_samples(value, count) for key, value in inputs.items()}
     return inputs
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from typing_extensions import override
 
 from lightning_demp import _strategy
 from lightning_demp.accounting import (
+    accepted_keywords,
     batch_size_of,
     call_with,
     first_input,
@@ -27,7 +29,7 @@ from lightning_demp.accounting import (
     set_flops_per_batch,
 )
 from lightning_demp.cadence import Cadence
-from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice
+from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice, check_keys
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
 from lightning_demp.monitoring import log_size, log_state, warn_at_fit_start
@@ -88,6 +90,8 @@ class DemonPruning(PrunerViews, Callback):
             (`lightning_demp.pressure`); ``0`` turns the floor off.
         target_focus: With a target, pull nothing before its ramp starts, then only the least important live
             units it still needs, re-ranked at every event; ``False``: pull every unit, as without a target.
+        input_keys: For batches that are mappings (dicts, ``BatchEncoding``): the keys passed to ``forward`` as
+            keyword arguments; ``None``: every key ``forward`` accepts.
         round_to: Keep each group's width a multiple of this (dead units stay until the multiple is reached);
             ``1``: any width.
         plot: When fit ends, draw ``demp_units.png`` (share of units kept per layer, λ/σ beneath): ``True`` saves it
@@ -137,11 +141,13 @@ class DemonPruning(PrunerViews, Callback):
         live_floor: float = 0.05,
         target_focus: bool = True,
         round_to: int = 1,
+        input_keys: list[str] | None = None,
     ) -> None:
         super().__init__()
         arguments = {**locals(), "exclude": () if exclude is None else exclude}
         self.config = PruningConfig(**{field.name: arguments[field.name] for field in fields(PruningConfig)})
         self._cadence = Cadence(prune_every_n_epochs, prune_every_n_train_steps)
+        self.input_keys = check_keys(input_keys)
         self.prune_every_n_epochs, self.prune_every_n_train_steps = prune_every_n_epochs, prune_every_n_train_steps
         self.check_mode: CheckMode = check_choice("check_mode", check_mode, _CHECK_MODES)  # type: ignore[assignment]
         self.verbose = check_bool("verbose", verbose)
@@ -167,10 +173,11 @@ class DemonPruning(PrunerViews, Callback):
     def batch_to_input(self, batch: Any) -> Any:
         """Return the model input inside a training ``batch``; override for other batch layouts.
 
-        The default takes a tensor batch as is, and the first element of a tuple or list (``(x, y)``).
+        The default takes a tensor batch as is, the first element of a tuple or list (``(x, y)``), and a mapping (a
+        dict, a Hugging Face ``BatchEncoding``) as keyword arguments: ``input_keys`` of it when given.
         """
         try:
-            return first_input(batch)
+            return first_input(batch, self.input_keys)
         except TypeError:
             raise TypeError(
                 f"`DemonPruning` cannot find the model input in a batch of type {type(batch).__name__}. Set "
@@ -238,6 +245,8 @@ class DemonPruning(PrunerViews, Callback):
         warn_at_fit_start(trainer, self.pruner)
 
     def _prepare(self, pl_module: pl.LightningModule, example_input: Any) -> None:
+        if isinstance(example_input, Mapping):  # keyword arguments: the tracer gets only those forward takes
+            example_input = accepted_keywords(pl_module, example_input)
         self.pruner.prepare(pl_module, example_input)
         set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)
 

@@ -65,6 +65,24 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_keys(keys: Any) -> list[str] | None:
+    """Validate ``input_keys``: ``None`` or a non-empty list of str.
+
+    Examples:
+        >>> check_keys(("input_ids", "attention_mask"))
+        ['input_ids', 'attention_mask']
+        >>> check_keys("input_ids")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `input_keys` to be a non-empty list of str, got 'input_ids'.
+    """
+    if keys is None:
+        return None
+    if not isinstance(keys, (list, tuple)) or not keys or not all(isinstance(key, str) for key in keys):
+        raise TypeError(f"Expected `input_keys` to be a non-empty list of str, got {keys!r}.")
+    return list(keys)
+
+
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``, else an error naming ``name`` and the choices.
 
