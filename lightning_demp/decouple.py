@@ -163,10 +163,12 @@ def decouple_residuals_(module: nn.Module, example_inputs: Any) -> int:
     if any(isinstance(child, ChannelSelect) for child in module.modules()):
         return 0  # already in the selection form (built with selections, or rewritten by an earlier call)
     inputs: dict[nn.Module, Any] = {}
+
+    def remember_first_input(child: nn.Module, args: Any) -> None:  # returns None: the call keeps its own input
+        inputs.setdefault(child, args)
+
     handles = [
-        child.register_forward_pre_hook(lambda m, a: inputs.setdefault(m, a))
-        for child in module.modules()
-        if child is not module
+        child.register_forward_pre_hook(remember_first_input) for child in module.modules() if child is not module
     ]
     try:
         with torch.no_grad(), eval_mode(module):

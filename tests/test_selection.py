@@ -458,3 +458,25 @@ def test_the_rewrite_keeps_attention_layers_whole_and_looks_inside_module_lists(
     assert sorted(attention_layers(model)) == ["blocks.0.attn", "blocks.1.attn"]
     assert not any(name.startswith("blocks.0.attn.") for g in PrunableGraph(model, x).groups() for name in g.members)
     torch.testing.assert_close(model(x), before)
+
+
+class SharedReluBottleneck(nn.Module):
+    """A torchvision-style bottleneck: one ``self.relu`` applied to tensors of 4 and of 16 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(16, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(x + self.bn2(self.conv2(out)))
+
+
+def test_a_module_called_twice_keeps_each_calls_input_while_residuals_are_decoupled():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), SharedReluBottleneck(), SharedReluBottleneck()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    assert decouple_residuals_(model, x) == 2  # crashed before: the shared ReLU got its first call's input back
+    torch.testing.assert_close(model(x), before)
