@@ -25,7 +25,7 @@ from lightning_demp.attention import HeadedAttention
 from lightning_demp.resize import layer_width, tensor_shapes
 from lightning_demp.selection import ChannelSelect
 from lightning_demp.units import ReaderSlice, UnitGroup
-from lightning_demp.usage import buffer_pointers, buffer_read_by, modules_sharing_parameters, weights_used_outside
+from lightning_demp.usage import buffer_pointers, buffer_read_by, model_usage, modules_sharing_parameters
 
 _OPTYPE = tp.ops.OPTYPE
 # Module types whose units we can remove exactly: per-channel layers and the Linear/Conv producers/readers.
@@ -158,7 +158,7 @@ class PrunableGraph:
                     verbose=False,
                     customized_pruners={ChannelSelect: ChannelSelectPruner(), HeadedAttention: HeadedAttentionPruner()},
                 )
-                self._used_outside = weights_used_outside(model, example_inputs)
+                self._used_outside, returned = model_usage(model, example_inputs)
         except Exception as error:
             raise TracingError(
                 f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
@@ -170,7 +170,7 @@ class PrunableGraph:
                 param.requires_grad_(False)
         self._names = {module: name for name, module in model.named_modules()}
         self._modules_by_name = {name: module for module, name in self._names.items()}
-        self._output_layers = self._find_output_layers()
+        self._output_layers = self._find_output_layers() | returned  # graph sinks and every returned tensor
         self._groups: list[UnitGroup] | None = None
         self.extra_blocks: dict[str, str] = {}  # group name -> a reason found after the trace
         self._groups_signature: tuple[Any, ...] = ()

@@ -132,3 +132,60 @@ def _tensors(value: Any) -> list[Tensor]:
     if isinstance(value, (list, tuple)):
         return [tensor for item in value for tensor in _tensors(item)]
     return []
+
+
+def returned_layers(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
+    """The Linear/Conv layers whose output units reach a tensor the model returns without another Linear/Conv
+    between them: every returned tensor is an output (``return self.head(f), f`` returns ``f``'s units too).
+
+    Walked back on the autograd graph from each returned tensor, stopping at the first layer output on each path.
+
+    Examples:
+        >>> class LogitsAndFeatures(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+        ...     def forward(self, x):
+        ...         features = torch.relu(self.body(x))
+        ...         return self.head(features), features
+        >>> model = LogitsAndFeatures()
+        >>> returned_layers(model, torch.randn(3, 4)) == {model.body, model.head}
+        True
+    """
+    producers: dict[Any, nn.Module] = {}
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.grad_fn is not None:
+            producers[output.grad_fn] = module
+
+    handles = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, _LAYERS)]
+    try:
+        with torch.enable_grad():
+            outputs = _call(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found: set[nn.Module] = set()
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in producers:
+            found.add(producers[node])
+            continue
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return found
+
+
+def model_usage(model: nn.Module, example_inputs: Any) -> tuple[set[nn.Module], set[nn.Module]]:
+    """`weights_used_outside` and `returned_layers` of ``model`` on ``example_inputs``.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> model_usage(model, torch.randn(2, 4)) == (set(), {model[2]})
+        True
+    """
+    return weights_used_outside(model, example_inputs), returned_layers(model, example_inputs)

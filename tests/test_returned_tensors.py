@@ -1,0 +1,79 @@
+"""Every tensor a model returns is an output: the units of a returned tensor are never removed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from helpers.models import kill_linear_units_
+from lightning_demp import PrunableGraph
+from lightning_demp.config import PruningConfig
+from lightning_demp.core import DemonPruner
+
+
+class LogitsAndFeatures(nn.Module):
+    """``return self.head(f), f``: the features are returned beside the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 16)
+        self.body = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.relu(self.body(torch.relu(self.stem(x))))
+        return self.head(features), features
+
+
+class TwoBranchesAndTheirConcat(nn.Module):
+    """Returns both branches and a head on their concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Linear(6, 8), nn.Linear(6, 8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        left, right = torch.relu(self.left(x)), torch.relu(self.right(x))
+        return left, right, self.head(torch.cat([left, right], dim=1))
+
+
+def prune_dead(model: nn.Module, x: torch.Tensor) -> DemonPruner:
+    pruner = DemonPruner(PruningConfig(regularizer="positive_l2", reg_max=0.0, noise_std=0.0))
+    pruner.prepare(model, x[:2], total_steps=1)
+    pruner.remember_batch((x, None))
+    pruner.removal_event(model, [], step=1, epoch=0, final=True)
+    return pruner
+
+
+def test_returned_features_keep_their_units_while_a_hidden_layer_still_shrinks():
+    model = LogitsAndFeatures()
+    with torch.no_grad():
+        model.stem.bias.fill_(1.0), model.body.bias.fill_(1.0)
+    kill_linear_units_(model.stem, [3, 9])
+    kill_linear_units_(model.body, [0, 5])  # dead, but returned: the caller sees 12 features
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        logits, features = model(x)
+    graph = PrunableGraph(model, x[:2])
+    assert "body" in graph.output_layers
+    prune_dead(model, x)
+    assert model.stem.out_features == 14 and model.body.out_features == 12
+    with torch.no_grad():
+        after_logits, after_features = model(x)
+    torch.testing.assert_close(after_features, features)  # same shape, same values
+    torch.testing.assert_close(after_logits, logits)
+    torch.export.export(model, (x,))
+
+
+def test_returned_branches_that_also_feed_a_concat_keep_their_units():
+    model = TwoBranchesAndTheirConcat()
+    kill_linear_units_(model.left, [1])
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        before = model(x)
+    prune_dead(model, x)
+    assert (model.left.out_features, model.right.out_features) == (8, 8)
+    with torch.no_grad():
+        for old, new in zip(before, model(x), strict=True):
+            torch.testing.assert_close(new, old)
