@@ -10,7 +10,6 @@ mapping from each reader feature back to the unit it carries (through flatten, c
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 
 from lightning_demp._modes import eval_mode, metrics_hidden
 from lightning_demp.attention import HeadedAttention
+from lightning_demp.patterns import match_modules
 from lightning_demp.resize import layer_width, tensor_shapes
 from lightning_demp.selection import ChannelSelect
 from lightning_demp.units import ReaderSlice, UnitGroup
@@ -110,18 +110,6 @@ class TracingError(RuntimeError):
     """
 
 
-def match_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[str]]:
-    """Return, for each glob pattern, the names of the modules of ``model`` it matches.
-
-    Examples:
-        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-        >>> match_modules(model, ["0", "2*", "head"])
-        {'0': ['0'], '2*': ['2'], 'head': []}
-    """
-    names = [name for name, _ in model.named_modules() if name]
-    return {pattern: [name for name in names if fnmatch.fnmatchcase(name, pattern)] for pattern in patterns}
-
-
 class PrunableGraph:
     """Torch-Pruning's dependency graph of ``model``, seen as groups of removable units.
 
@@ -158,7 +146,7 @@ class PrunableGraph:
                     verbose=False,
                     customized_pruners={ChannelSelect: ChannelSelectPruner(), HeadedAttention: HeadedAttentionPruner()},
                 )
-                self._used_outside, returned = model_usage(model, example_inputs)
+                self._usage = model_usage(model, example_inputs)
         except Exception as error:
             raise TracingError(
                 f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
@@ -170,7 +158,7 @@ class PrunableGraph:
                 param.requires_grad_(False)
         self._names = {module: name for name, module in model.named_modules()}
         self._modules_by_name = {name: module for module, name in self._names.items()}
-        self._output_layers = self._find_output_layers() | returned  # graph sinks and every returned tensor
+        self._output_layers = self._find_output_layers() | self._usage.returned  # sinks and every returned tensor
         self._groups: list[UnitGroup] | None = None
         self.extra_blocks: dict[str, str] = {}  # group name -> a reason found after the trace
         self._groups_signature: tuple[Any, ...] = ()
@@ -267,8 +255,10 @@ class PrunableGraph:
                     continue
                 if module in shared:
                     reasons.append(f"`{name}` shares parameters with `{shared[module]}`")
-                if module in self._used_outside:
+                if module in self._usage.used_outside:
                     reasons.append(f"the weight of `{name}` is also used outside it (a tied or transposed weight)")
+                if module in self._usage.reused:  # the trace maps one call's indices: the others' are unknown
+                    reasons.append(f"`{name}` runs more than once per forward (one module on several inputs)")
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
                 if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
                     reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")
@@ -291,6 +281,8 @@ class PrunableGraph:
                     group.selection_outputs.append(touched)
             if not group.readers and not reasons:
                 reasons.append("no Linear/Conv layer reads its units")
+            if group.readers and (unread := _unread_units(group)):
+                reasons.append(f"{unread} of its units reach no traced reader: no evidence they are dead")
             group.blocked = "; ".join(dict.fromkeys(reasons)) or None
             result.append(group)
         order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
@@ -387,6 +379,11 @@ class GroupCut:
     def apply(self) -> None:
         """Slice every coupled layer (Torch-Pruning replaces the parameters)."""
         self._tp_group.prune(record_history=False)
+
+
+def _unread_units(group: UnitGroup) -> int:
+    """How many units of ``group`` no reader slice covers (the trace followed one call of a reused module)."""
+    return group.num_units - len({int(unit) for reader in group.readers for unit in reader.unit_idxs})
 
 
 def _reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:

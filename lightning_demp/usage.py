@@ -9,6 +9,7 @@ of such layers, with the reason.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -180,12 +181,39 @@ def returned_layers(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
     return found
 
 
-def model_usage(model: nn.Module, example_inputs: Any) -> tuple[set[nn.Module], set[nn.Module]]:
-    """`weights_used_outside` and `returned_layers` of ``model`` on ``example_inputs``.
+@dataclass(frozen=True)
+class ModelUsage:
+    """How one forward uses the layers of a model, beyond what the dependency graph says.
+
+    Attributes:
+        used_outside: Layers whose weight is also read outside the layer (`weights_used_outside`).
+        returned: Layers whose units reach a returned tensor (`returned_layers`).
+        reused: Linear/Conv layers that run more than once per forward (one module applied to several inputs).
+    """
+
+    used_outside: set[nn.Module]
+    returned: set[nn.Module]
+    reused: set[nn.Module]
+
+
+def model_usage(model: nn.Module, example_inputs: Any) -> ModelUsage:
+    """The `ModelUsage` of ``model`` on ``example_inputs``.
 
     Examples:
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> model_usage(model, torch.randn(2, 4)) == (set(), {model[2]})
-        True
+        >>> layer = nn.Linear(4, 4)
+        >>> model = nn.Sequential(layer, nn.ReLU(), layer)  # one module, two calls
+        >>> usage = model_usage(model, torch.randn(2, 4))
+        >>> usage.reused == {layer}, usage.used_outside
+        (True, set())
     """
-    return weights_used_outside(model, example_inputs), returned_layers(model, example_inputs)
+    calls: Counter[nn.Module] = Counter()
+    layers = [module for module in model.modules() if isinstance(module, _LAYERS)]
+    handles = [layer.register_forward_hook(lambda m, args, out: calls.update([m])) for layer in layers]
+    try:
+        with torch.no_grad():
+            _call(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    reused = {layer for layer, count in calls.items() if count > 1}
+    return ModelUsage(weights_used_outside(model, example_inputs), returned_layers(model, example_inputs), reused)

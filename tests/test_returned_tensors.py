@@ -77,3 +77,32 @@ def test_returned_branches_that_also_feed_a_concat_keep_their_units():
     with torch.no_grad():
         for old, new in zip(before, model(x), strict=True):
             torch.testing.assert_close(new, old)
+
+
+class SharedOnBothHalves(nn.Module):
+    """One ``nn.Sequential`` applied to each half of a ``torch.split``: the trace sees one call's indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(2, 16, 3, padding=1)
+        self.shared = nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(16 * 10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = torch.split(torch.relu(self.stem(x)), 8, dim=1)
+        return self.head(torch.cat([self.shared(first), self.shared(second)], dim=1).flatten(1))
+
+
+def test_no_unit_is_called_dead_without_evidence_from_every_call_of_a_reused_module():
+    torch.manual_seed(0)
+    model = SharedOnBothHalves()
+    x = torch.randn(16, 2, 10)
+    with torch.no_grad():
+        before = model(x)
+    blocked = {group.name: group.blocked for group in PrunableGraph(model, x[:2]).groups()}
+    assert "runs more than once per forward" in blocked["shared.0"]
+    assert "8 of its units reach no traced reader" in blocked["stem"]
+    event = prune_dead(model, x).removal_event(model, [], step=2, epoch=1, final=True)
+    assert event is None and model.stem.out_channels == 16  # before: live units "dead", a Conv1d(0, 8) and a crash
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
