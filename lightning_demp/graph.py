@@ -22,10 +22,16 @@ from torch import nn
 from lightning_demp._modes import eval_mode, metrics_hidden
 from lightning_demp.attention import HeadedAttention
 from lightning_demp.patterns import match_modules
-from lightning_demp.resize import layer_width, tensor_shapes
+from lightning_demp.resize import layer_width, reorderable_tensors, tensor_shapes
 from lightning_demp.selection import ChannelSelect
 from lightning_demp.units import ReaderSlice, UnitGroup
-from lightning_demp.usage import buffer_pointers, buffer_read_by, model_usage, modules_sharing_parameters
+from lightning_demp.usage import (
+    buffer_pointers,
+    buffer_read_by,
+    grouping_failure,
+    model_usage,
+    modules_sharing_parameters,
+)
 
 _OPTYPE = tp.ops.OPTYPE
 # Module types whose units we can remove exactly: per-channel layers and the Linear/Conv producers/readers.
@@ -99,7 +105,7 @@ class HeadedAttentionPruner(tp.pruner.function.BasePruningFunc):
 
 
 class TracingError(RuntimeError):
-    """The dependency graph could not be built from the example input.
+    """The dependency graph could not be built from the example input, or its groups could not be formed.
 
     Examples:
         >>> try:
@@ -224,7 +230,11 @@ class PrunableGraph:
         buffers = buffer_pointers(self.model)
         graph = self._graph
         result = []
-        for tp_group in graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES):
+        try:
+            tp_groups = list(graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES))
+        except Exception as error:  # an index mapping Torch-Pruning lacks (through a GRU, ...): name the suspects
+            raise TracingError(grouping_failure(self.model, error)) from error
+        for tp_group in tp_groups:
             root = tp_group[0].dep.target.module
             group = UnitGroup(name=self._names[root], num_units=int(layer_width(root) or 0))
             reasons: list[str] = []
@@ -281,7 +291,7 @@ class PrunableGraph:
                     group.selection_outputs.append(touched)
             if not group.readers and not reasons:
                 reasons.append("no Linear/Conv layer reads its units")
-            if group.readers and (unread := _unread_units(group)):
+            if group.readers and (unread := group.unread_units):
                 reasons.append(f"{unread} of its units reach no traced reader: no evidence they are dead")
             group.blocked = "; ".join(dict.fromkeys(reasons)) or None
             result.append(group)
@@ -381,37 +391,7 @@ class GroupCut:
         self._tp_group.prune(record_history=False)
 
 
-def _unread_units(group: UnitGroup) -> int:
-    """How many units of ``group`` no reader slice covers (the trace followed one call of a reused module)."""
-    return group.num_units - len({int(unit) for reader in group.readers for unit in reader.unit_idxs})
-
-
 def _reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:
     """Whether a layer side carries every unit of a group the same number of times (a condition of reordering)."""
     counts = torch.bincount(torch.as_tensor(list(root_idxs), dtype=torch.long), minlength=num_units)
     return bool((counts == counts[0]).all()) if counts.numel() else True
-
-
-def reorderable_tensors(module: nn.Module, is_out: bool) -> list[tuple[str, int]] | None:
-    """``(attribute, dimension)`` of every tensor that follows a reordering of ``module``'s output (``is_out``) or
-    input units, or ``None`` when the module's units cannot be reordered in place.
-
-    Examples:
-        >>> reorderable_tensors(nn.Linear(2, 3), is_out=True), reorderable_tensors(nn.Linear(2, 3), is_out=False)
-        ([('weight', 0), ('bias', 0)], [('weight', 1)])
-    """
-    if isinstance(module, ChannelSelect):
-        return []
-    if isinstance(module, nn.Linear):
-        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups != 1 or module.transposed:
-            return None
-        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
-    if isinstance(module, nn.PReLU):
-        return [("weight", 0)] if module.num_parameters > 1 else []
-    if not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.buffers(False)):
-        return []  # holds no per-unit tensor (activation, pooling, ...)
-    return None

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_demp.selection import ChannelSelect
+
 
 def layer_width(module: nn.Module) -> int | None:
     """Output width of a Linear or Conv layer (``None`` for any other module).
@@ -296,3 +298,28 @@ def _sync_size_attributes(module: nn.Module) -> None:
             module.num_features = tensor.shape[0]
     elif isinstance(module, nn.LayerNorm) and module.weight is not None:
         module.normalized_shape = tuple(module.weight.shape)
+
+
+def reorderable_tensors(module: nn.Module, is_out: bool) -> list[tuple[str, int]] | None:
+    """``(attribute, dimension)`` of every tensor that follows a reordering of ``module``'s output (``is_out``) or
+    input units, or ``None`` when the module's units cannot be reordered in place.
+
+    Examples:
+        >>> reorderable_tensors(nn.Linear(2, 3), is_out=True), reorderable_tensors(nn.Linear(2, 3), is_out=False)
+        ([('weight', 0), ('bias', 0)], [('weight', 1)])
+    """
+    if isinstance(module, ChannelSelect):
+        return []
+    if isinstance(module, nn.Linear):
+        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups != 1 or module.transposed:
+            return None
+        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
+    if isinstance(module, nn.PReLU):
+        return [("weight", 0)] if module.num_parameters > 1 else []
+    if not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.buffers(False)):
+        return []  # holds no per-unit tensor (activation, pooling, ...)
+    return None

@@ -58,6 +58,11 @@ class UnitGroup:
     blocked: str | None = None
     permutable: bool = True
 
+    @property
+    def unread_units(self) -> int:
+        """How many units no reader slice covers (a trace that followed one call of a reused module leaves some)."""
+        return self.num_units - len({int(unit) for reader in self.readers for unit in reader.unit_idxs})
+
 
 @dataclass(frozen=True)
 class ReaderStats:

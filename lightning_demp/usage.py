@@ -217,3 +217,31 @@ def model_usage(model: nn.Module, example_inputs: Any) -> ModelUsage:
             handle.remove()
     reused = {layer for layer, count in calls.items() if count > 1}
     return ModelUsage(weights_used_outside(model, example_inputs), returned_layers(model, example_inputs), reused)
+
+
+_UNMAPPED = (nn.RNNBase, nn.RNNCellBase)  # Torch-Pruning maps no unit index through these (LSTM aside)
+
+
+def grouping_failure(model: nn.Module, error: Exception) -> str:
+    """The message when Torch-Pruning fails while grouping ``model``'s units: the error, and the layers it cannot
+    map units through, by name.
+
+    Examples:
+        >>> model = nn.ModuleDict({"embed": nn.Linear(4, 8), "rnn": nn.GRU(8, 6)})
+        >>> print(grouping_failure(model, IndexError("list index out of range")))  # doctest: +NORMALIZE_WHITESPACE
+        Torch-Pruning could not group the units of `ModuleDict` (IndexError: list index out of range). It maps no
+        unit index through `rnn` (GRU): DemonPruning cannot prune this model (LSTM layers are supported, with the
+        groups they read kept whole).
+    """
+    suspects = [
+        f"`{name}` ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, _UNMAPPED) and not isinstance(module, nn.LSTM)
+    ]
+    head = f"Torch-Pruning could not group the units of `{type(model).__name__}` ({type(error).__name__}: {error})."
+    if not suspects:
+        return head + " Check that every layer of the model is one Torch-Pruning supports, or report the model."
+    return (
+        f"{head} It maps no unit index through {', '.join(suspects)}: DemonPruning cannot prune this model "
+        "(LSTM layers are supported, with the groups they read kept whole)."
+    )
