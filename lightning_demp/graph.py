@@ -22,7 +22,7 @@ from torch import nn
 from lightning_demp._modes import eval_mode, metrics_hidden
 from lightning_demp.attention import HeadedAttention
 from lightning_demp.patterns import match_modules
-from lightning_demp.resize import layer_width, reorderable_tensors, tensor_shapes
+from lightning_demp.resize import input_width, layer_width, reorderable_tensors, tensor_shapes
 from lightning_demp.selection import ChannelSelect
 from lightning_demp.units import ReaderSlice, UnitGroup
 from lightning_demp.usage import (
@@ -267,8 +267,6 @@ class PrunableGraph:
                     reasons.append(f"`{name}` shares parameters with `{shared[module]}`")
                 if module in self._usage.used_outside:
                     reasons.append(f"the weight of `{name}` is also used outside it (a tied or transposed weight)")
-                if module in self._usage.reused:  # the trace maps one call's indices: the others' are unknown
-                    reasons.append(f"`{name}` runs more than once per forward (one module on several inputs)")
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
                 if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
                     reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")
@@ -295,8 +293,24 @@ class PrunableGraph:
                 reasons.append(f"{unread} of its units reach no traced reader: no evidence they are dead")
             group.blocked = "; ".join(dict.fromkeys(reasons)) or None
             result.append(group)
+        self._block_unmapped_calls(result)
         order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
         return sorted(result, key=lambda group: order[group.name])
+
+    def _block_unmapped_calls(self, groups: list[UnitGroup]) -> None:
+        """Block the groups of a producer run more than once whose readers have inputs no group maps: the trace
+        followed one call's indices (one module on both halves of a split), so the other calls' units are unseen."""
+        mapped: dict[str, set[int]] = {}
+        for group in groups:
+            for reader in group.readers:
+                mapped.setdefault(reader.reader, set()).update(int(feature) for feature in reader.feature_idxs)
+        for group in groups:
+            widths = {r.reader: input_width(self._modules_by_name[r.reader]) or 0 for r in group.readers}
+            if self._modules_by_name[group.name] in self._usage.reused and any(
+                len(mapped[reader]) < width for reader, width in widths.items()
+            ):
+                reason = f"`{group.name}` runs more than once per forward and the trace mapped one call's units"
+                group.blocked = "; ".join(filter(None, [group.blocked, reason]))
 
     def traced_modules(self) -> set[nn.Module]:
         """The modules the trace saw, with everything inside them (a custom-pruned layer's own projections)."""

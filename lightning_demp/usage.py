@@ -56,35 +56,7 @@ def weights_used_outside(model: nn.Module, example_inputs: Any) -> set[nn.Module
         >>> weights_used_outside(model, torch.randn(2, 6)) == {model.enc}
         True
     """
-    layers = [module for module in model.modules() if isinstance(module, _LAYERS)]
-    calls: Counter[nn.Module] = Counter()
-    handles = [layer.register_forward_hook(lambda m, args, out: calls.update([m])) for layer in layers]
-    try:
-        with torch.enable_grad():
-            outputs = _call(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    uses: Counter[int] = Counter()
-    seen: set[Any] = set()
-    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            variable = getattr(child, "variable", None)
-            if variable is not None:
-                uses.update([id(variable)])
-            stack.append(child)
-    return {
-        layer
-        for layer in layers
-        if isinstance(layer.weight, nn.Parameter) and uses[id(layer.weight)] > calls[layer] and calls[layer] > 0
-    }
+    return model_usage(model, example_inputs).used_outside
 
 
 def buffer_pointers(model: nn.Module) -> dict[int, str]:
@@ -153,32 +125,7 @@ def returned_layers(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
         >>> returned_layers(model, torch.randn(3, 4)) == {model.body, model.head}
         True
     """
-    producers: dict[Any, nn.Module] = {}
-
-    def record(module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, Tensor) and output.grad_fn is not None:
-            producers[output.grad_fn] = module
-
-    handles = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, _LAYERS)]
-    try:
-        with torch.enable_grad():
-            outputs = _call(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    found: set[nn.Module] = set()
-    seen: set[Any] = set()
-    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node in producers:
-            found.add(producers[node])
-            continue
-        stack.extend(child for child, _ in node.next_functions if child is not None)
-    return found
+    return model_usage(model, example_inputs).returned
 
 
 @dataclass(frozen=True)
@@ -207,16 +154,48 @@ def model_usage(model: nn.Module, example_inputs: Any) -> ModelUsage:
         (True, set())
     """
     calls: Counter[nn.Module] = Counter()
-    layers = [module for module in model.modules() if isinstance(module, _LAYERS)]
-    handles = [layer.register_forward_hook(lambda m, args, out: calls.update([m])) for layer in layers]
+    producers: dict[Any, nn.Module] = {}  # the grad_fn of each layer output -> the layer
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        calls.update([module])
+        if isinstance(output, Tensor) and output.grad_fn is not None:
+            producers[output.grad_fn] = module
+
+    layers: list[nn.Module] = [module for module in model.modules() if isinstance(module, _LAYERS)]
+    handles = [layer.register_forward_hook(record) for layer in layers]
     try:
-        with torch.no_grad():
-            _call(model, example_inputs)
+        with torch.enable_grad():  # one forward; everything below is read off its autograd graph
+            outputs = _call(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    reused = {layer for layer, count in calls.items() if count > 1}
-    return ModelUsage(weights_used_outside(model, example_inputs), returned_layers(model, example_inputs), reused)
+    uses: Counter[int] = Counter()  # references to each weight's gradient accumulator: one per use
+    returned: set[nn.Module] = set()
+    seen: set[Any] = set()  # (node, direct) states walked
+    counted: set[Any] = set()  # nodes whose references were counted
+    stack = [(t.grad_fn, True) for t in _tensors(outputs) if t.grad_fn is not None]
+    while stack:
+        node, direct = stack.pop()  # direct: no Linear/Conv output between this node and a returned tensor
+        if (node, direct) in seen:
+            continue
+        seen.add((node, direct))
+        if direct and node in producers:
+            returned.add(producers[node])
+        first_visit = node not in counted
+        counted.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None and first_visit:
+                uses.update([id(variable)])
+            stack.append((child, direct and node not in producers))
+    used_outside = {
+        layer
+        for layer in layers
+        if isinstance(layer.weight, nn.Parameter) and uses[id(layer.weight)] > calls[layer] and calls[layer] > 0
+    }
+    return ModelUsage(used_outside, returned, {layer for layer, count in calls.items() if count > 1})
 
 
 _UNMAPPED = (nn.RNNBase, nn.RNNCellBase)  # Torch-Pruning maps no unit index through these (LSTM aside)
