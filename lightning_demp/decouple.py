@@ -97,6 +97,10 @@ def _rewrite(module: nn.Module, example_inputs: Any) -> tuple[nn.Module, int]:
     graph = _LeafTracer().trace(module)
     graph_module = torch.fx.GraphModule(module, graph, type(module).__name__)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    for node in list(graph_module.graph.nodes):  # an `nn.Identity` shortcut is the tensor itself: `x + f(x)`
+        if node.op == "call_module" and isinstance(graph_module.get_submodule(str(node.target)), nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph_module.graph.erase_node(node)
     torch.fx.passes.shape_prop.ShapeProp(graph_module).propagate(*args)
     inserted = 0
     for node in list(graph_module.graph.nodes):

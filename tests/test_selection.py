@@ -480,3 +480,25 @@ def test_a_module_called_twice_keeps_each_calls_input_while_residuals_are_decoup
     before = model(x)
     assert decouple_residuals_(model, x) == 2  # crashed before: the shared ReLU got its first call's input back
     torch.testing.assert_close(model(x), before)
+
+
+class IdentityShortcutBlock(nn.Module):
+    """A Hugging Face ResNet-style block: the shortcut is an ``nn.Identity`` module, the sum ``layer(x) + shortcut(x)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shortcut = nn.Identity()
+        self.layer = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels))
+        self.activation = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.shortcut(x)
+        return self.activation(self.layer(x) + residual)
+
+
+def test_an_identity_module_shortcut_is_recognised_as_a_residual():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), IdentityShortcutBlock(8), IdentityShortcutBlock(8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    assert decouple_residuals_(model, x) == 2  # found nothing before: the sum read `shortcut(x)`, not `x`
+    torch.testing.assert_close(model(x), before)
