@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -290,4 +291,4 @@ def test_models_without_example_input_are_traced_from_the_first_batch(tmp_path):
 
 def test_batches_without_a_recognisable_input_get_a_clear_error():
     with pytest.raises(TypeError, match="override `DemonPruning.batch_to_input"):
-        DemonPruning().batch_to_input({"image": torch.zeros(1)})
+        DemonPruning().batch_to_input(SimpleNamespace(image=torch.zeros(1)))  # dicts are keyword arguments now
