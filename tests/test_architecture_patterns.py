@@ -125,3 +125,56 @@ def test_a_gru_torch_pruning_cannot_map_is_named_in_a_clear_error():
     with pytest.raises(TracingError, match=r"maps no unit index through `gru` \(GRU\)") as caught:
         PrunableGraph(WithGRU(), torch.randn(2, 5, 4)).groups()
     assert isinstance(caught.value.__cause__, IndexError)  # Torch-Pruning's own error, attached
+
+
+def channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    return (
+        x.view(batch, groups, channels // groups, height, width).transpose(1, 2).reshape(batch, channels, height, width)
+    )
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's stride-1 unit: split the channels, transform one half, concatenate, shuffle."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, half, 1), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, padding=1, groups=half), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1), nn.BatchNorm2d(half), nn.ReLU(),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept, transformed = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat([kept, self.branch(transformed)], dim=1))
+
+
+class TinyShuffleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.units = nn.Sequential(ShuffleUnit(16), ShuffleUnit(16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.units(self.stem(x)).mean(dim=(2, 3)))
+
+
+def test_a_channel_shuffle_is_refused_with_a_reason_never_pruned_wrong():
+    torch.manual_seed(0)
+    model = TinyShuffleNet().eval()
+    with torch.no_grad():  # dead units at the end of the first unit's branch, which the shuffle moves around
+        model.units[0].branch[6].weight[[1, 3]] = 0.0
+        model.units[0].branch[6].bias[[1, 3]] = -5.0
+    x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
+    shuffled = next(group for group in groups.values() if "units.0.branch.5" in group.members and group.blocked)
+    assert "reach no traced reader" in shuffled.blocked
+    prune_dead(model, x)  # before: the wrong units went and a reshape failed
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    torch.export.export(model, (x,))
