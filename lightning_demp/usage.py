@@ -136,6 +136,10 @@ class ModelUsage:
         used_outside: Layers whose weight is also read outside the layer (`weights_used_outside`).
         returned: Layers whose units reach a returned tensor (`returned_layers`).
         reused: Linear/Conv layers that run more than once per forward (one module applied to several inputs).
+
+    Examples:
+        >>> ModelUsage(used_outside=set(), returned=set(), reused=set()).reused
+        set()
     """
 
     used_outside: set[nn.Module]

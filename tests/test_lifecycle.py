@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,10 +38,14 @@ class Untraceable(DemoClassifier):
         return self.net(x)
 
 
-class DictBatches(RandomDataModule):
+class NamespaceBatches(RandomDataModule):
+    """Batches of a type the callback cannot read an input from (dicts are keyword arguments)."""
+
     def train_dataloader(self):
-        pairs = self.train_set
-        return torch.utils.data.DataLoader([{"x": x, "y": y} for x, y in pairs], batch_size=32)
+        def collate(items):
+            return SimpleNamespace(x=torch.stack([x for x, _ in items]), y=torch.stack([y for _, y in items]))
+
+        return torch.utils.data.DataLoader(list(self.train_set), batch_size=32, collate_fn=collate)
 
 
 # Errors raised at setup or on the first batch, before any optimizer step: (model, data, callback args, error, message)
@@ -61,10 +66,10 @@ SETUP_CASES = [
     ),
     (
         NoNormNoExample,
-        DictBatches,
+        NamespaceBatches,
         {"regularizer": "l2"},
         TypeError,
-        "cannot find the model input in a batch of type dict",
+        "cannot find the model input in a batch of type SimpleNamespace",
     ),
 ]
 
