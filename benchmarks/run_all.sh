@@ -29,3 +29,4 @@ run benchmarks/index_add_cost.py
 run benchmarks/speed.py
 run benchmarks/removal_cost.py
 run benchmarks/round_to.py
+run benchmarks/coverage.py
