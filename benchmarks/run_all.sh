@@ -21,6 +21,7 @@ run benchmarks/target.py
 run benchmarks/target.py --models mlp --targets 0.8 --force-target --append
 run benchmarks/frontier.py --model transformer --epochs 20
 run benchmarks/frontier.py --model transformer --epochs 20 --add-reg-max 3 --penalize prunable
+run benchmarks/collapse.py --seeds 0 1 2
 run benchmarks/demo_vs_dense.py
 run benchmarks/death.py
 run benchmarks/selection_speed.py
