@@ -24,23 +24,19 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import machine, write_json, write_report
-from test_architecture_patterns import LogitsAndFeatures, SharedOnBothHalves, TinyShuffleNet, TwoBranchesAndTheirConcat
+from test_architecture_patterns import (
+    LogitsAndFeatures,
+    SharedOnBothHalves,
+    TinyShuffleNet,
+    TwoBranchesAndTheirConcat,
+    WithGRU,
+)
 from test_selection import IdentityShortcutBlock, SharedReluBottleneck
 
 from lightning_demp import DemonPruner, PrunableGraph, PruningConfig, TracingError
 from lightning_demp.decouple import decouple_residuals_
 from lightning_demp.demos.cifar_models import VGG, CIFARResNet
 from lightning_demp.demos.models import MLPClassifier, ResidualCNNClassifier, TransformerClassifier
-
-
-class WithGRU(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.gru, self.head = nn.Linear(4, 8), nn.GRU(8, 6, batch_first=True), nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.gru(torch.relu(self.embed(x)))
-        return self.head(out[:, -1])
 
 
 def with_head(*layers: nn.Module) -> nn.Module:

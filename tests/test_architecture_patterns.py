@@ -108,19 +108,22 @@ def test_no_unit_is_called_dead_without_evidence_from_every_call_of_a_reused_mod
         torch.testing.assert_close(model(x), before)
 
 
+class WithGRU(nn.Module):
+    """A GRU between two Linear layers: Torch-Pruning maps no unit index through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.gru, self.head = nn.Linear(4, 8), nn.GRU(8, 6, batch_first=True), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(torch.relu(self.embed(x)))
+        return self.head(out[:, -1])
+
+
 def test_a_gru_torch_pruning_cannot_map_is_named_in_a_clear_error():
     import pytest
 
     from lightning_demp import TracingError
-
-    class WithGRU(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed, self.gru, self.head = nn.Linear(4, 8), nn.GRU(8, 6, batch_first=True), nn.Linear(6, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out, _ = self.gru(torch.relu(self.embed(x)))
-            return self.head(out[:, -1])
 
     with pytest.raises(TracingError, match=r"maps no unit index through `gru` \(GRU\)") as caught:
         PrunableGraph(WithGRU(), torch.randn(2, 5, 4)).groups()
