@@ -149,6 +149,13 @@ def schedule_step(trainer: Trainer) -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.total.completed
 
 
+def logs_this_step(trainer: Trainer) -> bool:
+    """Whether the loggers receive this training step's values (``log_every_n_steps``; as Lightning's
+    ``LearningRateMonitor`` asks): a value logged with ``on_step=True`` on another step is overwritten unseen."""
+    updates = trainer._logger_connector.should_update_logs or bool(getattr(trainer, "fast_dev_run", False))
+    return updates and bool(trainer.loggers)
+
+
 def total_steps(trainer: Trainer) -> int:
     """The optimizer steps of the whole fit, or the documented error when they cannot be known."""
     total = trainer.estimated_stepping_batches

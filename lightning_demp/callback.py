@@ -279,7 +279,7 @@ class DemonPruning(PrunerViews, Callback):
     ) -> None:
         if _strategy.skipped_step(pl_module, outputs):
             self.pruner.forget_last_batch()
-        if self.config.reg_max > 0 or self.config.noise_std > 0:
+        if (self.config.reg_max > 0 or self.config.noise_std > 0) and _strategy.logs_this_step(trainer):
             pl_module.log("demp/reg_strength", self.pruner.pressure.last_reg_strength, on_step=True, on_epoch=False)
             pl_module.log("demp/noise_std", self.pruner.pressure.last_noise_std, on_step=True, on_epoch=False)
         step = _strategy.schedule_step(trainer)

@@ -26,14 +26,16 @@ from lightning_demp.config import PruningConfig
 from lightning_demp.regularization import (
     GroupParameters,
     add_penalty_grad_,
-    floor_share,
+    floor_shares,
     inject_noise_,
     live_masks,
     penalized_params,
-    resistance,
+    resistances,
 )
 from lightning_demp.schedules import Schedule, make_schedule
 
+# before the step, for the noise after it: (step, σ, live entries of each parameter, each one's share of σ)
+_PendingNoise = tuple[int, float, list[tuple[nn.Parameter, Tensor]], list[float]]
 _SETTINGS = ("name", "reg_max", "noise_std", "span_steps", "total_steps")
 
 
@@ -71,13 +73,15 @@ class Pressure:
         self._focus_rows: dict[int, Tensor] | None = None  # from ``focus``: 0/1 weights on each group row, by id
         self.last_reg_strength = 0.0
         self.last_noise_std = 0.0
-        self._pending_noise: tuple[int, float, list[tuple[nn.Parameter, Tensor]]] | None = None
+        self._pending_noise: _PendingNoise | None = None
+        self._penalized: tuple[tuple[int, ...], list[nn.Parameter]] | None = None  # by the optimizer's parameters
 
     def bind(self, groups: dict[str, tuple[GroupParameters, int]], penalized_ids: set[int] | None) -> None:
         """The groups' parameters (new ones after every removal) and, with ``penalize="prunable"``, the ids of the
         parameters to penalize."""
         self.groups, self.penalized_ids = groups, penalized_ids
         self._focus_rows = None
+        self._penalized = None
 
     def focus_on(self, units: Mapping[str, Sequence[int]] | None) -> None:
         """Pull only these units (by group; a group left out is not pulled), or every unit (``None``)."""
@@ -149,27 +153,32 @@ class Pressure:
             return
         factors = self.floor_factors()
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        penalized = self._penalized_of(params, optimizer, model) if self.last_reg_strength > 0 else []
         if rows is not None:
             params = [p for p in params if id(p) in rows]
+            penalized = [p for p in penalized if id(p) in rows]
         if self.last_noise_std > 0:
-            masks = [(p, _scaled(mask, factors.get(id(p), 1.0))) for p, mask in live_masks(params)]
+            masks = live_masks(params)
             if rows is not None:
                 masks = [(p, _on_rows(mask, rows[id(p)])) for p, mask in masks]
-            self._pending_noise = (step, self.last_noise_std, masks)
+            self._pending_noise = (step, self.last_noise_std, masks, [factors.get(id(p), 1.0) for p, _ in masks])
         else:
             self._pending_noise = None
-        if self.last_reg_strength > 0:
+        strengths = [self.last_reg_strength * factors.get(id(p), 1.0) for p in penalized]
+        weights = None if rows is None else [rows[id(p)] for p in penalized]
+        add_penalty_grad_(penalized, self.config.regularizer, strengths, weights)
+
+    def _penalized_of(
+        self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, model: nn.Module
+    ) -> list[nn.Parameter]:
+        """The parameters to penalize, found once per set of optimizer parameters (a removal renews them)."""
+        key = tuple(map(id, params))
+        if self._penalized is None or self._penalized[0] != key:
             penalized = penalized_params(optimizer, model, self.config.regularizer)
             if self.penalized_ids is not None:
                 penalized = [p for p in penalized if id(p) in self.penalized_ids]
-            if rows is not None:
-                penalized = [p for p in penalized if id(p) in rows]
-            by_factor: dict[float, list[nn.Parameter]] = {}
-            for param in penalized:
-                by_factor.setdefault(factors.get(id(param), 1.0), []).append(param)
-            for factor, group in by_factor.items():
-                weights = None if rows is None else [rows[id(p)] for p in group]
-                add_penalty_grad_(group, self.config.regularizer, self.last_reg_strength * factor, weights)
+            self._penalized = (key, penalized)
+        return self._penalized[1]
 
     def floor_factors(self) -> dict[int, float]:
         """For the parameters of each group the live floor holds back, the share of the pressure left (by id)."""
@@ -177,11 +186,18 @@ class Pressure:
         strength = self.last_reg_strength
         if self.config.live_floor <= 0 or strength <= 0:
             return factors
-        for parameters, initial in self.groups.values():
-            pulled = parameters.pulled(self.config.regularizer)
-            if pulled is None or pulled.grad is None:
-                continue
-            share = floor_share(resistance(pulled, self.config.regularizer), strength, self.config.live_floor, initial)
+        held = [
+            (parameters, initial, pulled)
+            for parameters, initial in self.groups.values()
+            if (pulled := parameters.pulled(self.config.regularizer)) is not None and pulled.grad is not None
+        ]
+        shares = floor_shares(
+            resistances([pulled for _, _, pulled in held], self.config.regularizer),
+            strength,
+            self.config.live_floor,
+            [initial for _, initial, _ in held],
+        )
+        for (parameters, _, _), share in zip(held, shares, strict=True):
             if share < 1.0:
                 factors.update((id(p), share) for p in parameters.params)
         return factors
@@ -190,9 +206,9 @@ class Pressure:
         """σ_t noise on the entries noted before the step (reproducible from the seed and the step)."""
         if self._pending_noise is None:
             return
-        step, std, masks = self._pending_noise
+        step, std, masks, scales = self._pending_noise
         self._pending_noise = None
-        inject_noise_(masks, std, self.config.seed, step)
+        inject_noise_(masks, std, self.config.seed, step, scales)
 
     def drop_pending(self) -> None:
         """Forget the noted live entries (after an exception between the two halves of a step)."""
@@ -210,11 +226,6 @@ class Pressure:
             "total_steps": self.total_steps,
             "history": [dict(segment) for segment in self.history],
         }
-
-
-def _scaled(mask: Tensor, factor: float) -> Tensor:
-    """A live mask as it is at full pressure, else as the factor to multiply the noise with."""
-    return mask if factor == 1.0 else mask.to(torch.get_default_dtype()) * factor
 
 
 def _on_rows(mask: Tensor, weights: Tensor) -> Tensor:

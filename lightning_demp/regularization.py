@@ -92,7 +92,7 @@ def penalty_grads(params: Sequence[Tensor], regularizer: RegularizerName) -> lis
         if regularizer == "positive_l2":
             return [p.detach().clamp(min=0) for p in params]
         if regularizer == "l1_norm_scale":
-            return [p.detach().sign() for p in params]
+            return list(torch._foreach_sign([p.detach() for p in params]))
         if regularizer == "positive_group_l1":
             return [_positive_row_directions(p.detach()) for p in params]
     raise ValueError(f"Expected `regularizer` to be one of {REGULARIZER_NAMES}, got {regularizer!r}.")
@@ -110,11 +110,12 @@ def _positive_row_directions(value: Tensor) -> Tensor:
 def add_penalty_grad_(
     params: Sequence[nn.Parameter],
     regularizer: RegularizerName,
-    strength: float,
+    strength: float | Sequence[float],
     row_weights: Sequence[Tensor] | None = None,
 ) -> None:
-    """Add ``strength·∇R(θ)`` to each ``.grad`` in place (creating it when the step left it ``None``); with
-    ``row_weights``, each parameter's rows (dim 0: its units) scaled by its weights.
+    """Add ``strength·∇R(θ)`` to each ``.grad`` in place (creating it when the step left it ``None``); ``strength``
+    is one number or one per parameter; with ``row_weights``, each parameter's rows (dim 0: its units) scaled by
+    its weights.
 
     Examples:
         >>> weight = nn.Parameter(torch.tensor([2.0, -2.0]))
@@ -122,21 +123,28 @@ def add_penalty_grad_(
         >>> add_penalty_grad_([weight], "l2", strength=0.5)
         >>> weight.grad
         tensor([ 1., -1.])
-        >>> add_penalty_grad_([weight], "l2", strength=0.5, row_weights=[torch.tensor([0.0, 1.0])])
+        >>> add_penalty_grad_([weight], "l2", strength=[0.5], row_weights=[torch.tensor([0.0, 1.0])])
         >>> weight.grad
         tensor([ 1., -2.])
     """
-    if strength == 0.0 or not params:
+    strengths = [float(strength)] * len(params) if isinstance(strength, (int, float)) else list(strength)
+    kept = [i for i, value in enumerate(strengths) if value != 0.0]
+    if not kept:
         return
+    params, strengths = [params[i] for i in kept], [strengths[i] for i in kept]
+    if row_weights is not None:
+        row_weights = [row_weights[i] for i in kept]
     with torch.no_grad():
         grads = penalty_grads(params, regularizer)
         if row_weights is not None:
             grads = [g * w.reshape(-1, *([1] * (g.dim() - 1))) for g, w in zip(grads, row_weights, strict=True)]
-        for param, grad in zip(params, grads, strict=True):
+        scaled = torch._foreach_mul(grads, strengths)  # out of place: an ``"l2"`` gradient is the parameter itself
+        existing = [(p.grad, g.to(p.grad.dtype)) for p, g in zip(params, scaled, strict=True) if p.grad is not None]
+        if existing:  # one fused add over every parameter that has a gradient
+            torch._foreach_add_([grad for grad, _ in existing], [g for _, g in existing])
+        for param, grad in zip(params, scaled, strict=True):
             if param.grad is None:
-                param.grad = (grad * strength).to(param.dtype)
-            else:
-                param.grad.add_(grad.to(param.grad.dtype), alpha=strength)
+                param.grad = grad.to(param.dtype)
 
 
 def live_masks(params: Iterable[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor]]:
@@ -165,8 +173,15 @@ def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generat
     return generator
 
 
-def inject_noise_(masked_params: Sequence[tuple[nn.Parameter, Tensor]], std: float, seed: int, step: int) -> None:
-    """Add ``std·N(0, 1)`` to the masked entries of each parameter, in place, reproducibly from ``(seed, step)``.
+def inject_noise_(
+    masked_params: Sequence[tuple[nn.Parameter, Tensor]],
+    std: float,
+    seed: int,
+    step: int,
+    scales: Sequence[float] | None = None,
+) -> None:
+    """Add ``std·N(0, 1)`` to the masked entries of each parameter, in place, reproducibly from ``(seed, step)``;
+    with ``scales``, each parameter's noise multiplied by its scale (a mask may also hold factors instead of 0/1).
 
     Examples:
         >>> weight = nn.Parameter(torch.zeros(4))
@@ -178,12 +193,12 @@ def inject_noise_(masked_params: Sequence[tuple[nn.Parameter, Tensor]], std: flo
         return
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
-        for param, mask in masked_params:
+        for index, (param, mask) in enumerate(masked_params):
             generator = generators.get(param.device)
             if generator is None:
                 generator = generators[param.device] = noise_generator(seed, step, param.device)
             noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
-            param.add_(noise.mul_(mask), alpha=std)
+            param.addcmul_(noise, mask, value=std if scales is None else std * scales[index])
 
 
 @dataclass(frozen=True)
@@ -257,6 +272,26 @@ def resistance(pulled: nn.Parameter, regularizer: RegularizerName) -> Tensor:
     return torch.where(pull > 0, loss / pull.clamp(min=1e-30), torch.where(loss > 0, math.inf, 0.0))
 
 
+def resistances(pulled: Sequence[nn.Parameter], regularizer: RegularizerName) -> list[Tensor]:
+    """`resistance` of each parameter in ``pulled``, the one-entry-per-unit ones (norm scales) in one batch.
+
+    Examples:
+        >>> a, b = nn.Parameter(torch.tensor([1.0, -2.0])), nn.Parameter(torch.tensor([0.5]))
+        >>> a.grad, b.grad = torch.tensor([0.3, 0.0]), torch.tensor([-2.0])
+        >>> [r.tolist() for r in resistances([a, b], "l1_norm_scale")]
+        [[0.30000001192092896, 0.0], [2.0]]
+    """
+    flat = [i for i, p in enumerate(pulled) if p.dim() == 1 and regularizer == "l1_norm_scale"]
+    found: list[Tensor | None] = [None] * len(pulled)
+    if len(flat) > 1:
+        grads = torch.cat([pulled[i].grad.detach().float() for i in flat])  # type: ignore[union-attr]
+        pull = torch.cat([pulled[i].detach() for i in flat]).ne(0).float()
+        batched = torch.where(pull > 0, grads.abs(), torch.where(grads != 0, math.inf, 0.0))
+        for i, part in zip(flat, batched.split([pulled[i].numel() for i in flat]), strict=True):
+            found[i] = part
+    return [r if r is not None else resistance(p, regularizer) for r, p in zip(found, pulled, strict=True)]
+
+
 def floor_share(resistances: Tensor, strength: float, floor: float, initial_units: int) -> float:
     """The share of the pull ``strength`` a group may get: at most what its ``floor``-th strongest units resist.
 
@@ -277,3 +312,27 @@ def floor_share(resistances: Tensor, strength: float, floor: float, initial_unit
         return 0.0
     kth = float(torch.kthvalue(resistances, resistances.numel() - needed + 1).values)  # the needed-th largest
     return min(1.0, kth / strength)
+
+
+def floor_shares(
+    resistances: Sequence[Tensor], strength: float, floor: float, initial_units: Sequence[int]
+) -> list[float]:
+    """`floor_share` of several groups at once (one sort over all of them).
+
+    Examples:
+        >>> floor_shares([torch.tensor([0.5, 0.25, 0.0, 0.0]), torch.tensor([3.0, 2.0])], 1.0, 0.5, [4, 4])
+        [0.25, 1.0]
+    """
+    needed = [math.ceil(floor * initial) for initial in initial_units]
+    if floor <= 0 or strength <= 0 or not resistances:
+        return [1.0] * len(resistances)
+    padded = torch.nn.utils.rnn.pad_sequence(
+        [r.float() for r in resistances], batch_first=True, padding_value=-math.inf
+    )
+    descending = padded.sort(dim=1, descending=True).values
+    index = torch.tensor([max(0, min(k, r.numel()) - 1) for k, r in zip(needed, resistances, strict=True)])
+    kth = descending.gather(1, index.reshape(-1, 1)).reshape(-1).tolist()
+    return [
+        1.0 if k <= 0 else 0.0 if r.numel() < k else min(1.0, value / strength)
+        for k, r, value in zip(needed, resistances, kth, strict=True)
+    ]

@@ -6,6 +6,7 @@ import csv
 import math
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -168,6 +169,27 @@ def test_logged_strengths_follow_the_one_cycle_schedule(tmp_path):
     assert logged  # logged every step
     for step, value in logged.items():
         assert value == pytest.approx(schedule.value(step)), step
+
+
+def test_strengths_are_logged_only_on_the_steps_the_loggers_write(tmp_path, monkeypatch):
+    calls: list[str] = []
+    original = pl.LightningModule.log
+
+    def counting_log(self, name, *args, **kwargs):
+        calls.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", counting_log)
+    trainer, _, _ = train_with_callback(
+        tmp_path, max_epochs=2, reg_max=0.5, noise_std=1e-3, schedule_span=1.0, trainer_kwargs={"log_every_n_steps": 4}
+    )
+    rows = list(csv.DictReader(open(trainer.logger.experiment.metrics_file_path)))
+    logged = {int(r["step"]): float(r["demp/reg_strength"]) for r in rows if r.get("demp/reg_strength")}
+    schedule = OneCycleSchedule(0.5, span_steps=12)  # 6 batches x 2 epochs
+    assert sorted(logged) == [3, 7, 11]  # the logger's steps: every 4th batch
+    for step, value in logged.items():
+        assert value == pytest.approx(schedule.value(step)), step
+    assert calls.count("demp/reg_strength") == 3  # not once per step: each call costs about a millisecond
 
 
 def test_noise_is_reproducible_from_the_seed_and_changes_the_weights(tmp_path):

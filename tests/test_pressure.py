@@ -8,7 +8,7 @@ from torch import nn
 
 from helpers.lightning import RandomDataModule, small_mlp, train_with_callback
 from lightning_demp import DemonPruner, PruningConfig
-from lightning_demp.regularization import floor_share, resistance
+from lightning_demp.regularization import floor_share, floor_shares, resistance, resistances
 
 
 def _pruner(row_grads: list[float], **settings) -> tuple[DemonPruner, nn.Sequential]:
@@ -76,6 +76,27 @@ def test_resistance_is_zero_for_a_dead_unit_and_infinite_for_an_unpulled_one():
     weight = nn.Parameter(torch.tensor([[1.0, 1.0], [-1.0, -1.0], [2.0, 0.0]]))
     weight.grad = torch.tensor([[0.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
     assert resistance(weight, "positive_l2").tolist() == [0.0, float("inf"), 0.5]
+
+
+@pytest.mark.parametrize("regularizer", ["l1_norm_scale", "l2", "positive_group_l1"])
+def test_the_batched_resistances_and_shares_equal_the_per_group_ones(regularizer):
+    generator = torch.Generator().manual_seed(0)
+    pulled = []
+    for units, shape in [(7, (7,)), (3, (3,)), (12, (12, 4)), (1, (1,)), (5, (5, 2, 3))]:
+        param = nn.Parameter(torch.randn(shape, generator=generator))
+        param.grad = torch.randn(shape, generator=generator)
+        param.grad[: units // 2] = 0.0  # dead units: resistance 0
+        with torch.no_grad():
+            param[-1:] = 0.0  # a scale at 0: not pulled by the L1, infinite resistance there
+        pulled.append(param)
+    batched = resistances(pulled, regularizer)
+    for param, found in zip(pulled, batched, strict=True):
+        assert torch.equal(found, resistance(param, regularizer))
+    initial = [8, 3, 20, 1, 5]
+    for strength in (1e-3, 0.3, 5.0):
+        for floor in (0.0, 0.2, 0.5, 1.0):
+            expected = [floor_share(r, strength, floor, n) for r, n in zip(batched, initial, strict=True)]
+            assert floor_shares(batched, strength, floor, initial) == pytest.approx(expected), (strength, floor)
 
 
 def test_a_bad_floor_is_refused_naming_the_argument():

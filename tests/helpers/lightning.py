@@ -81,9 +81,8 @@ def train_with_callback(
         tmp_path,
         max_epochs=max_epochs,
         callbacks=[callback, *(trainer_kwargs or {}).get("callbacks", [])],
-        logger=CSVLogger(tmp_path),
-        log_every_n_steps=1,
-        **{key: value for key, value in (trainer_kwargs or {}).items() if key != "callbacks"},
+        **{"logger": CSVLogger(tmp_path), "log_every_n_steps": 1}
+        | {key: value for key, value in (trainer_kwargs or {}).items() if key != "callbacks"},
     )
     trainer.fit(model, datamodule=datamodule if datamodule is not None else RandomDataModule())
     return trainer, model, callback
