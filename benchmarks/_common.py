@@ -26,6 +26,33 @@ from lightning_demp.demos.quiet import quiet_trainer
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# DemonPruning pushing on every step with nothing removed inside the timed steps: the overhead benchmarks' setting
+STEADY_PRESSURE: dict[str, Any] = {
+    "regularizer": "l1_norm_scale",
+    "reg_max": 0.03,
+    "noise_std": 5e-5,
+    "schedule": "constant",
+    "prune_every_n_epochs": 10_000,
+    "check_mode": "train_forwards",
+    "verbose": False,
+    "plot": False,
+}
+
+
+class StepTimer(Callback):
+    """Wall time of each training step, from the Trainer's batch start to its batch end, with the step's epoch."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float]] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.steps.append((trainer.current_epoch, time.perf_counter() - self._start))
+
+
 def with_recorded_betas(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with torch's default Adam betas (0.9, 0.999), which the committed frontier, target and speed results
     were measured with.

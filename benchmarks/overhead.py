@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, instantiate, load_config, machine, write_report
+from _common import RESULTS, STEADY_PRESSURE, StepTimer, instantiate, load_config, machine, write_report
 
 from lightning_demp import DemonPruning
 from lightning_demp.demos.quiet import quiet_trainer
@@ -44,22 +44,6 @@ from lightning_demp.demos.quiet import quiet_trainer
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d_cnn.yaml"
 WARMUP_STEPS = 5
-
-
-class StepTimer(Callback):
-    """Wall time of each training step, from the Trainer's batch start to its batch end, with the step's epoch."""
-
-    def __init__(self) -> None:
-        self.steps: list[tuple[int, float]] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.steps.append((trainer.current_epoch, time.perf_counter() - self._start))
 
 
 class TimedDemonPruning(DemonPruning):
@@ -109,16 +93,7 @@ def fit_steps(config: dict[str, Any], with_demp: bool, epochs: int) -> tuple[lis
     callbacks: list[Callback] = [timer]
     demp = None
     if with_demp:
-        demp = TimedDemonPruning(
-            regularizer="l1_norm_scale",
-            reg_max=0.03,
-            noise_std=5e-5,
-            schedule="constant",
-            prune_every_n_epochs=10_000,
-            check_mode="train_forwards",
-            verbose=False,
-            plot=False,
-        )
+        demp = TimedDemonPruning(**STEADY_PRESSURE)
         callbacks.insert(0, demp)
     trainer = quiet_trainer(
         ".",

@@ -23,11 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import instantiate, load_config, machine, run_config, with_recorded_betas, write_json, write_report
+from _common import (
+    STEADY_PRESSURE,
+    StepTimer,
+    instantiate,
+    load_config,
+    machine,
+    run_config,
+    with_recorded_betas,
+    write_json,
+    write_report,
+)
 
 from lightning_demp import DemonPruning
 from lightning_demp.accounting import count_flops_per_sample
@@ -60,39 +70,16 @@ def median_forward_seconds(model: nn.Module, batch: torch.Tensor, repeats: int) 
     return statistics.median(times)
 
 
-class StepTimer(Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def step_times(config: dict[str, Any], with_demp: bool, epochs: int) -> list[float]:
     seed_everything(0)
     model, data = instantiate(config["model"]), instantiate(config["data"])
     timer = StepTimer()
     callbacks: list[Callback] = [timer]
     if with_demp:  # regularization and noise active, hooks and logging on; no removal event inside the timed run
-        callbacks.insert(
-            0,
-            DemonPruning(
-                reg_max=0.03,
-                noise_std=5e-5,
-                schedule="constant",
-                prune_every_n_epochs=10_000,
-                check_mode="train_forwards",
-                verbose=False,
-                plot=False,
-            ),
-        )
+        callbacks.insert(0, DemonPruning(**STEADY_PRESSURE))
     trainer = quiet_trainer(".", max_epochs=epochs, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=data)
-    return timer.seconds[5:]  # drop warm-up steps
+    return [seconds for _, seconds in timer.steps][5:]  # drop warm-up steps
 
 
 def main() -> None:

@@ -269,6 +269,11 @@ def resistance(pulled: nn.Parameter, regularizer: RegularizerName) -> Tensor:
         rows = pulled.shape[0]
         loss = grad.reshape(rows, -1).float().norm(dim=1)
         pull = penalty_grads([value], regularizer)[0].reshape(rows, -1).float().norm(dim=1)
+    return _loss_over_pull(loss, pull)
+
+
+def _loss_over_pull(loss: Tensor, pull: Tensor) -> Tensor:
+    """``loss / pull`` per unit; infinite where only the loss acts, 0 where neither does."""
     return torch.where(pull > 0, loss / pull.clamp(min=1e-30), torch.where(loss > 0, math.inf, 0.0))
 
 
@@ -284,9 +289,8 @@ def resistances(pulled: Sequence[nn.Parameter], regularizer: RegularizerName) ->
     flat = [i for i, p in enumerate(pulled) if p.dim() == 1 and regularizer == "l1_norm_scale"]
     found: list[Tensor | None] = [None] * len(pulled)
     if len(flat) > 1:
-        grads = torch.cat([pulled[i].grad.detach().float() for i in flat])  # type: ignore[union-attr]
-        pull = torch.cat([pulled[i].detach() for i in flat]).ne(0).float()
-        batched = torch.where(pull > 0, grads.abs(), torch.where(grads != 0, math.inf, 0.0))
+        loss = torch.cat([pulled[i].grad.detach().float() for i in flat]).abs()  # type: ignore[union-attr]
+        batched = _loss_over_pull(loss, torch.cat([pulled[i].detach() for i in flat]).ne(0).float())
         for i, part in zip(flat, batched.split([pulled[i].numel() for i in flat]), strict=True):
             found[i] = part
     return [r if r is not None else resistance(p, regularizer) for r, p in zip(found, pulled, strict=True)]
@@ -305,19 +309,13 @@ def floor_share(resistances: Tensor, strength: float, floor: float, initial_unit
         >>> floor_share(torch.tensor([3.0, 2.0, 0.0, 0.0]), strength=1.0, floor=0.5, initial_units=4)
         1.0
     """
-    needed = math.ceil(floor * initial_units)
-    if floor <= 0 or needed <= 0 or strength <= 0:
-        return 1.0
-    if resistances.numel() < needed:
-        return 0.0
-    kth = float(torch.kthvalue(resistances, resistances.numel() - needed + 1).values)  # the needed-th largest
-    return min(1.0, kth / strength)
+    return floor_shares([resistances], strength, floor, [initial_units])[0]
 
 
 def floor_shares(
     resistances: Sequence[Tensor], strength: float, floor: float, initial_units: Sequence[int]
 ) -> list[float]:
-    """`floor_share` of several groups at once (one sort over all of them).
+    """`floor_share` of several groups at once: one sort over all of them, the ``k``-th largest of each read off.
 
     Examples:
         >>> floor_shares([torch.tensor([0.5, 0.25, 0.0, 0.0]), torch.tensor([3.0, 2.0])], 1.0, 0.5, [4, 4])
@@ -329,6 +327,8 @@ def floor_shares(
     padded = torch.nn.utils.rnn.pad_sequence(
         [r.float() for r in resistances], batch_first=True, padding_value=-math.inf
     )
+    if padded.shape[1] == 0:  # every group empty: nothing to read off
+        padded = torch.full((len(resistances), 1), -math.inf)
     descending = padded.sort(dim=1, descending=True).values
     index = torch.tensor([max(0, min(k, r.numel()) - 1) for k, r in zip(needed, resistances, strict=True)])
     kth = descending.gather(1, index.reshape(-1, 1)).reshape(-1).tolist()

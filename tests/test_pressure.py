@@ -97,6 +97,7 @@ def test_the_batched_resistances_and_shares_equal_the_per_group_ones(regularizer
         for floor in (0.0, 0.2, 0.5, 1.0):
             expected = [floor_share(r, strength, floor, n) for r, n in zip(batched, initial, strict=True)]
             assert floor_shares(batched, strength, floor, initial) == pytest.approx(expected), (strength, floor)
+            assert floor_share(torch.empty(0), strength, floor, 4) == (1.0 if floor == 0 else 0.0)  # an empty group
 
 
 def test_a_bad_floor_is_refused_naming_the_argument():
