@@ -26,6 +26,7 @@ run benchmarks/demo_vs_dense.py
 run benchmarks/death.py
 run benchmarks/selection_speed.py
 run benchmarks/step_pieces.py
+run benchmarks/overhead.py
 run benchmarks/index_add_cost.py
 run benchmarks/speed.py
 run benchmarks/removal_cost.py
