@@ -290,7 +290,8 @@ def main() -> None:
 
 
 def extend(args: argparse.Namespace, config: dict[str, Any], model_overrides: dict[str, Any], epochs: int) -> None:
-    """Add DemP points at ``--add-reg-max`` values to ``frontier_<model>[_decoupled].json`` (same seeds and epochs)."""
+    """Add DemP points at ``--add-reg-max`` values to ``frontier_<model>[_decoupled].json`` (same seeds and epochs);
+    a value already there is run again and replaces its old runs."""
     name = f"frontier_{args.model}{'_decoupled' if args.decoupled else ''}{'_quick' if args.quick else ''}"
     payload = json.loads((RESULTS / f"{name}.json").read_text())
     base = (DECOUPLED_SWEEP if args.decoupled else SWEEPS[args.model])[0][1]
@@ -313,6 +314,8 @@ def extend(args: argparse.Namespace, config: dict[str, Any], model_overrides: di
                     },
                 }
             )
+    for label in set(labels):  # a value already in the results is run again: its new runs replace the old
+        payload["runs"].pop(label, None)
     for label, run in zip(labels, run_configs(tasks, args.jobs)):
         run["method"] = label
         payload["runs"].setdefault(label, []).append(run)
@@ -425,8 +428,12 @@ def render(name: str, payload: dict[str, Any]) -> None:
 # Every method gets the same learning-rate grid (factors of the config's lr) and a grid of its own strength knob of
 # the same size. Seed 0 runs the whole grid; each method's seed-0 Pareto points that bracket the levels below are
 # then run with the other seeds; the frontier is each method's Pareto line over those 3-seed means.
-FAIR_LEVELS = (0.5, 0.7, 0.8, 0.9, 0.95)  # fractions of parameters removed where the methods are compared
-FAIR_LR_FACTORS = {"cnn": (1.0, 2.0), "mlp": (1.0, 3.0, 10.0)}
+# Fractions of parameters removed where the methods are compared, per model (the transformer's prunable units, its
+# MLP hidden units, hold about 65 % of its parameters: its goal is at 30 % removed).
+FAIR_LEVELS_OF = {"cnn": (0.5, 0.7, 0.8, 0.9, 0.95), "mlp": (0.5, 0.7, 0.8, 0.9, 0.95), "transformer": (0.3, 0.5)}
+# Issue #17's goals: the levels where DemP's best line must be at magnitude's, and how far under it may stay.
+FAIR_GOALS = {"cnn": (FAIR_LEVELS_OF["cnn"], 0.0), "mlp": ((0.5, 0.7), 0.005), "transformer": ((0.3,), 0.005)}
+FAIR_LR_FACTORS = {"cnn": (1.0, 2.0), "mlp": (1.0, 3.0, 10.0), "transformer": (1.0, 3.0)}
 # Strength grids: Torch-Pruning's ratio r of every group removes about 1 - (1 - r)^2 of the parameters here.
 FAIR_STRENGTHS: dict[str, dict[str, tuple[float, ...]]] = {
     "cnn": {
@@ -444,6 +451,21 @@ FAIR_STRENGTHS: dict[str, dict[str, tuple[float, ...]]] = {
         "TP magnitude": (0.3, 0.45, 0.68),
         "ModelPruning": (0.3, 0.45, 0.68),
     },
+    "transformer": {  # r of the MLP hidden units removes about 0.65 r of the parameters
+        "DemP one-cycle": (0.01, 0.03, 0.1),
+        "DemP constant": (0.003, 0.01, 0.03),
+        "DemP target": (0.3, 0.5, 0.7),
+        "TP magnitude": (0.4, 0.6, 0.8),
+        "ModelPruning": (0.4, 0.6, 0.8),
+    },
+}
+# The sweeps' regularizer where the config's removes nothing: GELU units are never exactly zero, and a one-sided L2
+# saturates none, so the transformer's sweeps use the coupled L2 of its frontier (a unit whose fc1 row shrinks until
+# its output is constant is folded and removed). The target recipe keeps the config's regularizer.
+FAIR_SWEEP_OVERRIDES: dict[str, dict[str, Any]] = {
+    "cnn": {},
+    "mlp": {},
+    "transformer": {"regularizer": "l2", "saturation_tolerance": 1e-3},
 }
 FAIR_KNOBS = {
     "DemP one-cycle": "λ",
@@ -465,7 +487,11 @@ FAIR_COLORS = {
 }
 FAIR_ORDER = ["dense", "TP magnitude", "DemP target", "DemP one-cycle", "DemP constant", "TP BN-scale", "ModelPruning"]
 DEMP_METHODS = ("DemP one-cycle", "DemP constant", "DemP target")
-FAIR_MODEL_OVERRIDES = {"cnn": {"decoupled": True}, "mlp": {}}  # the demo models as their configs build them
+FAIR_MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
+    "cnn": {"decoupled": True},
+    "mlp": {},
+    "transformer": {},
+}  # the demo models as their configs build them
 
 
 def fair_task(
@@ -481,9 +507,14 @@ def fair_task(
     }
     prune_epochs = max(1, (2 * epochs) // 3)
     if method == "DemP one-cycle":  # the config's recipe, one-cycle λ and σ over 90 % of the steps
-        task["callback_overrides"] = {"reg_max": strength}
+        task["callback_overrides"] = {**FAIR_SWEEP_OVERRIDES[model], "reg_max": strength}
     elif method == "DemP constant":  # the authors' ResNet-18 recipe: λ and σ constant over the whole run
-        task["callback_overrides"] = {"reg_max": strength, "schedule": "constant", "schedule_span": 1.0}
+        task["callback_overrides"] = {
+            **FAIR_SWEEP_OVERRIDES[model],
+            "reg_max": strength,
+            "schedule": "constant",
+            "schedule_span": 1.0,
+        }
     elif method == "DemP target":  # as target.py: reg_max and noise_std at the callback's defaults
         task["callback_overrides"] = {
             "reg_max": 0.03,
@@ -724,7 +755,7 @@ def fair_chosen(payload: dict[str, Any], tune_seed: int) -> list[dict[str, Any]]
         if method == "dense":
             chosen.append(max(members, key=lambda p: p["acc"]))
         else:
-            chosen += bracketing(pareto(members), FAIR_LEVELS)
+            chosen += bracketing(pareto(members), FAIR_LEVELS_OF[payload["model"]])
     return chosen
 
 
@@ -761,6 +792,7 @@ def fair_frontiers(payload: dict[str, Any]) -> dict[str, Any]:
 def fair_render(name: str, payload: dict[str, Any]) -> None:
     """Write ``<name>.md`` and ``<name>.png`` from a fair-frontier payload."""
     model, epochs, seeds = payload["model"], payload["epochs"], fair_seeds(payload)
+    levels = FAIR_LEVELS_OF[model]
     figures = fair_frontiers(payload)
     dense, lines = figures["dense"], figures["lines"]
     tune = fair_points(payload, payload["seeds"][:1])
@@ -780,7 +812,7 @@ def fair_render(name: str, payload: dict[str, Any]) -> None:
         )
         + f". Seed {seeds[0]} runs the whole grid (every method, every learning rate: dense too). Each method's "
         f"seed-{seeds[0]} Pareto points (accuracy against parameters removed) that bracket "
-        + ", ".join(f"{100 * level:.0f}" for level in FAIR_LEVELS)
+        + ", ".join(f"{100 * level:.0f}" for level in levels)
         + f" % removed, and dense at its best learning rate, then run on seeds {', '.join(str(s) for s in payload['seeds'][1:])} "
         "too; the figures below are means ± std over the seeds, and each method's line is the Pareto line of its "
         "confirmed points. *DemP best* is, at each level, the best of the three DemP recipes (its recipe in brackets). Accuracy at a level is "
@@ -789,7 +821,13 @@ def fair_render(name: str, payload: dict[str, Any]) -> None:
         "(one-cycle λ and σ over 90 % of the steps). DemP constant: the authors' ResNet-18 recipe, λ and σ constant "
         'over the whole run (`schedule="constant"`, `schedule_span=1.0`). DemP target: `target_sparsity` with '
         "`reg_max` and `noise_std` at their defaults, a removal event every 2 epochs (as `target.py`). Torch-Pruning "
-        "and ModelPruning prune at the end of each of the first two thirds of the epochs (as `frontier.py`).",
+        "and ModelPruning prune at the end of each of the first two thirds of the epochs (as `frontier.py`)."
+        + (
+            f" The one-cycle and constant sweeps add {FAIR_SWEEP_OVERRIDES[model]} (`FAIR_SWEEP_OVERRIDES`: the "
+            "config's regularizer removes nothing on this model)."
+            if FAIR_SWEEP_OVERRIDES[model]
+            else ""
+        ),
         "",
     ]
     dense_acc = dense["acc"] if dense else float("nan")
@@ -809,17 +847,17 @@ def fair_render(name: str, payload: dict[str, Any]) -> None:
         ]
     table_methods = [m for m in ("DemP best", *DEMP_METHODS, "TP magnitude", "TP BN-scale") if m in lines]
     values: dict[str, list[dict[str, Any] | None]] = {
-        m: [interpolate(lines[m], level, dense) for level in FAIR_LEVELS] for m in table_methods if m != "DemP best"
+        m: [interpolate(lines[m], level, dense) for level in levels] for m in table_methods if m != "DemP best"
     }
     if "DemP best" in lines:  # at each level, the best of the three DemP recipes' lines
-        values["DemP best"] = [demp_best(values, index) for index in range(len(FAIR_LEVELS))]
+        values["DemP best"] = [demp_best(values, index) for index in range(len(levels))]
     out += [
         f"## Accuracy at each level of parameters removed ({plural(len(seeds), 'seed')}, on each method's Pareto line)",
         "",
         "| method | "
-        + " | ".join(f"{100 * level:.0f} % (%)" for level in FAIR_LEVELS)
+        + " | ".join(f"{100 * level:.0f} % (%)" for level in levels)
         + " | most removed within 1 pt of dense (%) |",
-        "|---|" + "---|" * (len(FAIR_LEVELS) + 1),
+        "|---|" + "---|" * (len(levels) + 1),
     ]
     for method in table_methods:
         cells = [
@@ -839,7 +877,7 @@ def fair_render(name: str, payload: dict[str, Any]) -> None:
     notes = [
         f"{method} at {100 * level:.0f} %: " + ("not reached" if v["strict"] is None else f"{100 * v['strict']:.2f} %")
         for method in table_methods
-        for level, v in zip(FAIR_LEVELS, values[method])
+        for level, v in zip(levels, values[method], strict=True)
         if v is not None and "near" in v
     ]
     if notes:
@@ -928,7 +966,7 @@ def fair_render(name: str, payload: dict[str, Any]) -> None:
 
 
 def demp_best(values: dict[str, list[dict[str, Any] | None]], index: int) -> dict[str, Any] | None:
-    """The highest of the DemP recipes' values at ``FAIR_LEVELS[index]``, tagged with its recipe."""
+    """The highest of the DemP recipes' values at the ``index``-th level, tagged with its recipe."""
     found = [(value, m) for m in DEMP_METHODS if m in values for value in [values[m][index]] if value is not None]
     if not found:
         return None
@@ -956,15 +994,14 @@ def where(value: dict[str, Any]) -> str:
 def fair_verdict(
     model: str, values: dict[str, list[dict[str, Any] | None]], lines: dict[str, list[dict[str, Any]]], dense_acc: float
 ) -> list[str]:
-    """The done-when lines of issue #17 (CNN and MLP), met or missed by how much."""
+    """The done-when lines of issue #17 (`FAIR_GOALS`), met or missed by how much."""
     demp, magnitude = values.get("DemP best"), values.get("TP magnitude")
     if demp is None or magnitude is None:
         return ["- not enough runs yet for a verdict"]
-    levels = FAIR_LEVELS if model == "cnn" else (0.5, 0.7)
-    allowed = 0.0 if model == "cnn" else 0.005
+    levels, allowed = FAIR_GOALS[model]
     out = []
     for level in levels:
-        index = FAIR_LEVELS.index(level)
+        index = FAIR_LEVELS_OF[model].index(level)
         ours, theirs = demp[index], magnitude[index]
         if ours is None:
             out.append(f"- {100 * level:.0f} %: missed, DemP's best line does not reach it")
@@ -1005,6 +1042,7 @@ def fair_plot(payload: dict[str, Any], figures: dict[str, Any], tune: list[dict[
     dense, lines = figures["dense"], figures["lines"]
     markers = {"DemP target": "o", "DemP one-cycle": "s", "DemP constant": "D", "TP magnitude": "^", "TP BN-scale": "v"}
     zoom = 2.5 if model == "cnn" else 8.0
+    start = 100 * min(FAIR_LEVELS_OF[model]) - 10  # the zoomed panel: from just under the first level
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     drawn = [m for m in markers if m in lines]
     for index, axis in enumerate(axes):
@@ -1064,7 +1102,7 @@ def fair_plot(payload: dict[str, Any], figures: dict[str, Any], tune: list[dict[
                 linewidth=1,
                 label=f"dense, {dense['config']} ({100 * dense['acc']:.2f} %)" if index == 0 else None,
             )
-        for level in FAIR_LEVELS:
+        for level in FAIR_LEVELS_OF[model]:
             axis.axvline(100 * level, color="grey", linewidth=0.6, alpha=0.35, zorder=0)
         axis.set_xlabel("parameters removed (%)")
         axis.set_xlim(0, 100)
@@ -1074,8 +1112,8 @@ def fair_plot(payload: dict[str, Any], figures: dict[str, Any], tune: list[dict[
     if dense:
         top = max([dense["acc"]] + [p["acc"] + p["acc_std"] for line in lines.values() for p in line])
         axes[1].set_ylim(100 * dense["acc"] - zoom, min(100.0, 100 * max(top + 0.002, dense["acc"] + zoom / 500)))
-        axes[1].set_xlim(40, 100)
-    axes[1].set_title(f"zoom: within {zoom:g} points of dense, 40–100 % removed", fontsize=10)
+        axes[1].set_xlim(start, 100)
+    axes[1].set_title(f"zoom: within {zoom:g} points of dense, {start:.0f}–100 % removed", fontsize=10)
     axes[0].scatter(
         [],
         [],
