@@ -76,3 +76,46 @@ def metrics_hidden(model: nn.Module) -> Iterator[None]:
             items = sorted(parent._modules.items(), key=lambda item: order.index(item[0]))
             parent._modules.clear()
             parent._modules.update(items)
+
+
+@contextmanager
+def cache_off(model: nn.Module) -> Iterator[None]:
+    """Switch off a Hugging Face key-value cache (``config.use_cache``) of every submodule while the dependency graph
+    is traced, and give each config its own value back.
+
+    The cache serves generation, not training: it concatenates keys along the sequence, which Torch-Pruning reads
+    as a concatenation of units and cannot map. Keys and values are split into heads, so their units are never
+    removed either way.
+
+    Examples:
+        >>> model = nn.Linear(2, 2)
+        >>> model.config = type("Config", (), {"use_cache": True})()
+        >>> with cache_off(model):
+        ...     model.config.use_cache
+        False
+        >>> model.config.use_cache
+        True
+    """
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    saved = {key: config.use_cache for key, config in configs.items() if getattr(config, "use_cache", None) is True}
+    try:
+        for key in saved:
+            configs[key].use_cache = False
+        yield
+    finally:
+        for key, value in saved.items():
+            configs[key].use_cache = value
+
+
+@contextmanager
+def tracing_modes(model: nn.Module) -> Iterator[None]:
+    """The model as the dependency graph traces it: metrics hidden, eval mode, no key-value cache.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> with tracing_modes(model):
+        ...     model[1].training
+        False
+    """
+    with metrics_hidden(model), eval_mode(model), cache_off(model):
+        yield

@@ -1,4 +1,7 @@
-"""The dependency graph: which units are coupled, where they are read; the only module that imports Torch-Pruning.
+"""The dependency graph: which units are coupled, where they are read.
+
+Torch-Pruning is imported here and in two helpers only: `lightning_demp.handlers` (how the project's own layers
+lose units) and `lightning_demp.search` (the bounded group search).
 
 `PrunableGraph` traces a model once with Torch-Pruning's ``DependencyGraph`` and describes every group of
 coupled units as a `UnitGroup`: the producers whose outputs carry the units (Linear/Conv out-features and
@@ -10,8 +13,9 @@ mapping from each reader feature back to the unit it carries (through flatten, c
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,89 +23,30 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_demp._modes import eval_mode, metrics_hidden
+from lightning_demp._modes import tracing_modes
 from lightning_demp.attention import HeadedAttention
+from lightning_demp.handlers import ChannelSelectPruner, HeadedAttentionPruner
 from lightning_demp.patterns import match_modules
 from lightning_demp.resize import input_width, layer_width, reorderable_tensors, tensor_shapes
+from lightning_demp.search import coupled_groups
 from lightning_demp.selection import ChannelSelect
-from lightning_demp.units import ReaderSlice, UnitGroup
+from lightning_demp.units import ReaderSlice, UnitGroup, reads_each_unit_equally
 from lightning_demp.usage import (
     buffer_pointers,
     buffer_read_by,
     grouping_failure,
     model_usage,
     modules_sharing_parameters,
+    output_tensors,
+    reshape_split,
+    trace_failure,
+    unit_reduction,
 )
 
 _OPTYPE = tp.ops.OPTYPE
 # Module types whose units we can remove exactly: per-channel layers and the Linear/Conv producers/readers.
 _SUPPORTED_MODULE_TYPES = {_OPTYPE.CONV, _OPTYPE.LINEAR, _OPTYPE.BN, _OPTYPE.DEPTHWISE_CONV, _OPTYPE.PRELU}
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class ChannelSelectPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning handler: input and output channels of a `ChannelSelect` are removed independently.
-
-    Examples:
-        >>> pruner, select = ChannelSelectPruner(), ChannelSelect(4)
-        >>> _ = pruner.prune_in_channels(select, [1])
-        >>> pruner.get_in_channels(select), pruner.get_out_channels(select)
-        (3, 4)
-    """
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        assert isinstance(layer, ChannelSelect)
-        removed = set(idxs)
-        layer.keep_outputs_(torch.tensor([i for i in range(layer.out_channels) if i not in removed], dtype=torch.long))
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        assert isinstance(layer, ChannelSelect)
-        removed = set(idxs)
-        layer.keep_inputs_(torch.tensor([i for i in range(layer.in_channels) if i not in removed], dtype=torch.long))
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        assert isinstance(layer, ChannelSelect)
-        return layer.out_channels
-
-    def get_in_channels(self, layer: nn.Module) -> int:
-        assert isinstance(layer, ChannelSelect)
-        return layer.in_channels
-
-
-class HeadedAttentionPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning handler: a `HeadedAttention` is one layer from ``dim`` input to ``dim`` output channels.
-
-    Registering it keeps Torch-Pruning from tracing inside it, where the heads' reshapes would couple ``qkv``'s
-    output features with ``proj``'s input features as if they were units. Heads are removed by
-    `HeadedAttention.remove_heads_`, outside the dependency graph; the residual width it reads and writes is
-    coupled with LayerNorm in a transformer block and stays blocked.
-
-    Examples:
-        >>> pruner, attention = HeadedAttentionPruner(), HeadedAttention(dim=8, heads=2)
-        >>> _ = pruner.prune_in_channels(attention, [0, 1])
-        >>> pruner.get_in_channels(attention), pruner.get_out_channels(attention), attention.head_dim
-        (6, 8, 4)
-    """
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        assert isinstance(layer, HeadedAttention)
-        tp.prune_linear_out_channels(layer.proj, list(idxs))
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        assert isinstance(layer, HeadedAttention)
-        tp.prune_linear_in_channels(layer.qkv, list(idxs))
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        assert isinstance(layer, HeadedAttention)
-        return layer.proj.out_features
-
-    def get_in_channels(self, layer: nn.Module) -> int:
-        assert isinstance(layer, HeadedAttention)
-        return layer.qkv.in_features
 
 
 class TracingError(RuntimeError):
@@ -144,21 +89,19 @@ class PrunableGraph:
         for param in frozen:  # Torch-Pruning traces autograd: a frozen layer would be invisible to it
             param.requires_grad_(True)
         try:
-            with torch.enable_grad(), warnings.catch_warnings(), metrics_hidden(model), eval_mode(model):
+            with torch.enable_grad(), warnings.catch_warnings(), tracing_modes(model):
                 warnings.simplefilter("ignore")  # eval mode: the trace leaves BatchNorm running statistics alone
+                pruners = {ChannelSelect: ChannelSelectPruner(), HeadedAttention: HeadedAttentionPruner()}
                 self._graph = tp.DependencyGraph().build_dependency(
                     model,
                     example_inputs=example_inputs,
+                    output_transform=output_tensors,  # a ModelOutput, a key-value cache: every tensor in it
                     verbose=False,
-                    customized_pruners={ChannelSelect: ChannelSelectPruner(), HeadedAttention: HeadedAttentionPruner()},
+                    customized_pruners=pruners,
                 )
                 self._usage = model_usage(model, example_inputs)
         except Exception as error:
-            raise TracingError(
-                f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
-                f"({type(error).__name__}: {error}). Make `forward` run on `example_input_array` and traceable by "
-                "autograd (tensor outputs, no Python branches on tensor values)."
-            ) from error
+            raise TracingError(trace_failure(model, error)) from error
         finally:
             for param in frozen:
                 param.requires_grad_(False)
@@ -231,18 +174,39 @@ class PrunableGraph:
         graph = self._graph
         result = []
         try:
-            tp_groups = list(graph.get_all_groups(ignored_layers=[], root_module_types=_LAYER_TYPES))
+            searches = coupled_groups(graph, _LAYER_TYPES)
         except Exception as error:  # an index mapping Torch-Pruning lacks (through a GRU, ...): name the suspects
             raise TracingError(grouping_failure(self.model, error)) from error
-        for tp_group in tp_groups:
-            root = tp_group[0].dep.target.module
+        stopped = {(m, h): self._names[s.root] for s in searches if s.group is None for m, h in s.reached}
+        for search in searches:
+            root = search.root
             group = UnitGroup(name=self._names[root], num_units=int(layer_width(root) or 0))
+            if search.group is None:  # kept whole, with every layer the search reached (`stopped`)
+                stop = (
+                    f"Torch-Pruning's search for the layers coupled with it was stopped ({search.stopped_because}): "
+                    "an index mapping it cannot follow, such as a channel shuffle or grouped-query attention's "
+                    "repeated key-value heads"
+                )
+                group.blocked = "; ".join([*self._root_reasons(root, shared, excluded), stop])
+                group.permutable = False
+                result.append(group)
+                continue
             reasons: list[str] = []
-            for item in tp_group.items:
+            for item in search.group.items:
                 dep = item.dep
                 module = dep.target.module
-                if (buffer := buffer_read_by(getattr(dep.target, "grad_fn", None), buffers)) is not None:
+                if (other := stopped.get((module, dep.handler))) is not None and other != group.name:
+                    reasons.append(f"it is coupled with `{other}`, whose search for coupled layers did not end")
+                grad_fn = getattr(dep.target, "grad_fn", None)
+                if (buffer := buffer_read_by(grad_fn, buffers)) is not None:
                     reasons.append(f"the buffer `{buffer}` is applied to its units and would keep its size")
+                if (reduction := unit_reduction(grad_fn, group.num_units)) is not None:
+                    reasons.append(f"its units are reduced together ({reduction}): removing one changes the others")
+                if (split := reshape_split(grad_fn)) is not None and math.prod(split[1]) % group.num_units == 0:
+                    reasons.append(
+                        f"its units pass through a reshape into {'×'.join(map(str, split[1]))} pieces (per-head "
+                        "attention, an unflatten): removing single units would break it"
+                    )
                 if not isinstance(module, nn.Module) or dep.target.type not in (
                     *_SUPPORTED_MODULE_TYPES,
                     _OPTYPE.LN,
@@ -274,7 +238,7 @@ class PrunableGraph:
                     reasons.append(f"`{name}` produces the model output")
                 if is_out and module in excluded:
                     reasons.append(f"`{name}` is excluded")
-                if reorderable_tensors(module, is_out) is None or not _reads_each_unit_equally(
+                if reorderable_tensors(module, is_out) is None or not reads_each_unit_equally(
                     item.root_idxs, group.num_units
                 ):
                     group.permutable = False
@@ -296,6 +260,20 @@ class PrunableGraph:
         self._block_unmapped_calls(result)
         order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
         return sorted(result, key=lambda group: order[group.name])
+
+    def _root_reasons(self, root: nn.Module, shared: dict[nn.Module, str], excluded: set[nn.Module]) -> list[str]:
+        """Why a group's root layer alone keeps its units: the reasons that need no group search."""
+        name = self._names[root]
+        checks = [
+            (root in shared, f"`{name}` shares parameters with `{shared.get(root)}`"),
+            (
+                root in self._usage.used_outside,
+                f"the weight of `{name}` is also used outside it (a tied or transposed weight)",
+            ),
+            (root in self._output_layers, f"`{name}` produces the model output"),
+            (root in excluded, f"`{name}` is excluded"),
+        ]  # fmt: skip
+        return [reason for applies, reason in checks if applies]
 
     def _block_unmapped_calls(self, groups: list[UnitGroup]) -> None:
         """Block the groups of a producer run more than once whose readers have inputs no group maps: the trace
@@ -403,9 +381,3 @@ class GroupCut:
     def apply(self) -> None:
         """Slice every coupled layer (Torch-Pruning replaces the parameters)."""
         self._tp_group.prune(record_history=False)
-
-
-def _reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:
-    """Whether a layer side carries every unit of a group the same number of times (a condition of reordering)."""
-    counts = torch.bincount(torch.as_tensor(list(root_idxs), dtype=torch.long), minlength=num_units)
-    return bool((counts == counts[0]).all()) if counts.numel() else True

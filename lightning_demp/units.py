@@ -6,7 +6,7 @@ ledger can describe groups and plans without importing the graph or the surgery.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -152,3 +152,14 @@ class RemovalPlan:
         return isinstance(other, RemovalPlan) and self.to_lists() == other.to_lists()
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def reads_each_unit_equally(root_idxs: Iterable[int], num_units: int) -> bool:
+    """Whether a layer side carries every unit of a group the same number of times (a condition of reordering).
+
+    Examples:
+        >>> reads_each_unit_equally([0, 1, 0, 1], 2), reads_each_unit_equally([0, 0, 1], 2)
+        (True, False)
+    """
+    counts = torch.bincount(torch.as_tensor(list(root_idxs), dtype=torch.long), minlength=num_units)
+    return bool((counts == counts[0]).all()) if counts.numel() else True

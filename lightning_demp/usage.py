@@ -1,13 +1,17 @@
 """How a model uses its parameters: tied between layers, or used outside the layer that holds them.
 
-A layer's units can be removed only if slicing its parameters changes nothing but that layer. Two patterns break
-this without Torch-Pruning seeing it: a parameter held by two modules (tied embeddings), and a weight a forward
-uses directly (``F.linear(h, self.enc.weight.t())``, a tied decoder). `lightning_demp.graph` blocks the groups
+A layer's units can be removed only if slicing its parameters changes nothing but that layer. Three patterns break
+this without Torch-Pruning seeing it: a parameter held by two modules (tied embeddings), a weight a forward
+uses directly (``F.linear(h, self.enc.weight.t())``, a tied decoder), and a reshape that splits the units into
+pieces of a fixed size (per-head attention). `lightning_demp.graph` blocks the groups
 of such layers, with the reason.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -97,14 +101,114 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
-def _tensors(value: Any) -> list[Tensor]:
+def output_tensors(value: Any, depth: int = 4) -> list[Tensor]:
+    """Every tensor in a model's output that autograd tracks: inside tuples, lists, dicts (a Hugging Face
+    ``ModelOutput``) and the attributes of plain objects (a key-value cache), ``depth`` levels down.
+
+    Examples:
+        >>> class Cache:
+        ...     def __init__(self, keys):
+        ...         self.keys = [keys]
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> [t.shape for t in output_tensors({"logits": x * 2, "cache": Cache(x * 3), "mask": torch.ones(1)})]
+        [torch.Size([2]), torch.Size([2])]
+    """
     if isinstance(value, Tensor):
-        return [value]
+        return [value] if value.grad_fn is not None else []
+    if depth == 0 or isinstance(value, (str, bytes, int, float, bool, nn.Module)) or value is None:
+        return []
     if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [tensor for item in value for tensor in _tensors(item)]
-    return []
+        items = list(value.values())
+    elif isinstance(value, (list, tuple, set)):
+        items = list(value)
+    elif hasattr(value, "__dict__"):
+        items = list(vars(value).values())
+    else:
+        return []
+    return [tensor for item in items for tensor in output_tensors(item, depth - 1)]
+
+
+def split_of(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
+    """Where a reshape from ``before`` to ``after`` splits one dimension (not the batch) into several factors of
+    which at least two are above 1: ``(dim, factors)``, or None for a merge, a no-op or a rearrangement.
+
+    Examples:
+        >>> split_of((2, 8, 32), (2, 8, 4, 8))  # per-head attention: 32 features as 4 heads of 8
+        (2, (4, 8))
+        >>> split_of((2, 16, 5), (2, 80)) is None  # a flatten merges
+        True
+    """
+    for dim in range(1, len(before)):
+        extra = len(after) - len(before) + 1
+        if extra < 2 or before[:dim] != after[:dim] or before[dim + 1 :] != after[dim + extra :]:
+            continue
+        factors = after[dim : dim + extra]
+        if math.prod(factors) == before[dim] and sum(f > 1 for f in factors) >= 2:
+            return dim, tuple(factors)
+    return None
+
+
+_REDUCTIONS = {
+    "Mean", "Sum", "Nansum", "Nanmean", "Norm", "LinalgVectorNorm", "Softmax", "LogSoftmax", "Var", "Std", "VarMean",
+    "StdMean", "Amax", "Amin", "Max", "Min", "Logsumexp", "Prod", "Median",
+}  # fmt: skip
+
+
+def unit_reduction(grad_fn: Any, num_units: int) -> str | None:
+    """The op and dimension when the autograd node ``grad_fn`` reduces over a dimension that can hold a group's
+    ``num_units`` units (a mean over channels, as ConvNeXtV2's GRN takes, or a hand-written norm): removing a unit
+    there changes every other unit's value. None for any other node.
+
+    A dimension holds the units when its size is ``num_units``, or when it is dimension 1 (the channels of a
+    convolution's output, the features of a 2-d batch) and at least that large (units concatenated with others).
+
+    Examples:
+        >>> x = torch.randn(2, 8, 5, requires_grad=True)
+        >>> unit_reduction(x.mean(dim=1, keepdim=True).grad_fn, 8), unit_reduction(x.mean(dim=2).grad_fn, 8)
+        ('`mean` over dimension 1', None)
+    """
+    op = re.sub(r"Backward\d*$", "", grad_fn.name() if grad_fn is not None else "")
+    if op not in _REDUCTIONS:
+        return None
+    try:
+        dims = grad_fn._saved_dim
+        shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        if shape is None:
+            shape = (getattr(grad_fn, "_saved_self", None) or grad_fn._saved_result).shape
+    except (AttributeError, RuntimeError):
+        return None
+    shape = tuple(int(size) for size in shape)
+    for dim in [dims] if isinstance(dims, int) else list(dims):
+        dim = dim % len(shape) if shape else dim
+        size = shape[dim] if 0 <= dim < len(shape) else 0
+        if size == num_units or (dim == 1 and size >= num_units):
+            return f"`{op.lower()}` over dimension {dim}"
+    return None
+
+
+def reshape_split(grad_fn: Any) -> tuple[int, tuple[int, ...]] | None:
+    """The `split_of` the reshape whose output has this autograd ``grad_fn`` made, read off the node's recorded
+    input and output shapes; None for another op, or a reshape that splits nothing. Per-head attention
+    (``q.view(B, T, heads, head_dim)``) is such a split: a unit that goes would leave the features no longer
+    divisible into heads.
+
+    Examples:
+        >>> out = torch.ones(2, 6, requires_grad=True).mul(2).view(2, 3, 2)
+        >>> reshape_split(out.grad_fn), reshape_split(out.sum().grad_fn)
+        ((1, (3, 2)), None)
+    """
+    name = grad_fn.name() if grad_fn is not None else ""
+    if "View" not in name and "Reshape" not in name:
+        return None
+    try:
+        after = tuple(int(size) for size in grad_fn._input_metadata[0].shape)
+        before = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        if before is None:  # the shape its input had when its producer returned it
+            producer, index = grad_fn.next_functions[0]
+            before = producer._input_metadata[index].shape
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
+    return split_of(tuple(int(size) for size in before), after)
 
 
 def returned_layers(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
@@ -177,7 +281,7 @@ def model_usage(model: nn.Module, example_inputs: Any) -> ModelUsage:
     returned: set[nn.Module] = set()
     seen: set[Any] = set()  # (node, direct) states walked
     counted: set[Any] = set()  # nodes whose references were counted
-    stack = [(t.grad_fn, True) for t in _tensors(outputs) if t.grad_fn is not None]
+    stack = [(t.grad_fn, True) for t in output_tensors(outputs) if t.grad_fn is not None]
     while stack:
         node, direct = stack.pop()  # direct: no Linear/Conv output between this node and a returned tensor
         if (node, direct) in seen:
@@ -227,4 +331,27 @@ def grouping_failure(model: nn.Module, error: Exception) -> str:
     return (
         f"{head} It maps no unit index through {', '.join(suspects)}: DemonPruning cannot prune this model "
         "(LSTM layers are supported, with the groups they read kept whole)."
+    )
+
+
+def trace_failure(model: nn.Module, error: Exception) -> str:
+    """The message for a failed trace: the forward itself failed, or Torch-Pruning could not follow its indices.
+
+    Examples:
+        >>> print(trace_failure(nn.Linear(2, 2), RuntimeError("shapes cannot be multiplied")))  # doctest: +ELLIPSIS
+        Torch-Pruning could not trace `Linear` with the example input (RuntimeError: shapes cannot be multiplied)...
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f"`{frames[-1].name}` in Torch-Pruning" if frames and "torch_pruning" in frames[-1].filename else None
+    if where is None:
+        return (
+            f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "
+            f"({type(error).__name__}: {error}). Make `forward` run on `example_input_array` and traceable by "
+            "autograd (tensor outputs, no Python branches on tensor values)."
+        )
+    return (
+        f"`{type(model).__name__}` ran on the example input, but Torch-Pruning could not map unit indices through "
+        f"its forward ({type(error).__name__} in {where}: {error}). An operation it cannot follow, such as a "
+        "concatenation along a dimension other than the units, is in the way: DemonPruning cannot prune this model "
+        "as it is; report it with the model's code."
     )

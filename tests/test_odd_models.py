@@ -228,3 +228,46 @@ def test_a_training_only_head_the_trace_did_not_see_blocks_the_groups_it_reads(t
     with pytest.warns(UserWarning, match=r"`aux` ran in training but not in the trace; its groups \['body'\]"):
         quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, datamodule=RandomDataModule())
     assert model.body.out_features == model.aux.in_features == 12 and callback.events == []
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXtV2's GRN: each channel's response over positions, divided by the mean response over channels."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(1, channels, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        response = x.norm(p=2, dim=2, keepdim=True)
+        return self.gamma * (x * response / (response.mean(dim=1, keepdim=True) + 1e-6)) + self.beta + x
+
+
+class ConvGRNConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv1d(3, 8, 3, padding=1)
+        self.grn = GlobalResponseNorm(8)
+        self.project = nn.Conv1d(8, 6, 1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.project(self.grn(torch.relu(self.expand(x)))).mean(dim=2))
+
+
+def test_a_layer_that_averages_over_channels_keeps_its_units_whole():
+    torch.manual_seed(0)
+    model = ConvGRNConv().eval()
+    with torch.no_grad():  # channels 1 and 4 are 0 after the ReLU, and GRN keeps them 0: dead at `project`
+        model.expand.weight[[1, 4]] = 0.0
+        model.expand.bias[[1, 4]] = -1.0
+    x = torch.randn(6, 3, 10)
+    with torch.no_grad():
+        before = model(x)
+    groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
+    assert groups["expand"].blocked is not None and "`mean` over dimension 1" in groups["expand"].blocked
+    assert remove_dead_(model, x) == {}  # before: both went, and the channel mean changed every other channel
+    assert model.expand.out_channels == 8 and model.grn.gamma.shape == (1, 8, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    torch.export.export(model, (x,))
