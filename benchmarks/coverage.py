@@ -6,7 +6,8 @@ dead at their producer), one removal event runs (`DemonPruner.removal_event`, no
 the groups that are prunable and blocked (with the first reason), the units removed, the largest change of the
 outputs (eval mode) and whether ``torch.export`` accepts the pruned model. A model that cannot be traced is
 listed with its error. The models are the test suite's patterns (``tests/test_architecture_patterns.py``,
-``tests/test_selection.py``) and the demo models.
+``tests/test_selection.py``, ``tests/test_odd_models.py``), the demo models, and tiny Hugging Face models built
+from configs (``tests/test_hf_models.py``).
 
     python benchmarks/coverage.py    # seconds; writes results/coverage.md and .json
 """
@@ -31,6 +32,7 @@ from test_architecture_patterns import (
     TwoBranchesAndTheirConcat,
     WithGRU,
 )
+from test_odd_models import ConvGRNConv
 from test_selection import IdentityShortcutBlock, SharedReluBottleneck
 
 from lightning_demp import DemonPruner, PrunableGraph, PruningConfig, TracingError
@@ -80,6 +82,47 @@ ARCHITECTURES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tenso
         lambda: torch.randn(4, 3, 8, 8),
     ),
     ("GRU", WithGRU, lambda: torch.randn(4, 5, 4)),
+    ("GRN (ConvNeXtV2's channel mean)", ConvGRNConv, lambda: torch.randn(4, 3, 10)),
+]
+
+
+def hugging_face(name: str) -> nn.Module:
+    """A tiny Hugging Face model of family ``name``, built from its config (nothing is downloaded)."""
+    import transformers
+
+    lm: dict[str, Any] = {"vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    lm |= {"intermediate_size": 96, "max_position_embeddings": 32}
+    if name == "bert":
+        bert = transformers.BertConfig(**lm, hidden_act="relu")
+        bert.num_labels = 3
+        return transformers.BertForSequenceClassification(bert)
+    if name == "vit":
+        vit = transformers.ViTConfig(
+            image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=48, hidden_act="relu",
+        )  # fmt: skip
+        vit.num_labels = 3
+        return transformers.ViTForImageClassification(vit)
+    if name in ("llama", "qwen2"):
+        family = {"llama": "Llama", "qwen2": "Qwen2"}[name]
+        config = getattr(transformers, f"{family}Config")(**lm, num_key_value_heads=2)
+        model: nn.Module = getattr(transformers, f"{family}ForCausalLM")(config)
+        return model
+    gpt2 = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    gpt2.bos_token_id = gpt2.eos_token_id = 0
+    return transformers.GPT2LMHeadModel(gpt2)
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+HUGGING_FACE: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tensor]]] = [
+    ("Hugging Face BERT (ReLU feed-forward)", lambda: hugging_face("bert"), tokens),
+    ("Hugging Face ViT (ReLU MLP)", lambda: hugging_face("vit"), lambda: torch.randn(4, 3, 8, 8)),
+    ("Hugging Face Llama (SwiGLU, grouped-query attention)", lambda: hugging_face("llama"), tokens),
+    ("Hugging Face Qwen2 (SwiGLU, grouped-query attention)", lambda: hugging_face("qwen2"), tokens),
+    ("Hugging Face GPT-2 (default config: key-value cache on)", lambda: hugging_face("gpt2"), tokens),
 ]
 
 
@@ -102,6 +145,8 @@ def plant_dead_units(model: nn.Module, graph: PrunableGraph) -> None:
 def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         out = model(x)
+    if hasattr(out, "logits"):  # a Hugging Face ModelOutput
+        return [out.logits]
     return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
 
 
@@ -121,8 +166,9 @@ def cover(build: Callable[[], nn.Module], inputs: Callable[[], torch.Tensor]) ->
     pruner.remember_batch((x, None))
     event = pruner.removal_event(model, [], step=1, epoch=0, final=True)
     after = outputs(model, x)
+    cached = getattr(getattr(model, "config", None), "use_cache", False)  # a cache object is no exportable output
     try:
-        torch.export.export(model, (x,))
+        torch.export.export(model, (x,), kwargs={"use_cache": False} if cached else None)
         exported = "yes"
     except Exception as error:  # reported, not raised: the table says which models do not export
         exported = f"no ({type(error).__name__})"
@@ -139,7 +185,7 @@ def cover(build: Callable[[], nn.Module], inputs: Callable[[], torch.Tensor]) ->
 
 
 def main() -> None:
-    rows = {name: cover(build, inputs) for name, build, inputs in ARCHITECTURES}
+    rows = {name: cover(build, inputs) for name, build, inputs in ARCHITECTURES + HUGGING_FACE}
     payload = {"machine": machine(), "architectures": rows}
     write_json("coverage.json", payload)
     lines = [
@@ -166,7 +212,10 @@ def main() -> None:
         "BatchNorm, or at its producer); the removal event then takes them, and the outputs must not change. "
         "A planted unit is dead only where an exact zero follows (a ReLU): the transformer's GELU and the "
         "ShuffleNet units' BatchNorm without a ReLU after it leave a constant, so nothing is removed there "
-        "(`saturation_tolerance` would fold such units).",
+        "(`saturation_tolerance` would fold such units). In the Hugging Face models only the feed-forward units can go: "
+        "the attention projections feed a reshape into heads (or, with grouped-query attention, a group search that "
+        "is stopped), and the residual width is coupled with LayerNorm and the embeddings. GPT-2's layers are "
+        "Hugging Face `Conv1D` modules, which DemonPruning does not prune: only its tied head is seen, and kept.",
         "",
     ]
     write_report("coverage.md", lines, payload["machine"])

@@ -32,3 +32,4 @@ run benchmarks/speed.py
 run benchmarks/removal_cost.py
 run benchmarks/round_to.py
 run benchmarks/coverage.py
+run benchmarks/hf_end_to_end.py

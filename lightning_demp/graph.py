@@ -200,7 +200,7 @@ class PrunableGraph:
                 grad_fn = getattr(dep.target, "grad_fn", None)
                 if (buffer := buffer_read_by(grad_fn, buffers)) is not None:
                     reasons.append(f"the buffer `{buffer}` is applied to its units and would keep its size")
-                if (reduction := unit_reduction(grad_fn, group.num_units)) is not None:
+                if (reduction := unit_reduction(grad_fn, group.num_units, isinstance(root, nn.Linear))) is not None:
                     reasons.append(f"its units are reduced together ({reduction}): removing one changes the others")
                 if (split := reshape_split(grad_fn)) is not None and math.prod(split[1]) % group.num_units == 0:
                     reasons.append(

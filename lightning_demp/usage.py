@@ -154,17 +154,17 @@ _REDUCTIONS = {
 }  # fmt: skip
 
 
-def unit_reduction(grad_fn: Any, num_units: int) -> str | None:
-    """The op and dimension when the autograd node ``grad_fn`` reduces over a dimension that can hold a group's
+def unit_reduction(grad_fn: Any, num_units: int, channels_last: bool) -> str | None:
+    """The op and dimension when the autograd node ``grad_fn`` reduces over the dimension that holds a group's
     ``num_units`` units (a mean over channels, as ConvNeXtV2's GRN takes, or a hand-written norm): removing a unit
     there changes every other unit's value. None for any other node.
 
-    A dimension holds the units when its size is ``num_units``, or when it is dimension 1 (the channels of a
-    convolution's output, the features of a 2-d batch) and at least that large (units concatenated with others).
+    The units lie where their producer writes them: the last dimension after a Linear (``channels_last``), the
+    second after a convolution; that dimension must be at least ``num_units`` long (concatenated units too).
 
     Examples:
-        >>> x = torch.randn(2, 8, 5, requires_grad=True)
-        >>> unit_reduction(x.mean(dim=1, keepdim=True).grad_fn, 8), unit_reduction(x.mean(dim=2).grad_fn, 8)
+        >>> x = torch.randn(2, 8, 5, requires_grad=True)  # 8 channels of a convolution, 5 positions
+        >>> unit_reduction(x.mean(dim=1).grad_fn, 8, False), unit_reduction(x.mean(dim=2).grad_fn, 8, False)
         ('`mean` over dimension 1', None)
     """
     op = re.sub(r"Backward\d*$", "", grad_fn.name() if grad_fn is not None else "")
@@ -178,11 +178,10 @@ def unit_reduction(grad_fn: Any, num_units: int) -> str | None:
     except (AttributeError, RuntimeError):
         return None
     shape = tuple(int(size) for size in shape)
+    unit_dim = len(shape) - 1 if channels_last else 1
     for dim in [dims] if isinstance(dims, int) else list(dims):
-        dim = dim % len(shape) if shape else dim
-        size = shape[dim] if 0 <= dim < len(shape) else 0
-        if size == num_units or (dim == 1 and size >= num_units):
-            return f"`{op.lower()}` over dimension {dim}"
+        if shape and dim % len(shape) == unit_dim and shape[unit_dim] >= num_units:
+            return f"`{op.lower()}` over dimension {unit_dim}"
     return None
 
 

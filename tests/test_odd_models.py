@@ -271,3 +271,24 @@ def test_a_layer_that_averages_over_channels_keeps_its_units_whole():
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
     torch.export.export(model, (x,))
+
+
+class MeanOverPositions(nn.Module):
+    """Two convolutions, then a mean over each spatial dimension in turn, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.second = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.second(torch.relu(self.first(x))))
+        return self.head(features.mean(dim=3).mean(dim=2))
+
+
+def test_a_mean_over_positions_is_no_reduction_over_units_even_with_as_many_positions_as_units():
+    model = MeanOverPositions().eval()
+    x = torch.randn(4, 3, 8, 8)  # 8 channels, 8×8 positions: the mean over dimension 3 is not over the units
+    groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
+    assert groups["first"].blocked is None and groups["second"].blocked is None
