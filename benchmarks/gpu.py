@@ -15,6 +15,7 @@ Medians over interleaved repeats, with their range. Writes ``results/gpu.md`` an
 
     python benchmarks/gpu.py           # on a GPU: under 5 minutes
     python benchmarks/gpu.py --quick   # any machine, CPU included: a smoke run (results/gpu_quick.*)
+    python benchmarks/gpu.py           # on a machine without a GPU: the same on CPU, fp32 (results/train_speed_cpu.*)
 """
 
 from __future__ import annotations
@@ -123,14 +124,37 @@ def interleaved(steppers: dict[str, Stepper], repeats: int, steps: int, cuda: bo
             yield name, median_seconds(stepper, steps, cuda)
 
 
+# An assumed width trajectory for the whole-run estimate, as fractions of the training steps: dense until the
+# one-cycle peak (30 %: with a target, nothing is pulled before it), then each profile in turn until the end.
+TRAJECTORY = ((None, 0.3), (KEEP_FRACTIONS[0], 0.2), (KEEP_FRACTIONS[1], 0.2), (KEEP_FRACTIONS[2], 0.3))
+
+
+def whole_run(sizes: dict[str, dict[str, float]], median: dict[str, float]) -> list[str]:
+    """The end-to-end training speedup over `TRAJECTORY`: dense time over the time-weighted compact steps."""
+    step_time, flops = 0.0, 0.0
+    for keep, share in TRAJECTORY:
+        key = "dense" if keep is None else f"keep {keep:.2f} compact"
+        step_time += share * median[key]
+        flops += share / (1.0 if keep is None else sizes[f"keep {keep:.2f}"]["flop_ratio"])
+    speedup, flop_speedup = median["dense"] / step_time, 1 / flops
+    steps = ", ".join(
+        f"{100 * share:.0f} % {'dense' if keep is None else f'keep {keep:.2f}'}" for keep, share in TRAJECTORY
+    )
+    return [
+        f"Whole-run estimate over an assumed trajectory ({steps} of the steps): {speedup:.2f}× faster training "
+        f"for a {flop_speedup:.2f}× training-FLOP speedup ({speedup / flop_speedup:.2f} of it).",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run on any machine (a quarter-width model)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    width_scale, batch_size = (0.25, 16) if args.quick else (1.0, 256 if cuda else 64)
-    repeats, steps = (2, 3) if args.quick else (5, 20)
+    width_scale, batch_size = (0.25, 16) if args.quick else (1.0, 256 if cuda else 32)
+    repeats, steps = (2, 3) if args.quick else (5, 20 if cuda else 4)  # a CPU step of the dense model: about 1 s
     torch.manual_seed(0)
     batch, labels = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
     example = batch[:2]
@@ -166,7 +190,7 @@ def main() -> None:
         "step_seconds": seconds,
         "machine": machine(),
     }
-    name = "gpu_quick" if args.quick else "gpu"
+    name = "gpu_quick" if args.quick else ("gpu" if cuda else "train_speed_cpu")
     write_json(f"{name}.json", payload)
     median = {key: statistics.median(values) for key, values in seconds.items()}
     lines = [
@@ -187,6 +211,7 @@ def main() -> None:
             )
     overhead = median["dense + DemP per-step work"] / median["dense"] - 1
     lines += ["", f"Per-step overhead of DemP's λ·∇R and noise on the dense model: {100 * overhead:+.1f} %.", ""]
+    lines += whole_run(sizes, median)
     write_report(f"{name}.md", lines, payload["machine"])
 
 

@@ -46,7 +46,7 @@ from lightning_demp.usage import (
 _OPTYPE = tp.ops.OPTYPE
 # Module types whose units we can remove exactly: per-channel layers and the Linear/Conv producers/readers.
 _SUPPORTED_MODULE_TYPES = {_OPTYPE.CONV, _OPTYPE.LINEAR, _OPTYPE.BN, _OPTYPE.DEPTHWISE_CONV, _OPTYPE.PRELU}
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class TracingError(RuntimeError):
@@ -232,6 +232,8 @@ class PrunableGraph:
                 if module in self._usage.used_outside:
                     reasons.append(f"the weight of `{name}` is also used outside it (a tied or transposed weight)")
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
+                if is_out and isinstance(module, nn.modules.conv._ConvTransposeNd):
+                    reasons.append(f"`{name}` is a transposed convolution: its input channels go, its outputs stay")
                 if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
                     reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")
                 if is_out and module in self._output_layers:

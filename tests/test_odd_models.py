@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from test_surgery import remove_dead_
 from torch import nn
 
 from helpers.models import kill_bn_units_, kill_linear_units_, make_alive_, randomize_bn_
+from lightning_demp.config import PruningConfig
+from lightning_demp.core import DemonPruner
 from lightning_demp.graph import PrunableGraph
 from lightning_demp.resize import layer_widths
 
@@ -292,3 +295,49 @@ def test_a_mean_over_positions_is_no_reduction_over_units_even_with_as_many_posi
     x = torch.randn(4, 3, 8, 8)  # 8 channels, 8×8 positions: the mean over dimension 3 is not over the units
     groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
     assert groups["first"].blocked is None and groups["second"].blocked is None
+
+
+class UpsamplingDecoder(nn.Module):
+    """A strided convolution, a transposed convolution that upsamples its channels back, a 1×1 head."""
+
+    def __init__(self, transposed: type[nn.Module] = nn.ConvTranspose2d) -> None:
+        super().__init__()
+        conv = nn.Conv2d if transposed is nn.ConvTranspose2d else nn.Conv1d
+        self.down = conv(3, 8, 3, stride=2, padding=1)
+        self.up = transposed(8, 6, 2, stride=2)
+        self.head = conv(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.up(torch.relu(self.down(x)))))
+
+
+@pytest.mark.parametrize(
+    ("transposed", "shape"), [(nn.ConvTranspose2d, (4, 3, 8, 8)), (nn.ConvTranspose1d, (4, 3, 10))]
+)
+def test_a_transposed_convolution_reads_units_that_go_and_keeps_its_own_outputs(transposed, shape):
+    torch.manual_seed(0)
+    model = UpsamplingDecoder(transposed).eval()
+    kill_linear_units_(model.down, [2, 5])  # zero filters and a negative bias: 0 after the ReLU
+    with torch.no_grad():
+        model.up.weight[:, 4] = 0.0
+        model.up.bias[4] = -1.0  # an output channel of `up` that is dead too, but stays
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        before = model(x)
+    groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
+    assert [reader.reader for reader in groups["down"].readers] == ["up"]  # before: "no Linear/Conv layer reads"
+    assert "`up` is a transposed convolution" in (groups["up"].blocked or "")
+    optimizer = torch.optim.Adam(model.parameters())
+    for param in model.parameters():
+        optimizer.state[param] = {"exp_avg": param.detach().clone(), "step": torch.tensor(1.0)}
+    pruner = DemonPruner(PruningConfig(regularizer="positive_l2", reg_max=0.0, noise_std=0.0))
+    pruner.prepare(model, x[:2], total_steps=1)
+    pruner.remember_batch((x, None))
+    event = pruner.removal_event(model, [optimizer], step=1, epoch=0, final=True)
+    assert event is not None and event.removed == {"down": 2}
+    assert (model.down.out_channels, model.up.in_channels, model.up.out_channels) == (6, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    for param in model.parameters():
+        assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
+    torch.export.export(model, (x,))
