@@ -39,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, write_json
 
+from lightning_demp import DemonPruner, PruningConfig
 from lightning_demp.accounting import count_flops_per_sample, count_parameters
 from lightning_demp.demos.cifar_models import cifar_resnet18, cifar_vgg16_bn
 from lightning_demp.detection import ActivationMonitor, dead_check
@@ -139,6 +140,23 @@ def removal_event(
     return {"seconds": seconds, "removed": {name: len(idxs) for name, idxs in plan.items()}}
 
 
+def whole_event_seconds(
+    model: nn.Module, optimizer: torch.optim.Optimizer, check: list[torch.Tensor], example: torch.Tensor
+) -> tuple[float, int]:
+    """``DemonPruner.removal_event`` itself on ``model`` (already planted), given the dead check's statistics: the
+    check's forwards, and the BatchNorm recalibration's, are left out. Returns its seconds and the units removed."""
+    pruner = DemonPruner(PruningConfig(reg_max=0.0, noise_std=0.0, check_batches=len(check), recalibrate_bn=False))
+    pruner.prepare(model, example, total_steps=1)
+    for batch in check:
+        pruner.remember_batch((batch, None))
+    stats = pruner.statistics(model)
+    start = time.perf_counter()
+    event = pruner.removal_event(model, [optimizer], stats, step=1, epoch=0, final=True)
+    seconds = time.perf_counter() - start
+    pruner.release()
+    return seconds, 0 if event is None else sum(event.removed.values())
+
+
 def hooks_seconds_per_batch(model: nn.Module, batch: torch.Tensor, pairs: int = HOOK_PAIRS) -> float:
     """What the activity hooks add to one forward of ``batch``: the median over ``pairs`` alternating forwards with
     and without them (a difference of two whole dead-check timings is too noisy on a shared machine)."""
@@ -179,17 +197,21 @@ def measure(name: str, repeats: int, step_batch: int, seed: int = 0) -> dict[str
     plain_eval_seconds = time.perf_counter() - start  # the dead check's pass without the activity hooks
     hooks_per_batch = hooks_seconds_per_batch(model, check[0])
     example = torch.randn(2, 3, 32, 32, generator=generator)
-    probe = torch.randn(8, 3, 32, 32, generator=generator)
+    probe = check[0][:8]  # units are removed for being dead on the check batches: compare on them
     events = []
     for repeat in range(repeats):
         fresh_model, fresh_optimizer = copy.deepcopy((model, optimizer))
         planted = plant_dead_(fresh_model, DEAD_FRACTION, generator)
         fresh_model.eval()
-        with torch.no_grad():
-            expected = fresh_model(probe)
+        with torch.no_grad():  # in float64: the removed channels are exact zeros, the rest is rounding
+            expected = copy.deepcopy(fresh_model).double()(probe.double())
+        twin_model, twin_optimizer = copy.deepcopy((fresh_model, fresh_optimizer))  # the same planted model
         event = removal_event(fresh_model, fresh_optimizer, check, example)
+        event["whole_event_seconds"], whole_removed = whole_event_seconds(twin_model, twin_optimizer, check, example)
+        assert whole_removed == sum(event["removed"].values()), (whole_removed, event["removed"])
+        del twin_model, twin_optimizer
         with torch.no_grad():
-            torch.testing.assert_close(fresh_model.eval()(probe), expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(copy.deepcopy(fresh_model).eval().double()(probe.double()), expected)
         missing = {layer: n for layer, n in planted.items() if n > event["removed"].get(_conv_of(layer), 0)}
         assert not missing, f"planted units not removed: {missing}"
         train_step(fresh_model, fresh_optimizer, random_batch(8, generator))  # the pruned model still trains
@@ -233,6 +255,7 @@ def measure(name: str, repeats: int, step_batch: int, seed: int = 0) -> dict[str
         "hooks_seconds_per_batch": hooks_per_batch,
         "event_without_check_seconds": without_check,
         "event_train_forwards_seconds": train_forwards_seconds,
+        "whole_event_seconds": [e["whole_event_seconds"] for e in events],
         "event_over_step": event_seconds / step_seconds,
         "event_over_epoch": event_seconds / epoch_seconds,
         "event_with_graph_over_epoch": with_graph / epoch_seconds,
@@ -287,6 +310,13 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
         (
             "event without the check (planning + surgery + reordering + remap + bookkeeping)",
             lambda r: f"{r['event_without_check_seconds']:.2f}",
+        ),
+        (
+            "**`DemonPruner.removal_event` itself, given the check's statistics** (median, range over the repeats)",
+            lambda r: (
+                f"**{statistics.median(r['whole_event_seconds']):.3f}** "
+                f"({min(r['whole_event_seconds']):.3f}–{max(r['whole_event_seconds']):.3f})"
+            ),
         ),
         (
             f'**event total, `check_mode="train_forwards"`** (hooks on the last {CHECK_BATCHES} training forwards, no eval pass)',
