@@ -16,6 +16,7 @@ Medians over interleaved repeats, with their range. Writes ``results/gpu.md`` an
     python benchmarks/gpu.py           # on a GPU: under 5 minutes
     python benchmarks/gpu.py --quick   # any machine, CPU included: a smoke run (results/gpu_quick.*)
     python benchmarks/gpu.py           # on a machine without a GPU: the same on CPU, fp32 (results/train_speed_cpu.*)
+    python benchmarks/gpu.py --round-to 1 8 16   # widths kept multiples of N (results/round_to_speed[_cpu].*)
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ def resnet18(width_scale: float) -> nn.Module:
     return CIFARResNet([2, 2, 2, 2], widths=[max(4, int(w * width_scale)) for w in (64, 128, 256, 512)])
 
 
-def plant_and_remove(model: nn.Module, keep: float, example: torch.Tensor, batches: list[torch.Tensor]) -> nn.Module:
-    """Make ``1 - keep`` of the channels of every BatchNorm dead (scale 0, shift -1), then let DemP remove them."""
+def plant_and_remove(
+    model: nn.Module, keep: float, example: torch.Tensor, batches: list[torch.Tensor], round_to: int = 1
+) -> nn.Module:
+    """Make ``1 - keep`` of the channels of every BatchNorm dead (scale 0, shift -1), then let DemP remove them
+    (keeping each width a multiple of ``round_to``)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 dead = torch.arange(int(module.num_features * keep), module.num_features)
                 module.weight[dead], module.bias[dead] = 0.0, -1.0
-    pruner = DemonPruner(PruningConfig(reg_max=0.0, noise_std=0.0, check_batches=len(batches), recalibrate_bn=False))
+    config = PruningConfig(
+        reg_max=0.0, noise_std=0.0, check_batches=len(batches), recalibrate_bn=False, round_to=round_to
+    )
+    pruner = DemonPruner(config)
     pruner.prepare(model, example, total_steps=1)
     for batch in batches:
         pruner.remember_batch((batch, None))
@@ -147,16 +154,71 @@ def whole_run(sizes: dict[str, dict[str, float]], median: dict[str, float]) -> l
     ]
 
 
+def round_to_main(args: argparse.Namespace, device: torch.device, batch: torch.Tensor, labels: torch.Tensor) -> None:
+    """``--round-to N ...``: the compact models at each profile with their widths rounded up to multiples of N."""
+    cuda, (width_scale, repeats, steps) = device.type == "cuda", settings(args.quick, device)
+    example, check_batches = batch[:2], [torch.randn(32, 3, 32, 32) for _ in range(2)]
+    dense_flops = count_flops_per_sample(resnet18(width_scale), example)
+    steppers: dict[str, Stepper] = {}
+    flops: dict[str, float] = {}
+    for keep in KEEP_FRACTIONS:
+        for multiple in args.round_to:
+            compact = plant_and_remove(resnet18(width_scale), keep, example, check_batches, round_to=multiple)
+            key = f"keep {keep:.2f}, N={multiple}"
+            flops[key] = count_flops_per_sample(compact, example)
+            steppers[key] = Stepper(compact, device, batch, labels)
+    seconds: dict[str, list[float]] = {name: [] for name in steppers}
+    for name, value in interleaved(steppers, repeats, steps, cuda):
+        seconds[name].append(value)
+    median = {key: statistics.median(values) for key, values in seconds.items()}
+    name = "round_to_speed" + ("_quick" if args.quick else "" if cuda else "_cpu")
+    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    write_json(f"{name}.json", {"device": device_name, "seconds": seconds, "flops": flops, "machine": machine()})
+    lines = [
+        f"# Widths rounded to multiples of N on {device_name}: CIFAR ResNet-18 (width ×{width_scale}), "
+        f"batch {len(batch)}",
+        "",
+        "The compact models of `gpu.py`, each removal event run with `round_to=N` (a width stops at the multiple "
+        f"at or above what it would leave). {repeats} interleaved repeats of {steps} steps; medians with their range.",
+        "",
+        "| profile | N | FLOP ratio dense/model | step (ms), median (range) | step vs N=1 | time per FLOP vs N=1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for keep in KEEP_FRACTIONS:
+        base = f"keep {keep:.2f}, N={args.round_to[0]}"
+        for multiple in args.round_to:
+            key = f"keep {keep:.2f}, N={multiple}"
+            per_flop = (median[key] / flops[key]) / (median[base] / flops[base])
+            lines.append(
+                f"| keep {keep:.2f} | {multiple} | {dense_flops / flops[key]:.2f} | {1e3 * median[key]:.2f} "
+                f"({1e3 * min(seconds[key]):.2f}–{1e3 * max(seconds[key]):.2f}) | "
+                f"{median[key] / median[base]:.3f} | {per_flop:.3f} |"
+            )
+    write_report(f"{name}.md", [*lines, ""], machine())
+
+
+def settings(quick: bool, device: torch.device) -> tuple[float, int, int]:
+    """Width scale, repeats and steps per repeat."""
+    cuda = device.type == "cuda"
+    width_scale = 0.25 if quick else 1.0
+    repeats, steps = (2, 3) if quick else (5, 20 if cuda else 4)  # a CPU step of the dense model: about 0.4 s
+    return width_scale, repeats, steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run on any machine (a quarter-width model)")
+    parser.add_argument("--round-to", type=int, nargs="+", help="only compare widths rounded to these multiples")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    width_scale, batch_size = (0.25, 16) if args.quick else (1.0, 256 if cuda else 32)
-    repeats, steps = (2, 3) if args.quick else (5, 20 if cuda else 4)  # a CPU step of the dense model: about 1 s
+    width_scale, repeats, steps = settings(args.quick, device)
+    batch_size = 16 if args.quick else 256 if cuda else 32
     torch.manual_seed(0)
     batch, labels = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+    if args.round_to:
+        round_to_main(args, device, batch, labels)
+        return
     example = batch[:2]
     check_batches = [torch.randn(32, 3, 32, 32) for _ in range(2)]
 
