@@ -823,7 +823,9 @@ def fair_render(name: str, payload: dict[str, Any]) -> None:
         "`reg_max` and `noise_std` at their defaults, a removal event every 2 epochs (as `target.py`). Torch-Pruning "
         "and ModelPruning prune at the end of each of the first two thirds of the epochs (as `frontier.py`)."
         + (
-            f" The one-cycle and constant sweeps add {FAIR_SWEEP_OVERRIDES[model]} (`FAIR_SWEEP_OVERRIDES`: the "
+            " The one-cycle and constant sweeps add "
+            + ", ".join(f"`{key}={value!r}`" for key, value in FAIR_SWEEP_OVERRIDES[model].items())
+            + " (`FAIR_SWEEP_OVERRIDES`: the "
             "config's regularizer removes nothing on this model)."
             if FAIR_SWEEP_OVERRIDES[model]
             else ""
