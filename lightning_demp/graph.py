@@ -17,6 +17,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from lightning_demp._modes import tracing_modes
 from lightning_demp.attention import HeadedAttention
 from lightning_demp.handlers import ChannelSelectPruner, HeadedAttentionPruner
+from lightning_demp.mixing import reshape_split, unit_reduction
 from lightning_demp.patterns import match_modules
 from lightning_demp.resize import input_width, layer_width, reorderable_tensors, tensor_shapes
 from lightning_demp.search import coupled_groups
@@ -38,9 +40,7 @@ from lightning_demp.usage import (
     model_usage,
     modules_sharing_parameters,
     output_tensors,
-    reshape_split,
     trace_failure,
-    unit_reduction,
 )
 
 _OPTYPE = tp.ops.OPTYPE
@@ -101,7 +101,7 @@ class PrunableGraph:
                 )
                 self._usage = model_usage(model, example_inputs)
         except Exception as error:
-            raise TracingError(trace_failure(model, error)) from error
+            raise TracingError(trace_failure(model, error, Path(tp.__file__).parent)) from error
         finally:
             for param in frozen:
                 param.requires_grad_(False)
@@ -233,7 +233,7 @@ class PrunableGraph:
                     reasons.append(f"the weight of `{name}` is also used outside it (a tied or transposed weight)")
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
                 if is_out and isinstance(module, nn.modules.conv._ConvTransposeNd):
-                    reasons.append(f"`{name}` is a transposed convolution: its input channels go, its outputs stay")
+                    reasons.append(f"`{name}` is a transposed convolution: the units it reads can go, its own cannot")
                 if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
                     reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")
                 if is_out and module in self._output_layers:

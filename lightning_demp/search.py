@@ -10,6 +10,7 @@ with the layers reached by then, so that `lightning_demp.graph` can keep all of 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from lightning_demp.resize import input_width, layer_width
 ADDS_PER_DEPENDENCY = 32
 MIN_BUDGET = 1024
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+_PATCH = threading.RLock()  # one bounded search at a time: the count is patched into Torch-Pruning's Group class
 
 
 class SearchStopped(RuntimeError):
@@ -68,6 +70,7 @@ def _bounded(graph: Any, limit: int, entries: list[Any]) -> Iterator[None]:
     `SearchStopped` when they exceed ``limit`` or when an index lands past the width of the layer side it is on
     (a mapping gone wrong, which is how a cycling search shows first: its indices grow lap after lap)."""
     group_type = tp.dependency.group.Group
+    _PATCH.acquire()
     original = group_type.add_dep
 
     def add_dep(group: Any, dep: Any, idxs: Any) -> Any:
@@ -79,7 +82,8 @@ def _bounded(graph: Any, limit: int, entries: list[Any]) -> Iterator[None]:
             out = graph.is_out_channel_pruning_fn(dep.handler)
             width = layer_width(module) if out else input_width(module)
             if width is not None and max(int(getattr(i, "idx", i)) for i in idxs) >= width:
-                raise SearchStopped(f"an index past the {width} {'outputs' if out else 'inputs'} of a layer")
+                side = "outputs" if out else "inputs"
+                raise SearchStopped(f"an index past the {width} {side} of a {type(module).__name__}")
         return original(group, dep, idxs)
 
     group_type.add_dep = add_dep
@@ -87,6 +91,7 @@ def _bounded(graph: Any, limit: int, entries: list[Any]) -> Iterator[None]:
         yield
     finally:
         group_type.add_dep = original
+        _PATCH.release()
 
 
 def coupled_groups(graph: Any, root_types: tuple[type[nn.Module], ...]) -> list[GroupSearch]:

@@ -224,7 +224,8 @@ def unit_importance(group: UnitGroup, stats: Statistics, modules: Mapping[str, n
         if isinstance(layer, nn.Linear) and isinstance(weight, Tensor):
             norms = weight.detach().float().norm(dim=0).cpu()
         elif isinstance(layer, nn.modules.conv._ConvNd) and isinstance(weight, Tensor) and layer.groups == 1:
-            norms = weight.detach().float().transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1).cpu()
+            inputs = 0 if layer.transposed else 1  # a transposed convolution's weight is (in, out, ...)
+            norms = weight.detach().float().movedim(inputs, 0).reshape(weight.shape[inputs], -1).norm(dim=1).cpu()
         else:  # a selection or a grouped convolution: activity alone
             norms = torch.ones_like(features)
         contribution = features[reader.feature_idxs] * norms[reader.feature_idxs]

@@ -1,19 +1,18 @@
 """How a model uses its parameters: tied between layers, or used outside the layer that holds them.
 
-A layer's units can be removed only if slicing its parameters changes nothing but that layer. Three patterns break
-this without Torch-Pruning seeing it: a parameter held by two modules (tied embeddings), a weight a forward
-uses directly (``F.linear(h, self.enc.weight.t())``, a tied decoder), and a reshape that splits the units into
-pieces of a fixed size (per-head attention). `lightning_demp.graph` blocks the groups
+A layer's units can be removed only if slicing its parameters changes nothing but that layer. Two patterns break
+this without Torch-Pruning seeing it: a parameter held by two modules (tied embeddings), and a weight a forward
+uses directly (``F.linear(h, self.enc.weight.t())``, a tied decoder); `lightning_demp.mixing` finds the ops that
+regroup or mix units. `lightning_demp.graph` blocks the groups
 of such layers, with the reason.
 """
 
 from __future__ import annotations
 
-import math
-import re
 import traceback
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,88 +125,6 @@ def output_tensors(value: Any, depth: int = 4) -> list[Tensor]:
     else:
         return []
     return [tensor for item in items for tensor in output_tensors(item, depth - 1)]
-
-
-def split_of(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
-    """Where a reshape from ``before`` to ``after`` splits one dimension (not the batch) into several factors of
-    which at least two are above 1: ``(dim, factors)``, or None for a merge, a no-op or a rearrangement.
-
-    Examples:
-        >>> split_of((2, 8, 32), (2, 8, 4, 8))  # per-head attention: 32 features as 4 heads of 8
-        (2, (4, 8))
-        >>> split_of((2, 16, 5), (2, 80)) is None  # a flatten merges
-        True
-    """
-    for dim in range(1, len(before)):
-        extra = len(after) - len(before) + 1
-        if extra < 2 or before[:dim] != after[:dim] or before[dim + 1 :] != after[dim + extra :]:
-            continue
-        factors = after[dim : dim + extra]
-        if math.prod(factors) == before[dim] and sum(f > 1 for f in factors) >= 2:
-            return dim, tuple(factors)
-    return None
-
-
-_REDUCTIONS = {
-    "Mean", "Sum", "Nansum", "Nanmean", "Norm", "LinalgVectorNorm", "Softmax", "LogSoftmax", "Var", "Std", "VarMean",
-    "StdMean", "Amax", "Amin", "Max", "Min", "Logsumexp", "Prod", "Median",
-}  # fmt: skip
-
-
-def unit_reduction(grad_fn: Any, num_units: int, channels_last: bool) -> str | None:
-    """The op and dimension when the autograd node ``grad_fn`` reduces over the dimension that holds a group's
-    ``num_units`` units (a mean over channels, as ConvNeXtV2's GRN takes, or a hand-written norm): removing a unit
-    there changes every other unit's value. None for any other node.
-
-    The units lie where their producer writes them: the last dimension after a Linear (``channels_last``), the
-    second after a convolution; that dimension must be at least ``num_units`` long (concatenated units too).
-
-    Examples:
-        >>> x = torch.randn(2, 8, 5, requires_grad=True)  # 8 channels of a convolution, 5 positions
-        >>> unit_reduction(x.mean(dim=1).grad_fn, 8, False), unit_reduction(x.mean(dim=2).grad_fn, 8, False)
-        ('`mean` over dimension 1', None)
-    """
-    op = re.sub(r"Backward\d*$", "", grad_fn.name() if grad_fn is not None else "")
-    if op not in _REDUCTIONS:
-        return None
-    try:
-        dims = grad_fn._saved_dim
-        shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
-        if shape is None:
-            shape = (getattr(grad_fn, "_saved_self", None) or grad_fn._saved_result).shape
-    except (AttributeError, RuntimeError):
-        return None
-    shape = tuple(int(size) for size in shape)
-    unit_dim = len(shape) - 1 if channels_last else 1
-    for dim in [dims] if isinstance(dims, int) else list(dims):
-        if shape and dim % len(shape) == unit_dim and shape[unit_dim] >= num_units:
-            return f"`{op.lower()}` over dimension {unit_dim}"
-    return None
-
-
-def reshape_split(grad_fn: Any) -> tuple[int, tuple[int, ...]] | None:
-    """The `split_of` the reshape whose output has this autograd ``grad_fn`` made, read off the node's recorded
-    input and output shapes; None for another op, or a reshape that splits nothing. Per-head attention
-    (``q.view(B, T, heads, head_dim)``) is such a split: a unit that goes would leave the features no longer
-    divisible into heads.
-
-    Examples:
-        >>> out = torch.ones(2, 6, requires_grad=True).mul(2).view(2, 3, 2)
-        >>> reshape_split(out.grad_fn), reshape_split(out.sum().grad_fn)
-        ((1, (3, 2)), None)
-    """
-    name = grad_fn.name() if grad_fn is not None else ""
-    if "View" not in name and "Reshape" not in name:
-        return None
-    try:
-        after = tuple(int(size) for size in grad_fn._input_metadata[0].shape)
-        before = getattr(grad_fn, "_saved_self_sym_sizes", None)
-        if before is None:  # the shape its input had when its producer returned it
-            producer, index = grad_fn.next_functions[0]
-            before = producer._input_metadata[index].shape
-    except (AttributeError, IndexError, RuntimeError, TypeError):
-        return None
-    return split_of(tuple(int(size) for size in before), after)
 
 
 def returned_layers(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
@@ -333,7 +250,7 @@ def grouping_failure(model: nn.Module, error: Exception) -> str:
     )
 
 
-def trace_failure(model: nn.Module, error: Exception) -> str:
+def trace_failure(model: nn.Module, error: Exception, library: Path | None = None) -> str:
     """The message for a failed trace: the forward itself failed, or Torch-Pruning could not follow its indices.
 
     Examples:
@@ -341,7 +258,8 @@ def trace_failure(model: nn.Module, error: Exception) -> str:
         Torch-Pruning could not trace `Linear` with the example input (RuntimeError: shapes cannot be multiplied)...
     """
     frames = traceback.extract_tb(error.__traceback__)
-    where = f"`{frames[-1].name}` in Torch-Pruning" if frames and "torch_pruning" in frames[-1].filename else None
+    inside = frames and library is not None and Path(frames[-1].filename).is_relative_to(library)
+    where = f"`{frames[-1].name}` in Torch-Pruning" if inside else None
     if where is None:
         return (
             f"Torch-Pruning could not trace `{type(model).__name__}` with the example input "

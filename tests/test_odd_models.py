@@ -341,3 +341,107 @@ def test_a_transposed_convolution_reads_units_that_go_and_keeps_its_own_outputs(
     for param in model.parameters():
         assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
     torch.export.export(model, (x,))
+
+
+class ReducedOverUnits(nn.Module):
+    """``first`` writes units, ``normalize`` mixes (or not) them, ``second`` reads them, ``head`` pools positions."""
+
+    def __init__(self, normalize, conv: bool) -> None:
+        super().__init__()
+        self.first = nn.Conv1d(3, 8, 1) if conv else nn.Linear(3, 8)
+        self.second = nn.Conv1d(8, 4, 1) if conv else nn.Linear(8, 4)
+        self.head = nn.Linear(4, 2)
+        self.normalize, self.conv = normalize, conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.normalize(torch.relu(self.first(x)))
+        return self.head(self.second(h).mean(dim=2 if self.conv else 1))
+
+
+def mean_over_channels_moved_last(h: torch.Tensor) -> torch.Tensor:
+    last = h.transpose(1, 2)  # (batch, positions, channels), as ConvNeXt blocks lay it out
+    return (last / (last.mean(2, keepdim=True) + 1)).transpose(1, 2)
+
+
+MIXING = {  # (normalize, conv): the input is (batch, 3, 5) for a convolution, (batch, 5, 3) for a Linear
+    "mean over the last dimension after a Linear (dim=-1)": (lambda h: h / (h.mean(-1, keepdim=True) + 1), False),
+    "softmax over the units after a Linear": (lambda h: h.softmax(-1), False),
+    "var over the channels": (lambda h: h / (h.var(1, keepdim=True) + 1), True),
+    "std over the channels": (lambda h: h / (h.std(1, keepdim=True) + 1), True),
+    "a mean over everything": (lambda h: h / (h.mean() + 1), True),
+    "a mean over channels moved last": (mean_over_channels_moved_last, True),
+    "layer_norm without weights over the units": (lambda h: nn.functional.layer_norm(h, (8,)), False),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(MIXING))
+def test_every_reduction_over_the_units_keeps_them_whole(pattern):
+    torch.manual_seed(0)
+    normalize, conv = MIXING[pattern]
+    model = ReducedOverUnits(normalize, conv).eval()
+    kill_linear_units_(model.first, [2, 5])  # 0 after the ReLU, but the reduction reads them
+    x = torch.randn(6, 3, 5) if conv else torch.randn(6, 5, 3)
+    with torch.no_grad():
+        before = model(x)
+    groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
+    assert "reduced together" in (groups["first"].blocked or "")
+    assert remove_dead_(model, x) == {}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
+@pytest.mark.parametrize(
+    ("normalize", "conv"),
+    [(lambda h: h / (h.mean(-2, keepdim=True) + 1), False), (lambda h: h / (h.mean(2, keepdim=True) + 1), True)],
+    ids=["a mean over tokens after a Linear", "a mean over positions after a convolution"],
+)
+def test_a_reduction_over_positions_leaves_the_units_free(normalize, conv):
+    model = ReducedOverUnits(normalize, conv).eval()
+    x = torch.randn(6, 3, 8) if conv else torch.randn(6, 8, 3)  # as many positions as units
+    groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
+    assert groups["first"].blocked is None
+
+
+def test_a_transposed_convolution_weighs_the_units_it_reads_by_its_input_filters():
+    from lightning_demp.target import unit_importance
+    from lightning_demp.units import ReaderStats
+
+    model = UpsamplingDecoder().eval()  # `up`: 8 inputs, 6 outputs, a (8, 6, 2, 2) weight
+    x = torch.randn(4, 3, 8, 8)
+    group = next(g for g in PrunableGraph(model, x[:2]).groups() if g.name == "down")
+    with torch.no_grad():
+        model.up.weight[3] = 0.0  # the filters that read input channel 3
+    stats = {"up": ReaderStats(torch.ones(8), 4)}
+    score = unit_importance(group, stats, dict(model.named_modules()))  # before: an IndexError, 8 inputs > 6
+    expected = model.up.weight.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(score, expected)
+    assert score[3] == 0.0
+
+
+class HeadsWithMergedTokens(nn.Module):
+    """Per-head values written as ``reshape(batch * tokens, heads, head_dim)``, then merged back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = nn.Linear(6, 8)
+        self.project = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        heads = torch.relu(self.value(x)).reshape(batch * tokens, 2, -1)
+        mixed = heads.softmax(dim=1) * heads  # each head's features weighed across heads
+        return self.project(mixed.reshape(batch, tokens, -1))
+
+
+def test_a_split_into_heads_that_also_merges_batch_and_tokens_keeps_the_units_whole():
+    torch.manual_seed(0)
+    model = HeadsWithMergedTokens().eval()
+    kill_linear_units_(model.value, [1, 2])
+    x = torch.randn(4, 5, 6)
+    with torch.no_grad():
+        before = model(x)
+    groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
+    assert "a reshape into 2×4 pieces" in (groups["value"].blocked or "")
+    assert remove_dead_(model, x) == {}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
