@@ -32,7 +32,7 @@ from test_architecture_patterns import (
     TwoBranchesAndTheirConcat,
     WithGRU,
 )
-from test_odd_models import ConvGRNConv
+from test_odd_models import ConvGRNConv, UpsamplingDecoder
 from test_selection import IdentityShortcutBlock, SharedReluBottleneck
 
 from lightning_demp import DemonPruner, PrunableGraph, PruningConfig, TracingError
@@ -83,6 +83,7 @@ ARCHITECTURES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tenso
     ),
     ("GRU", WithGRU, lambda: torch.randn(4, 5, 4)),
     ("GRN (ConvNeXtV2's channel mean)", ConvGRNConv, lambda: torch.randn(4, 3, 10)),
+    ("decoder with a transposed convolution", UpsamplingDecoder, lambda: torch.randn(4, 3, 8, 8)),
 ]
 
 

@@ -232,8 +232,6 @@ class PrunableGraph:
                 if module in self._usage.used_outside:
                     reasons.append(f"the weight of `{name}` is also used outside it (a tied or transposed weight)")
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
-                if is_out and isinstance(module, nn.modules.conv._ConvTransposeNd):
-                    reasons.append(f"`{name}` is a transposed convolution: the units it reads can go, its own cannot")
                 if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
                     reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")
                 if is_out and module in self._output_layers:

@@ -26,6 +26,7 @@ from lightning_demp.config import PruningConfig
 from lightning_demp.regularization import (
     GroupParameters,
     add_penalty_grad_,
+    broadcast_rows,
     floor_shares,
     inject_noise_,
     live_masks,
@@ -74,7 +75,8 @@ class Pressure:
         self.last_reg_strength = 0.0
         self.last_noise_std = 0.0
         self._pending_noise: _PendingNoise | None = None
-        self._penalized: tuple[tuple[int, ...], list[nn.Parameter]] | None = None  # by the optimizer's parameters
+        # by the optimizer's parameters: the parameters to penalize, and the dimension their units run along
+        self._penalized: tuple[tuple[int, ...], list[nn.Parameter], list[int]] | None = None
 
     def bind(self, groups: dict[str, tuple[GroupParameters, int]], penalized_ids: set[int] | None) -> None:
         """The groups' parameters (new ones after every removal) and, with ``penalize="prunable"``, the ids of the
@@ -101,9 +103,11 @@ class Pressure:
             for name, (parameters, _) in self.groups.items():
                 chosen = torch.tensor(self.focus.get(name, []), dtype=torch.long)
                 for param in parameters.params:
-                    weights = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
+                    dim = parameters.unit_dim if param is parameters.producer_weight else 0
+                    shape = [param.shape[d] if d == dim else 1 for d in range(param.dim())]
+                    weights = torch.zeros(param.shape[dim], dtype=param.dtype, device=param.device)
                     weights[chosen.to(param.device)] = 1.0
-                    rows[id(param)] = weights
+                    rows[id(param)] = weights.reshape(shape)  # shaped to multiply the parameter
             self._focus_rows = rows
         return self._focus_rows
 
@@ -153,9 +157,10 @@ class Pressure:
             return
         factors = self.floor_factors()
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        penalized = self._penalized_of(params, optimizer, model) if self.last_reg_strength > 0 else []
+        penalized, dims = self._penalized_of(params, optimizer, model) if self.last_reg_strength > 0 else ([], [])
         if rows is not None:
             params = [p for p in params if id(p) in rows]
+            dims = [d for p, d in zip(penalized, dims, strict=True) if id(p) in rows]
             penalized = [p for p in penalized if id(p) in rows]
         if self.last_noise_std > 0:
             masks = live_masks(params)
@@ -166,19 +171,21 @@ class Pressure:
             self._pending_noise = None
         strengths = [self.last_reg_strength * factors.get(id(p), 1.0) for p in penalized]
         weights = None if rows is None else [rows[id(p)] for p in penalized]
-        add_penalty_grad_(penalized, self.config.regularizer, strengths, weights)
+        add_penalty_grad_(penalized, self.config.regularizer, strengths, weights, dims)
 
     def _penalized_of(
         self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, model: nn.Module
-    ) -> list[nn.Parameter]:
-        """The parameters to penalize, found once per set of optimizer parameters (a removal renews them)."""
+    ) -> tuple[list[nn.Parameter], list[int]]:
+        """The parameters to penalize and the dimension of each one's units (1 for a transposed convolution's
+        weight), found once per set of optimizer parameters (a removal renews them)."""
         key = tuple(map(id, params))
         if self._penalized is None or self._penalized[0] != key:
             penalized = penalized_params(optimizer, model, self.config.regularizer)
             if self.penalized_ids is not None:
                 penalized = [p for p in penalized if id(p) in self.penalized_ids]
-            self._penalized = (key, penalized)
-        return self._penalized[1]
+            transposed = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvTransposeNd)}
+            self._penalized = (key, penalized, [1 if id(p) in transposed else 0 for p in penalized])
+        return self._penalized[1], self._penalized[2]
 
     def floor_factors(self) -> dict[int, float]:
         """For the parameters of each group the live floor holds back, the share of the pressure left (by id)."""
@@ -191,8 +198,9 @@ class Pressure:
             for parameters, initial in self.groups.values()
             if (pulled := parameters.pulled(self.config.regularizer)) is not None and pulled.grad is not None
         ]
+        dims = [parameters.unit_dim if pulled is parameters.producer_weight else 0 for parameters, _, pulled in held]
         shares = floor_shares(
-            resistances([pulled for _, _, pulled in held], self.config.regularizer),
+            resistances([pulled for _, _, pulled in held], self.config.regularizer, dims),
             strength,
             self.config.live_floor,
             [initial for _, initial, _ in held],
@@ -229,5 +237,5 @@ class Pressure:
 
 
 def _on_rows(mask: Tensor, weights: Tensor) -> Tensor:
-    """A live mask kept on the rows (dim 0) that ``weights`` select, as the factor to multiply the noise with."""
-    return mask.to(weights.dtype) * weights.reshape(-1, *([1] * (mask.dim() - 1)))
+    """A live mask kept on the units that ``weights`` select, as the factor to multiply the noise with."""
+    return mask.to(weights.dtype) * broadcast_rows(weights, mask)

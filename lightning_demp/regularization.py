@@ -76,8 +76,11 @@ def penalized_params(
     ]
 
 
-def penalty_grads(params: Sequence[Tensor], regularizer: RegularizerName) -> list[Tensor]:
-    """Return ``∇R(θ)`` for each parameter (strength 1).
+def penalty_grads(
+    params: Sequence[Tensor], regularizer: RegularizerName, unit_dims: Sequence[int] | None = None
+) -> list[Tensor]:
+    """Return ``∇R(θ)`` for each parameter (strength 1); ``unit_dims`` says along which dimension each parameter's
+    units run (0 unless given: 1 for a transposed convolution's weight), for the group penalty.
 
     Examples:
         >>> penalty_grads([torch.tensor([-1.0, 0.5])], "positive_l2")
@@ -94,17 +97,20 @@ def penalty_grads(params: Sequence[Tensor], regularizer: RegularizerName) -> lis
         if regularizer == "l1_norm_scale":
             return list(torch._foreach_sign([p.detach() for p in params]))
         if regularizer == "positive_group_l1":
-            return [_positive_row_directions(p.detach()) for p in params]
+            dims = unit_dims if unit_dims is not None else [0] * len(params)
+            return [_positive_row_directions(p.detach(), dim) for p, dim in zip(params, dims, strict=True)]
     raise ValueError(f"Expected `regularizer` to be one of {REGULARIZER_NAMES}, got {regularizer!r}.")
 
 
-def _positive_row_directions(value: Tensor) -> Tensor:
-    """``max(θ_u, 0) / ‖max(θ_u, 0)‖₂`` for each row ``θ_u`` (dim 0) of ``value``; entries of a 1-d tensor are rows."""
+def _positive_row_directions(value: Tensor, unit_dim: int = 0) -> Tensor:
+    """``max(θ_u, 0) / ‖max(θ_u, 0)‖₂`` for each unit's slice ``θ_u`` (along ``unit_dim``) of ``value``; entries of
+    a 1-d tensor are units."""
     positive = value.clamp(min=0)
     if positive.dim() <= 1:
         return positive.gt(0).to(value.dtype)
-    norms = positive.reshape(positive.shape[0], -1).norm(dim=1).clamp(min=1e-30)
-    return positive / norms.reshape(-1, *([1] * (positive.dim() - 1)))
+    rows = positive.movedim(unit_dim, 0)
+    norms = rows.reshape(rows.shape[0], -1).norm(dim=1).clamp(min=1e-30)
+    return (rows / norms.reshape(-1, *([1] * (rows.dim() - 1)))).movedim(0, unit_dim)
 
 
 def add_penalty_grad_(
@@ -112,10 +118,11 @@ def add_penalty_grad_(
     regularizer: RegularizerName,
     strength: float | Sequence[float],
     row_weights: Sequence[Tensor] | None = None,
+    unit_dims: Sequence[int] | None = None,
 ) -> None:
     """Add ``strength·∇R(θ)`` to each ``.grad`` in place (creating it when the step left it ``None``); ``strength``
-    is one number or one per parameter; with ``row_weights``, each parameter's rows (dim 0: its units) scaled by
-    its weights.
+    is one number or one per parameter; with ``row_weights``, each parameter's units scaled by its weights (along
+    dim 0 for a 1-d weight, else broadcast as shaped); ``unit_dims`` as for `penalty_grads`.
 
     Examples:
         >>> weight = nn.Parameter(torch.tensor([2.0, -2.0]))
@@ -135,9 +142,9 @@ def add_penalty_grad_(
     if row_weights is not None:
         row_weights = [row_weights[i] for i in kept]
     with torch.no_grad():
-        grads = penalty_grads(params, regularizer)
+        grads = penalty_grads(params, regularizer, None if unit_dims is None else [unit_dims[i] for i in kept])
         if row_weights is not None:
-            grads = [g * w.reshape(-1, *([1] * (g.dim() - 1))) for g, w in zip(grads, row_weights, strict=True)]
+            grads = [g * broadcast_rows(w, g) for g, w in zip(grads, row_weights, strict=True)]
         scaled = torch._foreach_mul(grads, strengths)  # out of place: an ``"l2"`` gradient is the parameter itself
         existing = [(p.grad, g.to(p.grad.dtype)) for p, g in zip(params, scaled, strict=True) if p.grad is not None]
         if existing:  # one fused add over every parameter that has a gradient
@@ -145,6 +152,16 @@ def add_penalty_grad_(
         for param, grad in zip(params, scaled, strict=True):
             if param.grad is None:
                 param.grad = grad.to(param.dtype)
+
+
+def broadcast_rows(weights: Tensor, like: Tensor) -> Tensor:
+    """Per-unit ``weights`` shaped to multiply ``like``: a 1-d one along dim 0, one already shaped as it is.
+
+    Examples:
+        >>> broadcast_rows(torch.tensor([1.0, 0.0]), torch.ones(2, 3)).shape
+        torch.Size([2, 1])
+    """
+    return weights if weights.dim() == like.dim() else weights.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def live_masks(params: Iterable[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor]]:
@@ -215,6 +232,7 @@ class GroupParameters:
     params: list[nn.Parameter]
     producer_weight: nn.Parameter
     norm_weight: nn.Parameter | None
+    unit_dim: int = 0  # of the producer's weight: 1 for a transposed convolution
 
     def pulled(self, regularizer: RegularizerName) -> nn.Parameter | None:
         """The parameter whose rows the regularizer pulls toward death: the norm scales for ``"l1_norm_scale"``,
@@ -244,12 +262,14 @@ def group_parameters(graph: PrunableGraph) -> dict[str, GroupParameters]:
         norm_weight = getattr(norm, "weight", None) if norm is not None else None
         params = [p for layer in (producer, norm) if layer is not None for p in layer.parameters(recurse=False)]
         scales = norm_weight if isinstance(norm_weight, nn.Parameter) else None
-        found[group.name] = GroupParameters(params, weight, scales)
+        transposed = isinstance(producer, nn.modules.conv._ConvTransposeNd)
+        found[group.name] = GroupParameters(params, weight, scales, unit_dim=1 if transposed else 0)
     return found
 
 
-def resistance(pulled: nn.Parameter, regularizer: RegularizerName) -> Tensor:
-    """Per unit (row of ``pulled``): the loss gradient's norm over the penalty gradient's (strength 1).
+def resistance(pulled: nn.Parameter, regularizer: RegularizerName, unit_dim: int = 0) -> Tensor:
+    """Per unit (slice of ``pulled`` along ``unit_dim``): the loss gradient's norm over the penalty gradient's
+    (strength 1).
 
     A unit is pulled toward death while ``λ`` exceeds its resistance; 0 for a unit the loss no longer reaches (a
     dead one), infinite for a unit the regularizer does not pull.
@@ -266,9 +286,10 @@ def resistance(pulled: nn.Parameter, regularizer: RegularizerName) -> Tensor:
         loss = grad.abs().float()
         pull = value.ne(0).float() if regularizer == "l1_norm_scale" else penalty_grads([value], regularizer)[0].abs()
     else:
-        rows = pulled.shape[0]
-        loss = grad.reshape(rows, -1).float().norm(dim=1)
-        pull = penalty_grads([value], regularizer)[0].reshape(rows, -1).float().norm(dim=1)
+        rows = pulled.shape[unit_dim]
+        loss = grad.movedim(unit_dim, 0).reshape(rows, -1).float().norm(dim=1)
+        pulls = penalty_grads([value], regularizer, [unit_dim])[0]
+        pull = pulls.movedim(unit_dim, 0).reshape(rows, -1).float().norm(dim=1)
     return _loss_over_pull(loss, pull)
 
 
@@ -277,8 +298,11 @@ def _loss_over_pull(loss: Tensor, pull: Tensor) -> Tensor:
     return torch.where(pull > 0, loss / pull.clamp(min=1e-30), torch.where(loss > 0, math.inf, 0.0))
 
 
-def resistances(pulled: Sequence[nn.Parameter], regularizer: RegularizerName) -> list[Tensor]:
-    """`resistance` of each parameter in ``pulled``, the one-entry-per-unit ones (norm scales) in one batch.
+def resistances(
+    pulled: Sequence[nn.Parameter], regularizer: RegularizerName, unit_dims: Sequence[int] | None = None
+) -> list[Tensor]:
+    """`resistance` of each parameter in ``pulled`` (its units along ``unit_dims``, 0 unless given), the
+    one-entry-per-unit ones (norm scales) in one batch.
 
     Examples:
         >>> a, b = nn.Parameter(torch.tensor([1.0, -2.0])), nn.Parameter(torch.tensor([0.5]))
@@ -293,7 +317,10 @@ def resistances(pulled: Sequence[nn.Parameter], regularizer: RegularizerName) ->
         batched = _loss_over_pull(loss, torch.cat([pulled[i].detach() for i in flat]).ne(0).float())
         for i, part in zip(flat, batched.split([pulled[i].numel() for i in flat]), strict=True):
             found[i] = part
-    return [r if r is not None else resistance(p, regularizer) for r, p in zip(found, pulled, strict=True)]
+    dims = unit_dims if unit_dims is not None else [0] * len(pulled)
+    return [
+        r if r is not None else resistance(p, regularizer, dim) for r, p, dim in zip(found, pulled, dims, strict=True)
+    ]
 
 
 def floor_share(resistances: Tensor, strength: float, floor: float, initial_units: int) -> float:

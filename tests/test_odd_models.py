@@ -314,19 +314,25 @@ class UpsamplingDecoder(nn.Module):
 @pytest.mark.parametrize(
     ("transposed", "shape"), [(nn.ConvTranspose2d, (4, 3, 8, 8)), (nn.ConvTranspose1d, (4, 3, 10))]
 )
-def test_a_transposed_convolution_reads_units_that_go_and_keeps_its_own_outputs(transposed, shape):
+def test_a_transposed_convolution_loses_the_dead_units_it_reads_and_writes(transposed, shape):
     torch.manual_seed(0)
     model = UpsamplingDecoder(transposed).eval()
     kill_linear_units_(model.down, [2, 5])  # zero filters and a negative bias: 0 after the ReLU
-    with torch.no_grad():
+    with torch.no_grad():  # an output channel of `up` that is dead too: its weight is (in, out, ...)
         model.up.weight[:, 4] = 0.0
-        model.up.bias[4] = -1.0  # an output channel of `up` that is dead too, but stays
+        model.up.bias[4] = -1.0
     x = torch.randn(*shape)
     with torch.no_grad():
         before = model(x)
+        down = torch.relu(model.down(x))
+        up = torch.relu(model.up(down))
+    dead = {
+        name: int(out.transpose(0, 1).flatten(1).amax(dim=1).eq(0).sum()) for name, out in [("down", down), ("up", up)]
+    }
+    assert dead["down"] >= 2 and dead["up"] >= 1  # the planted ones, and any the initialization left dead
     groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
     assert [reader.reader for reader in groups["down"].readers] == ["up"]  # before: "no Linear/Conv layer reads"
-    assert "`up` is a transposed convolution" in (groups["up"].blocked or "")
+    assert groups["up"].blocked is None and [reader.reader for reader in groups["up"].readers] == ["head"]
     optimizer = torch.optim.Adam(model.parameters())
     for param in model.parameters():
         optimizer.state[param] = {"exp_avg": param.detach().clone(), "step": torch.tensor(1.0)}
@@ -334,13 +340,48 @@ def test_a_transposed_convolution_reads_units_that_go_and_keeps_its_own_outputs(
     pruner.prepare(model, x[:2], total_steps=1)
     pruner.remember_batch((x, None))
     event = pruner.removal_event(model, [optimizer], step=1, epoch=0, final=True)
-    assert event is not None and event.removed == {"down": 2}
-    assert (model.down.out_channels, model.up.in_channels, model.up.out_channels) == (6, 6, 6)
+    assert event is not None and event.removed == dead
+    widths = (model.down.out_channels, model.up.in_channels, model.up.out_channels, model.head.in_channels)
+    assert widths == (8 - dead["down"], 8 - dead["down"], 6 - dead["up"], 6 - dead["up"])
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
     for param in model.parameters():
         assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
     torch.export.export(model, (x,))
+
+
+def test_the_pull_on_a_transposed_convolution_runs_along_its_output_channels():
+    from lightning_demp.regularization import penalty_grads, resistance
+
+    weight = nn.Parameter(torch.randn(4, 3, 2, 2))  # (in, out, kH, kW): 3 units
+    weight.grad = torch.randn(4, 3, 2, 2)
+    as_rows = nn.Parameter(weight.detach().transpose(0, 1).contiguous())  # the same units, on dim 0
+    as_rows.grad = weight.grad.transpose(0, 1).contiguous()
+    for regularizer in ("l2", "positive_l2", "positive_group_l1"):
+        torch.testing.assert_close(resistance(weight, regularizer, unit_dim=1), resistance(as_rows, regularizer))
+    pull = penalty_grads([weight], "positive_group_l1", [1])[0]
+    torch.testing.assert_close(pull.transpose(0, 1), penalty_grads([as_rows], "positive_group_l1")[0])
+
+
+def test_a_focused_target_pulls_only_the_chosen_output_channels_of_a_transposed_convolution():
+    from lightning_demp.pressure import Pressure
+    from lightning_demp.regularization import group_parameters
+
+    model = UpsamplingDecoder().eval()
+    x = torch.randn(4, 3, 8, 8)
+    groups = group_parameters(PrunableGraph(model, x[:2]))
+    pressure = Pressure(PruningConfig(regularizer="positive_l2", reg_max=1.0, noise_std=0.0, live_floor=0.0))
+    pressure.lay_out(10)
+    pressure.bind({name: (parameters, 6) for name, parameters in groups.items()}, None)
+    pressure.focus_on({"up": [1, 4]})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with torch.no_grad():
+        model.up.weight.abs_()  # positive: the one-sided pull reaches every entry
+    model(x).sum().backward()
+    before = model.up.weight.grad.clone()
+    pressure.before_step_(optimizer, model, step=0)
+    changed = (model.up.weight.grad - before).abs().sum(dim=(0, 2, 3))  # per output channel of `up`
+    assert changed[[1, 4]].gt(0).all() and changed[[0, 2, 3, 5]].eq(0).all()
 
 
 class ReducedOverUnits(nn.Module):
@@ -445,3 +486,38 @@ def test_a_split_into_heads_that_also_merges_batch_and_tokens_keeps_the_units_wh
     assert remove_dead_(model, x) == {}
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+class UpsamplingClassifierNet(nn.Module):
+    """A decoder block in a classifier: conv ↓2, transposed conv ↑2 with BatchNorm, pooling, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv1d(1, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose1d(8, 12, 2, stride=2)
+        self.norm = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.up(torch.relu(self.down(x.unsqueeze(1))))))
+        return self.head(h.mean(dim=2))
+
+
+@pytest.mark.parametrize("regularizer", ["positive_group_l1", "l1_norm_scale"])
+def test_a_target_shrinks_a_transposed_convolution_while_it_trains(tmp_path, regularizer):
+    from helpers.lightning import train_with_callback
+    from lightning_demp.demos import DemoClassifier
+
+    class Classifier(DemoClassifier):
+        def __init__(self) -> None:
+            super().__init__(num_classes=3, optimizer="adam", lr=1e-2, lr_schedule="constant", weight_decay=0.0)
+            self.net = UpsamplingClassifierNet()
+            self.example_input_array = torch.zeros(2, 6)
+
+    trainer, model, callback = train_with_callback(
+        tmp_path, model=Classifier(), max_epochs=6, regularizer=regularizer, target_sparsity=0.5
+    )
+    assert model.net.up.out_channels < 12 and model.net.norm.num_features == model.net.up.out_channels
+    optimizer = trainer.optimizers[0]
+    for param in model.parameters():
+        assert optimizer.state[param]["exp_avg"].shape == param.shape
