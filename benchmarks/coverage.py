@@ -28,6 +28,7 @@ from _common import machine, write_json, write_report
 from test_architecture_patterns import (
     LogitsAndFeatures,
     SharedOnBothHalves,
+    SplitIntoTwoBranches,
     TinyShuffleNet,
     TwoBranchesAndTheirConcat,
     WithGRU,
@@ -82,6 +83,7 @@ ARCHITECTURES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tenso
         lambda: torch.randn(4, 3, 8, 8),
     ),
     ("GRU", WithGRU, lambda: torch.randn(4, 5, 4)),
+    ("channels split by fixed sizes into two branches", SplitIntoTwoBranches, lambda: torch.randn(4, 3, 10)),
     ("GRN (ConvNeXtV2's channel mean)", ConvGRNConv, lambda: torch.randn(4, 3, 10)),
     ("decoder with a transposed convolution", UpsamplingDecoder, lambda: torch.randn(4, 3, 8, 8)),
 ]

@@ -27,7 +27,7 @@ from torch import nn
 from lightning_demp._modes import tracing_modes
 from lightning_demp.attention import HeadedAttention
 from lightning_demp.handlers import ChannelSelectPruner, HeadedAttentionPruner
-from lightning_demp.mixing import reshape_split, unit_reduction
+from lightning_demp.mixing import reshape_split, unit_reduction, unit_split
 from lightning_demp.patterns import match_modules
 from lightning_demp.resize import input_width, layer_width, reorderable_tensors, tensor_shapes
 from lightning_demp.search import coupled_groups
@@ -200,8 +200,11 @@ class PrunableGraph:
                 grad_fn = getattr(dep.target, "grad_fn", None)
                 if (buffer := buffer_read_by(grad_fn, buffers)) is not None:
                     reasons.append(f"the buffer `{buffer}` is applied to its units and would keep its size")
-                if (reduction := unit_reduction(grad_fn, group.num_units, isinstance(root, nn.Linear))) is not None:
+                channels_last = isinstance(root, nn.Linear)
+                if (reduction := unit_reduction(grad_fn, group.num_units, channels_last)) is not None:
                     reasons.append(f"its units are reduced together ({reduction}): removing one changes the others")
+                if (picked := unit_split(grad_fn, group.num_units, channels_last)) is not None:
+                    reasons.append(f"its units are picked by position ({picked}): removing one shifts the others")
                 if (split := reshape_split(grad_fn)) is not None and math.prod(split[1]) % group.num_units == 0:
                     reasons.append(
                         f"its units pass through a reshape into {'×'.join(map(str, split[1]))} pieces (per-head "

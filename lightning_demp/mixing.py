@@ -128,6 +128,15 @@ def _units_dim(reduction: Any) -> int | None:
     return dim
 
 
+def _resolved_units_dim(grad_fn: Any, ndim: int, channels_last: bool) -> int:
+    """`_units_dim`, or where the producer writes them when the walk back does not reach it."""
+    try:
+        found = _units_dim(grad_fn)
+    except (AttributeError, RuntimeError, IndexError, ValueError):
+        found = None
+    return found if found is not None else ndim - 1 if channels_last else 1
+
+
 def unit_reduction(grad_fn: Any, num_units: int, channels_last: bool) -> str | None:
     """The op and dimension when the autograd node ``grad_fn`` reduces over the dimension that holds a group's
     ``num_units`` units (a mean over channels, as ConvNeXtV2's GRN takes, or a hand-written norm): removing a unit
@@ -172,12 +181,51 @@ def unit_reduction(grad_fn: Any, num_units: int, channels_last: bool) -> str | N
     except (AttributeError, RuntimeError, StopIteration):
         return None
     shape = tuple(int(size) for size in shape)
-    try:
-        found = _units_dim(grad_fn)
-    except (AttributeError, RuntimeError, IndexError, ValueError):
-        found = None
-    unit_dim = found if found is not None else len(shape) - 1 if channels_last else 1
+    unit_dim = _resolved_units_dim(grad_fn, len(shape), channels_last)
     for dim in [dims] if isinstance(dims, int) else list(dims):
         if shape and _signed(int(dim)) % len(shape) == unit_dim and shape[unit_dim] >= num_units:
             return f"`{op.removeprefix('Native').lower()}` over dimension {unit_dim}"
+    return None
+
+
+_BY_POSITION = {"SplitWithSizes", "Split", "Slice", "Unbind", "Select", "Narrow"}
+
+
+def unit_split(grad_fn: Any, num_units: int, channels_last: bool) -> str | None:
+    """The op and dimension when the autograd node ``grad_fn`` picks a group's units by position along their
+    dimension (``torch.split(h, [4, 4], dim=1)``, ``h[:, :4]``, ``h.chunk(2, dim=1)``): the model's code fixes
+    where each unit sits, so a removal shifts the others across the cut, or breaks it. A full slice
+    (``h[:, :]``) picks nothing. None for any other node; the units' dimension as for `unit_reduction`.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(2, 8, 5, requires_grad=True)  # 8 channels of a convolution, 5 positions
+        >>> unit_split(torch.split(x, [4, 4], dim=1)[0].grad_fn, 8, False), unit_split(x[:, :, :2].grad_fn, 8, False)
+        ('`splitwithsizes` over dimension 1', None)
+        >>> unit_split(x[:, :].grad_fn, 8, False) is None  # a no-op
+        True
+    """
+    op = _op(grad_fn)
+    if op not in _BY_POSITION:
+        return None
+    try:
+        dim = _signed(int(grad_fn._saved_dim))
+        shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        if shape is None:  # the shape its input had
+            producer, index = grad_fn.next_functions[0]
+            shape = producer._input_metadata[index].shape
+        shape = tuple(int(size) for size in shape)
+        dim %= len(shape)
+        if (
+            op == "Slice"
+            and grad_fn._saved_start == 0
+            and grad_fn._saved_end >= shape[dim]
+            and grad_fn._saved_step == 1
+        ):
+            return None
+    except (AttributeError, RuntimeError, IndexError, TypeError, ZeroDivisionError):
+        return None
+    unit_dim = _resolved_units_dim(grad_fn, len(shape), channels_last)
+    if dim == unit_dim and shape[unit_dim] >= num_units:
+        return f"`{op.lower()}` over dimension {unit_dim}"
     return None

@@ -181,3 +181,35 @@ def test_a_channel_shuffle_is_refused_with_a_reason_never_pruned_wrong():
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
     torch.export.export(model, (x,))
+
+
+class SplitIntoTwoBranches(nn.Module):
+    """One convolution's channels split by fixed sizes between two branches (as Inception and ShuffleNet do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(3, 8, 3, padding=1)
+        self.left, self.right = nn.Conv1d(4, 6, 1), nn.Conv1d(4, 6, 1)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = torch.split(torch.relu(self.stem(x)), [4, 4], dim=1)
+        both = torch.cat([torch.relu(self.left(left)), torch.relu(self.right(right))], dim=1)
+        return self.head(both.mean(dim=2))
+
+
+def test_units_split_by_fixed_sizes_stay_and_the_branches_still_shrink():
+    torch.manual_seed(0)
+    model = SplitIntoTwoBranches().eval()
+    kill_linear_units_(model.stem, [1, 6])  # one dead unit on each side of the split
+    kill_linear_units_(model.left, [0])
+    x = torch.randn(8, 3, 10)
+    with torch.no_grad():
+        before = model(x)
+    groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
+    assert "picked by position (`splitwithsizes` over dimension 1)" in (groups["stem"].blocked or "")
+    prune_dead(model, x)  # before: the split's readers swapped, then `split_with_sizes` failed on 6 channels
+    assert model.stem.out_channels == 8 and model.left.out_channels < 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    torch.export.export(model, (x,))
