@@ -13,6 +13,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from lightning_demp.resize import changed_dims, merge_dims, note_changed_dims, t
 from lightning_demp.rollback import all_or_nothing
 from lightning_demp.saturation import SaturationFolding
 from lightning_demp.shortfall import SHORTFALL_START, close_lag, focus_units, force_target
-from lightning_demp.sizes import SizeTable
+from lightning_demp.sizes import FlopTally, SizeTable
 from lightning_demp.target import RAMP_START, SparsityTarget
 from lightning_demp.units import RemovalPlan, Statistics
 from lightning_demp.untraced import UntracedWatch, block_untraced_readers
@@ -109,6 +110,7 @@ class DemonPruner:
         if self.target is not None and config.target_focus:
             self.pressure.focus_on({})  # nothing is pulled before the target's ramp starts
         self.example_input: Any = None
+        self.flop_tally: FlopTally | None = None  # forward FLOPs after removals, without a forward
         self.recent_batches: deque[Any] = deque(maxlen=config.batches_kept)
         self.recalibrations = 0  # BatchNorm recalibrations done in this process
         self.untraced_watch: UntracedWatch | None = None  # until the first training forward after `prepare`
@@ -120,6 +122,7 @@ class DemonPruner:
         self.graph = PrunableGraph(model, example_input, exclude=self.config.exclude)
         self.monitor = self._new_monitor()
         flops = count_flops_per_sample(model, first_samples(example_input, 1))
+        self.flop_tally = FlopTally(model, first_samples(example_input, 1), flops)
         heads = {name: attention.heads for name, attention in attention_layers(model).items()}
         self.ledger.start(self.graph.groups(), heads, count_parameters(model), flops)
         if self.saturation is not None:
@@ -132,8 +135,7 @@ class DemonPruner:
 
     def lay_out(self, total_steps: int, resumed_at: int = 0) -> None:
         """Lay the schedules over ``total_steps``; warn when a resume brought other settings (`Pressure.lay_out`)."""
-        changed = self.pressure.lay_out(total_steps, resumed_at)
-        if changed:
+        if changed := self.pressure.lay_out(total_steps, resumed_at):
             self.warn(
                 f"`DemonPruning`: resumed with another schedule than the checkpoint's ({'; '.join(changed)}); the "
                 "new one applies from the resumed step on, the old one stays in the record's history."
@@ -176,11 +178,10 @@ class DemonPruner:
         return self.pressure.active(step)
 
     def is_settled(self, step: int) -> bool:
-        """The schedule is over, and a check since its end removed nothing: validation metrics describe the final
-        network. A check made while λ was still on does not count: units may die after it."""
-        ledger = self.ledger
-        done = not self.pressure.active(step) and ledger.last_check_step >= self.pressure.span_steps
-        return done and ledger.last_removed_count == 0
+        """The schedule is over and a check since its end removed nothing (a check made while λ was on does not
+        count: units may die after it), so validation metrics describe the final network."""
+        done = not self.pressure.active(step) and self.ledger.last_check_step >= self.pressure.span_steps
+        return done and self.ledger.last_removed_count == 0
 
     # ------------------------------------------------------------------ observing
     @contextmanager
@@ -220,8 +221,7 @@ class DemonPruner:
 
     # ------------------------------------------------------------------ deciding and applying
     def decide(self, model: nn.Module, stats: Statistics) -> RemovalPlan:
-        """The dead units and heads in ``stats`` (`lightning_demp.policy.decide_removal`); `removal_event` then keeps
-        the plan within the target, when one is set."""
+        """The dead units and heads in ``stats`` (`lightning_demp.policy.decide_removal`), before any target limit."""
         assert self.graph is not None, "call `prepare` first"
         decision = decide_removal(
             model,
@@ -319,7 +319,8 @@ class DemonPruner:
         if self.saturation is not None:
             self.saturation.bind(model)
         self._refresh_penalized()
-        self.ledger.current_flops = count_flops_per_sample(model, first_samples(self.example_input, 1))
+        count = partial(count_flops_per_sample, model, first_samples(self.example_input, 1))
+        self.ledger.current_flops = count() if self.flop_tally is None else self.flop_tally.checked(model, count)
         self.recalibrate(model, collectives)
         event = self.ledger.log_event(plan, step=step, epoch=epoch, reason=reason, params=count_parameters(model))
         if self.info is not None:
@@ -387,7 +388,7 @@ class DemonPruner:
     def __getstate__(self) -> dict[str, Any]:
         """Everything but this process's runtime parts (graph, hooks, kept batches), which `prepare` rebuilds."""
         state = self.__dict__.copy()
-        state.update(graph=None, monitor=None, example_input=None, untraced_watch=None)
+        state.update(graph=None, monitor=None, example_input=None, untraced_watch=None, flop_tally=None)
         if state["decider"] == self.decide:
             state["decider"] = None  # a bound method of this object: rebound on unpickling
         state["recent_batches"] = deque(maxlen=self.config.batches_kept)
@@ -415,6 +416,5 @@ class DemonPruner:
     def release(self) -> None:
         """Detach hooks and forget the traced graph (at teardown)."""
         self.detach()
-        self.graph = None
-        self.monitor = None
+        self.graph, self.monitor, self.flop_tally = None, None, None
         self.recent_batches.clear()

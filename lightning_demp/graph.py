@@ -197,6 +197,9 @@ class PrunableGraph:
                 module = dep.target.module
                 if (other := stopped.get((module, dep.handler))) is not None and other != group.name:
                     reasons.append(f"it is coupled with `{other}`, whose search for coupled layers did not end")
+                if isinstance(module, nn.Parameter) and sum(size > 1 for size in module.shape) > 1:
+                    shape = "×".join(map(str, module.shape))
+                    reasons.append(f"a bare {shape} parameter follows its units on more than one dimension (a matmul)")
                 grad_fn = getattr(dep.target, "grad_fn", None)
                 if (buffer := buffer_read_by(grad_fn, buffers)) is not None:
                     reasons.append(f"the buffer `{buffer}` is applied to its units and would keep its size")
