@@ -183,7 +183,11 @@ class Pressure:
             penalized = penalized_params(optimizer, model, self.config.regularizer)
             if self.penalized_ids is not None:
                 penalized = [p for p in penalized if id(p) in self.penalized_ids]
-            transposed = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvTransposeNd)}
+            transposed = {
+                id(m.weight)
+                for m in model.modules()
+                if isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups == 1
+            }  # a depthwise one has its channels on dim 0
             self._penalized = (key, penalized, [1 if id(p) in transposed else 0 for p in penalized])
         return self._penalized[1], self._penalized[2]
 

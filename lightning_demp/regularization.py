@@ -262,7 +262,7 @@ def group_parameters(graph: PrunableGraph) -> dict[str, GroupParameters]:
         norm_weight = getattr(norm, "weight", None) if norm is not None else None
         params = [p for layer in (producer, norm) if layer is not None for p in layer.parameters(recurse=False)]
         scales = norm_weight if isinstance(norm_weight, nn.Parameter) else None
-        transposed = isinstance(producer, nn.modules.conv._ConvTransposeNd)
+        transposed = isinstance(producer, nn.modules.conv._ConvTransposeNd) and producer.groups == 1
         found[group.name] = GroupParameters(params, weight, scales, unit_dim=1 if transposed else 0)
     return found
 

@@ -32,8 +32,8 @@ def _unit_axes(module: nn.Module, is_out: bool) -> list[tuple[str, int]]:
         return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
     if isinstance(module, nn.modules.conv._ConvNd):
         out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
-        if module.groups > 1:  # depthwise: one set of channels, on the output dimension of the weight
-            return [("weight", 0 if not module.transposed else 1), ("bias", 0)]
+        if module.groups > 1:  # depthwise: one set of channels, on the first dimension of the weight
+            return [("weight", 0), ("bias", 0)]
         return [("weight", out_dim), ("bias", 0)] if is_out else [("weight", in_dim)]
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.PReLU)):
         return [("weight", 0), ("bias", 0)]
@@ -160,7 +160,7 @@ def layer_positions(model: nn.Module, example_input: object) -> tuple[dict[nn.Mo
             count = args[0].numel() / args[0].shape[1]
         else:
             count = output.numel() / output.shape[1]
-        positions[module] = count / batch
+        positions[module] = positions.get(module, 0.0) + count / batch  # a layer called twice costs twice
 
     def record_attention(name: str, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
         tokens = args[0].shape[-2]
@@ -186,8 +186,9 @@ class FlopTally:
     ``2 · positions · (weight entries now − then)``, less each removed head's attention FLOPs.
 
     Removals change only Linear/Conv widths and `HeadedAttention` heads, so this is what torch's counter would
-    give; `DemonPruner` compares the two once, at the first removal, and keeps the counter for a model where they
-    differ (an op whose FLOPs follow the widths and that the tally does not model).
+    give; `DemonPruner` compares the two whenever a layer shrinks for the first time (`checked`), and keeps the
+    counter for a model where they ever differ (an op whose FLOPs follow the widths and that the tally does not
+    model).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -204,21 +205,25 @@ class FlopTally:
     def __init__(self, model: nn.Module, example_input: object, flops: float) -> None:
         self.start = flops
         self.trusted: bool | None = None  # None until `checked` compared the tally with the counter
+        self.verified: set[nn.Module] = set()  # layers whose shrinking a comparison with the counter covered
         self.positions, self.attention = layer_positions(model, example_input)
         self.entries = {module: _entries(module) for module in self.positions}  # the layers stay the same objects
         self.heads = {name: layer.heads for name, layer in attention_layers(model).items()}
 
     def checked(self, model: nn.Module, count: Callable[[], float]) -> float:
-        """`flops`, or ``count()`` (torch's counter) the first time, wherever the two ever disagreed, and for a
-        compiled model (`torch.compile`: without the counter's forward after a removal, the dead checks that follow
-        saw no activity in a test, a cause not yet understood)."""
+        """`flops`, or ``count()`` (torch's counter) whenever a layer shrank that no earlier comparison covered,
+        wherever the two ever disagreed, and for a compiled model (`torch.compile`: without the counter's forward
+        after a removal, the dead checks that follow saw no activity in a test, a cause not yet understood)."""
         if any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()):
             return count()
-        if self.trusted is None:
+        changed = {module for module, entries in self.entries.items() if _entries(module) != entries}
+        if self.trusted is False or not changed <= self.verified:
             counted = count()
-            self.trusted = abs(self.flops(model) - counted) <= 1e-6 * max(1.0, counted)
+            agrees = abs(self.flops(model) - counted) <= 1e-6 * max(1.0, counted)
+            self.trusted = agrees and self.trusted is not False
+            self.verified |= changed if self.trusted else set()
             return counted
-        return self.flops(model) if self.trusted else count()
+        return self.flops(model)
 
     def flops(self, model: nn.Module) -> float:
         """The forward FLOPs per sample of ``model`` now."""

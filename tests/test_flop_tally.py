@@ -9,7 +9,7 @@ from torch import nn
 
 from helpers.lightning import planted_residual_cnn, planted_transformer
 from helpers.models import kill_bn_units_, kill_heads_, kill_linear_units_
-from lightning_demp import DemonPruner, PruningConfig
+from lightning_demp import DemonPruner, PrunableGraph, PruningConfig
 from lightning_demp.accounting import count_flops_per_sample
 from lightning_demp.demos import MLPClassifier
 
@@ -89,21 +89,67 @@ def test_units_mixed_by_a_bare_matrix_stay_whole():
         torch.testing.assert_close(model(x), before)
 
 
-def test_the_tally_is_checked_once_against_the_counter_and_gives_way_where_they_differ():
+def shrink_(model: nn.Sequential, keep: int) -> None:
+    """Keep the first ``keep`` units of the hidden layer, in place, as the surgery does."""
+    with torch.no_grad():
+        model[0].weight = nn.Parameter(model[0].weight[:keep])
+        model[0].bias = nn.Parameter(model[0].bias[:keep])
+        model[2].weight = nn.Parameter(model[2].weight[:, :keep])
+
+
+def test_the_tally_is_checked_when_a_layer_first_shrinks_and_gives_way_where_it_differs():
     from lightning_demp.sizes import FlopTally
 
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(1, 4)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     tally = FlopTally(model, x, count_flops_per_sample(model, x))
-    calls = []
+    counts = []
 
-    def counter_that_sees_more() -> float:  # as for an op the tally does not model
-        calls.append(1)
-        return tally.flops(model) + 100.0
+    def counter(extra: float):
+        return lambda: counts.append(1) or tally.flops(model) + extra
 
-    assert tally.checked(model, counter_that_sees_more) == tally.flops(model) + 100.0
-    assert tally.trusted is False
-    assert tally.checked(model, counter_that_sees_more) == tally.flops(model) + 100.0 and len(calls) == 2
-    agreeing = FlopTally(model, x, count_flops_per_sample(model, x))
-    agreeing.checked(model, lambda: agreeing.flops(model))
-    assert agreeing.trusted is True
+    shrink_(model, 6)
+    assert tally.checked(model, counter(0.0)) == tally.flops(model) and len(counts) == 1 and tally.trusted
+    shrink_(model, 5)  # the same layers again: covered, no forward
+    assert tally.checked(model, counter(0.0)) == tally.flops(model) and len(counts) == 1
+    assert tally.flops(model) == count_flops_per_sample(model, x)
+
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    disagreeing = FlopTally(other, x, count_flops_per_sample(other, x))
+    shrink_(other, 6)
+    assert disagreeing.checked(other, lambda: 7.0) == 7.0 and disagreeing.trusted is False  # an op it misses
+    assert disagreeing.checked(other, lambda: 8.0) == 8.0  # the counter from then on
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 6)
+        self.inner = nn.Linear(6, 6)  # applied twice, to its own output
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inner(self.inner(torch.relu(self.stem(x)))))
+
+
+def test_a_layer_called_twice_is_tallied_twice():
+    from lightning_demp.sizes import FlopTally
+
+    model, x = CalledTwice(), torch.randn(1, 4)
+    tally = FlopTally(model, x, count_flops_per_sample(model, x))
+    with torch.no_grad():  # one unit fewer through all of them
+        model.stem.weight, model.stem.bias = nn.Parameter(model.stem.weight[:5]), nn.Parameter(model.stem.bias[:5])
+        model.inner.weight = nn.Parameter(model.inner.weight[:5, :5])
+        model.inner.bias = nn.Parameter(model.inner.bias[:5])
+        model.head.weight = nn.Parameter(model.head.weight[:, :5])
+    assert tally.flops(model) == count_flops_per_sample(model, x)
+
+
+def test_a_depthwise_transposed_convolution_keeps_its_units_on_the_first_dimension():
+    from lightning_demp.regularization import group_parameters
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 3, groups=8), nn.ReLU())
+    head = nn.Sequential(model, nn.Conv2d(8, 2, 1))
+    groups = group_parameters(PrunableGraph(head, torch.randn(2, 3, 4, 4)))
+    depthwise = [g for g in groups.values() if g.producer_weight is model[2].weight]
+    assert all(g.unit_dim == 0 for g in depthwise)
