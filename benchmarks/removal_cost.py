@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -145,18 +144,18 @@ def whole_event_seconds(
     model: nn.Module, optimizer: torch.optim.Optimizer, check: list[torch.Tensor], example: torch.Tensor
 ) -> tuple[float, int]:
     """``DemonPruner.removal_event`` itself on ``model`` (already planted), given the dead check's statistics: the
-    check's forwards, and the BatchNorm recalibration's, are left out; as at a fit's second removal on (the FLOP
-    tally already checked against torch's counter, as the first removal does). Returns its seconds and the units
-    removed."""
+    check's forwards, and the BatchNorm recalibration's, are left out. Timed at a fit's second removal: the first
+    one (untimed) removes the planted units and checks the FLOP tally against torch's counter, then more channels
+    die in the same layers and the timed event removes them. Returns its seconds and the units it removed."""
     pruner = DemonPruner(PruningConfig(reg_max=0.0, noise_std=0.0, check_batches=len(check), recalibrate_bn=False))
     pruner.prepare(model, example, total_steps=1)
     for batch in check:
         pruner.remember_batch((batch, None))
+    pruner.removal_event(model, [optimizer], pruner.statistics(model), step=1, epoch=0, final=True)
+    plant_dead_(model, DEAD_FRACTION / 2, torch.Generator().manual_seed(1))  # more, in the layers already shrunk
     stats = pruner.statistics(model)
-    assert pruner.flop_tally is not None  # checked against torch's counter, as at a fit's first removal
-    pruner.flop_tally.checked(model, partial(count_flops_per_sample, model, example[:1]))
     start = time.perf_counter()
-    event = pruner.removal_event(model, [optimizer], stats, step=1, epoch=0, final=True)
+    event = pruner.removal_event(model, [optimizer], stats, step=2, epoch=1, final=True)
     seconds = time.perf_counter() - start
     pruner.release()
     return seconds, 0 if event is None else sum(event.removed.values())
@@ -212,8 +211,10 @@ def measure(name: str, repeats: int, step_batch: int, seed: int = 0) -> dict[str
             expected = copy.deepcopy(fresh_model).double()(probe.double())
         twin_model, twin_optimizer = copy.deepcopy((fresh_model, fresh_optimizer))  # the same planted model
         event = removal_event(fresh_model, fresh_optimizer, check, example)
-        event["whole_event_seconds"], whole_removed = whole_event_seconds(twin_model, twin_optimizer, check, example)
-        assert whole_removed == sum(event["removed"].values()), (whole_removed, event["removed"])
+        event["whole_event_seconds"], event["whole_event_removed"] = whole_event_seconds(
+            twin_model, twin_optimizer, check, example
+        )
+        assert event["whole_event_removed"] > 0, "the second removal removed nothing"
         del twin_model, twin_optimizer
         with torch.no_grad():
             torch.testing.assert_close(copy.deepcopy(fresh_model).eval().double()(probe.double()), expected)
@@ -317,8 +318,8 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
             lambda r: f"{r['event_without_check_seconds']:.2f}",
         ),
         (
-            "**`DemonPruner.removal_event` itself, given the check's statistics**, from a fit's second removal on "
-            "(median, range over the repeats)",
+            "**`DemonPruner.removal_event` itself, given the check's statistics**, at a fit's second removal "
+            "(more channels dead in the layers the first one shrank; median, range over the repeats)",
             lambda r: (
                 f"**{statistics.median(r['whole_event_seconds']):.3f}** "
                 f"({min(r['whole_event_seconds']):.3f}–{max(r['whole_event_seconds']):.3f})"
