@@ -187,7 +187,7 @@ class PrunableGraph:
                     "an index mapping it cannot follow, such as a channel shuffle or grouped-query attention's "
                     "repeated key-value heads"
                 )
-                group.blocked = "; ".join([*self._root_reasons(root, shared, excluded), stop])
+                group.blocked = "; ".join([*self._layer_reasons(root, True, shared, excluded), stop])
                 group.permutable = False
                 result.append(group)
                 continue
@@ -199,7 +199,10 @@ class PrunableGraph:
                     reasons.append(f"it is coupled with `{other}`, whose search for coupled layers did not end")
                 if isinstance(module, nn.Parameter) and sum(size > 1 for size in module.shape) > 1:
                     shape = "×".join(map(str, module.shape))
-                    reasons.append(f"a bare {shape} parameter follows its units on more than one dimension (a matmul)")
+                    reasons.append(
+                        f"a bare {shape} parameter follows its units on more than one dimension (a matrix they "
+                        "multiply, a table added to them)"
+                    )
                 grad_fn = getattr(dep.target, "grad_fn", None)
                 if (buffer := buffer_read_by(grad_fn, buffers)) is not None:
                     reasons.append(f"the buffer `{buffer}` is applied to its units and would keep its size")
@@ -233,17 +236,8 @@ class PrunableGraph:
                     reasons.append(f"it is coupled with `{name}` ({type(module).__name__}), which mixes units")
                     group.permutable = False
                     continue
-                if module in shared:
-                    reasons.append(f"`{name}` shares parameters with `{shared[module]}`")
-                if module in self._usage.used_outside:
-                    reasons.append(f"the weight of `{name}` is also used outside it (a tied or transposed weight)")
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
-                if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
-                    reasons.append(f"`{name}` is a grouped convolution (groups={module.groups})")
-                if is_out and module in self._output_layers:
-                    reasons.append(f"`{name}` produces the model output")
-                if is_out and module in excluded:
-                    reasons.append(f"`{name}` is excluded")
+                reasons += self._layer_reasons(module, is_out, shared, excluded)
                 if reorderable_tensors(module, is_out) is None or not reads_each_unit_equally(
                     item.root_idxs, group.num_units
                 ):
@@ -267,18 +261,24 @@ class PrunableGraph:
         order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
         return sorted(result, key=lambda group: order[group.name])
 
-    def _root_reasons(self, root: nn.Module, shared: dict[nn.Module, str], excluded: set[nn.Module]) -> list[str]:
-        """Why a group's root layer alone keeps its units: the reasons that need no group search."""
-        name = self._names[root]
+    def _layer_reasons(
+        self, module: nn.Module, is_out: bool, shared: dict[nn.Module, str], excluded: set[nn.Module]
+    ) -> list[str]:
+        """Why a layer keeps the units it carries, on its output side (``is_out``) or its input side."""
+        name = self._names.get(module, type(module).__name__)
         checks = [
-            (root in shared, f"`{name}` shares parameters with `{shared.get(root)}`"),
+            (module in shared, f"`{name}` shares parameters with `{shared.get(module)}`"),
             (
-                root in self._usage.used_outside,
+                module in self._usage.used_outside,
                 f"the weight of `{name}` is also used outside it (a tied or transposed weight)",
             ),
-            (root in self._output_layers, f"`{name}` produces the model output"),
-            (root in excluded, f"`{name}` is excluded"),
-        ]  # fmt: skip
+            (
+                isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels,
+                f"`{name}` is a grouped convolution (groups={getattr(module, 'groups', 1)})",
+            ),
+            (is_out and module in self._output_layers, f"`{name}` produces the model output"),
+            (is_out and module in excluded, f"`{name}` is excluded"),
+        ]
         return [reason for applies, reason in checks if applies]
 
     def _block_unmapped_calls(self, groups: list[UnitGroup]) -> None:

@@ -152,4 +152,4 @@ def test_a_depthwise_transposed_convolution_keeps_its_units_on_the_first_dimensi
     head = nn.Sequential(model, nn.Conv2d(8, 2, 1))
     groups = group_parameters(PrunableGraph(head, torch.randn(2, 3, 4, 4)))
     depthwise = [g for g in groups.values() if g.producer_weight is model[2].weight]
-    assert all(g.unit_dim == 0 for g in depthwise)
+    assert depthwise and all(g.unit_dim == 0 for g in depthwise)  # its weight is (8, 1, 3, 3)

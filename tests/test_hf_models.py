@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers.models import assert_optimizer_follows, tagged_adam
 from lightning_demp import PrunableGraph, TracingError
 from lightning_demp.config import PruningConfig
 from lightning_demp.core import DemonPruner
@@ -41,21 +42,12 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def prune_dead_with_adam(model: nn.Module, x: torch.Tensor) -> tuple[DemonPruner, torch.optim.Optimizer]:
     """One removal event on ``model`` (in eval mode), with an Adam whose state tags every parameter."""
-    optimizer = torch.optim.Adam(model.parameters())
-    for param in model.parameters():
-        optimizer.state[param] = {"exp_avg": param.detach().clone(), "step": torch.tensor(1.0)}
+    optimizer = tagged_adam(model)
     pruner = DemonPruner(PruningConfig(regularizer="positive_l2", reg_max=0.0, noise_std=0.0))
     pruner.prepare(model, x[:2], total_steps=1)
     pruner.remember_batch((x, None))
     pruner.removal_event(model, [optimizer], step=1, epoch=0, final=True)
     return pruner, optimizer
-
-
-def assert_optimizer_follows(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    held = [p for group in optimizer.param_groups for p in group["params"]]
-    assert {id(p) for p in held} == {id(p) for p in model.parameters()}
-    for param in model.parameters():  # every state entry was sliced with its parameter
-        assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
 
 
 def test_bert_loses_its_dead_feed_forward_units_and_keeps_a_dead_value_unit_whole_per_head():
@@ -121,7 +113,7 @@ def test_grouped_query_attention_ends_the_group_search_and_the_swiglu_mlp_still_
         num_key_value_heads=2,
         intermediate_size=96,
         max_position_embeddings=32,
-    )  # fmt: skip  (the cache stays on, as in the default config)
+    )  # the key-value cache stays on, as in the default config
     model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     mlp = model.model.layers[0].mlp
     with torch.no_grad():  # silu(0) * 0: units whose gated product is 0 on every input

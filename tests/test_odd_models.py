@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from test_surgery import remove_dead_
 from torch import nn
 
-from helpers.models import kill_bn_units_, kill_linear_units_, make_alive_, randomize_bn_
+from helpers.models import (
+    assert_optimizer_follows,
+    kill_bn_units_,
+    kill_linear_units_,
+    make_alive_,
+    randomize_bn_,
+    tagged_adam,
+)
 from lightning_demp.config import PruningConfig
 from lightning_demp.core import DemonPruner
 from lightning_demp.graph import PrunableGraph
@@ -333,9 +340,7 @@ def test_a_transposed_convolution_loses_the_dead_units_it_reads_and_writes(trans
     groups = {group.name: group for group in PrunableGraph(model, x[:2]).groups()}
     assert [reader.reader for reader in groups["down"].readers] == ["up"]  # before: "no Linear/Conv layer reads"
     assert groups["up"].blocked is None and [reader.reader for reader in groups["up"].readers] == ["head"]
-    optimizer = torch.optim.Adam(model.parameters())
-    for param in model.parameters():
-        optimizer.state[param] = {"exp_avg": param.detach().clone(), "step": torch.tensor(1.0)}
+    optimizer = tagged_adam(model)
     pruner = DemonPruner(PruningConfig(regularizer="positive_l2", reg_max=0.0, noise_std=0.0))
     pruner.prepare(model, x[:2], total_steps=1)
     pruner.remember_batch((x, None))
@@ -345,8 +350,7 @@ def test_a_transposed_convolution_loses_the_dead_units_it_reads_and_writes(trans
     assert widths == (8 - dead["down"], 8 - dead["down"], 6 - dead["up"], 6 - dead["up"])
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
-    for param in model.parameters():
-        assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
+    assert_optimizer_follows(model, optimizer)
     torch.export.export(model, (x,))
 
 

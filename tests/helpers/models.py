@@ -132,3 +132,20 @@ def kill_heads_(attention: nn.Module, heads: list[int]) -> None:
             rows = slice(2 * width + head * attention.head_dim, 2 * width + (head + 1) * attention.head_dim)
             attention.qkv.weight[rows] = 0.0
             attention.qkv.bias[rows] = 0.0
+
+
+def tagged_adam(model: nn.Module) -> torch.optim.Adam:
+    """An Adam whose ``exp_avg`` for each parameter is a copy of it: after a removal, each state must still equal
+    its (sliced) parameter (`assert_optimizer_follows`)."""
+    optimizer = torch.optim.Adam(model.parameters())
+    for param in model.parameters():
+        optimizer.state[param] = {"exp_avg": param.detach().clone(), "step": torch.tensor(1.0)}
+    return optimizer
+
+
+def assert_optimizer_follows(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer holds exactly the model's parameters, each state sliced with its parameter."""
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()}
+    for param in model.parameters():
+        assert torch.equal(optimizer.state[param]["exp_avg"], param.detach())
