@@ -187,11 +187,14 @@ class PrunableGraph:
                     "an index mapping it cannot follow, such as a channel shuffle or grouped-query attention's "
                     "repeated key-value heads"
                 )
-                group.blocked = "; ".join([*self._layer_reasons(root, True, shared, excluded), stop])
+                reasons = [*self._layer_reasons(root, shared), *self._side_reasons(root, True, excluded), stop]
+                group.blocked = "; ".join(reasons)
                 group.permutable = False
                 result.append(group)
                 continue
             reasons: list[str] = []
+            fixed: set[int] = set()  # units that reach the model output or an excluded layer through one member
+            fixed_reasons: list[str] = []
             for item in search.group.items:
                 dep = item.dep
                 module = dep.target.module
@@ -237,7 +240,10 @@ class PrunableGraph:
                     group.permutable = False
                     continue
                 is_out = graph.is_out_channel_pruning_fn(dep.handler)
-                reasons += self._layer_reasons(module, is_out, shared, excluded)
+                reasons += self._layer_reasons(module, shared)
+                if side := self._side_reasons(module, is_out, excluded):
+                    fixed.update(int(unit) for unit in item.root_idxs)
+                    fixed_reasons += side
                 if reorderable_tensors(module, is_out) is None or not reads_each_unit_equally(
                     item.root_idxs, group.num_units
                 ):
@@ -251,6 +257,11 @@ class PrunableGraph:
                     group.readers.append(touched)
                 elif is_out and is_select:
                     group.selection_outputs.append(touched)
+            if fixed and (reasons or len(fixed) >= group.num_units):
+                reasons += fixed_reasons
+            elif fixed:  # the other units can go (one branch of a concatenation reaches the output)
+                group.fixed_units, group.permutable = tuple(sorted(fixed)), False
+                group.fixed_because = "; ".join(dict.fromkeys(fixed_reasons))
             if not group.readers and not reasons:
                 reasons.append("no Linear/Conv layer reads its units")
             if group.readers and (unread := group.unread_units):
@@ -261,10 +272,8 @@ class PrunableGraph:
         order = {name: position for position, (name, _) in enumerate(self.model.named_modules())}
         return sorted(result, key=lambda group: order[group.name])
 
-    def _layer_reasons(
-        self, module: nn.Module, is_out: bool, shared: dict[nn.Module, str], excluded: set[nn.Module]
-    ) -> list[str]:
-        """Why a layer keeps the units it carries, on its output side (``is_out``) or its input side."""
+    def _layer_reasons(self, module: nn.Module, shared: dict[nn.Module, str]) -> list[str]:
+        """Why a layer keeps every unit it carries, on either side: its tensors cannot be sliced."""
         name = self._names.get(module, type(module).__name__)
         checks = [
             (module in shared, f"`{name}` shares parameters with `{shared.get(module)}`"),
@@ -276,6 +285,14 @@ class PrunableGraph:
                 isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels,
                 f"`{name}` is a grouped convolution (groups={getattr(module, 'groups', 1)})",
             ),
+        ]
+        return [reason for applies, reason in checks if applies]
+
+    def _side_reasons(self, module: nn.Module, is_out: bool, excluded: set[nn.Module]) -> list[str]:
+        """Why the units a layer carries on its output side (``is_out``) stay: only these units, not the whole
+        group, when the layer carries part of it (one branch of a concatenation)."""
+        name = self._names.get(module, type(module).__name__)
+        checks = [
             (is_out and module in self._output_layers, f"`{name}` produces the model output"),
             (is_out and module in excluded, f"`{name}` is excluded"),
         ]

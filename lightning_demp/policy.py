@@ -79,6 +79,7 @@ def decide_removal(
         dead = find_dead_units(activity, threshold)
         if extra_units is not None:
             dead = torch.unique(torch.cat([dead, extra_units(group, stats)]))
+        dead = group.removable(dead)  # a unit that reaches the model output stays, dead or not
         allowed = max(0, group.num_units - min_units)
         if len(dead) > allowed:
             warnings.append(

@@ -77,6 +77,7 @@ class Pressure:
         self._pending_noise: _PendingNoise | None = None
         # by the optimizer's parameters: the parameters to penalize, and the dimension their units run along
         self._penalized: tuple[tuple[int, ...], list[nn.Parameter], list[int]] | None = None
+        self._exempt_rows: dict[int, Tensor] = {}  # with ``penalize="prunable"``: 0 on the fixed units, by id
 
     def bind(self, groups: dict[str, tuple[GroupParameters, int]], penalized_ids: set[int] | None) -> None:
         """The groups' parameters (new ones after every removal) and, with ``penalize="prunable"``, the ids of the
@@ -84,6 +85,13 @@ class Pressure:
         self.groups, self.penalized_ids = groups, penalized_ids
         self._focus_rows = None
         self._penalized = None
+        self._exempt_rows = {}
+        for parameters, _ in groups.values() if penalized_ids is not None else ():
+            for param in parameters.params if parameters.fixed_units else ():
+                dim = parameters.unit_dim_of(param)
+                weights = torch.ones(param.shape[dim], dtype=param.dtype, device=param.device)
+                weights[list(parameters.fixed_units)] = 0.0  # units that stay are not pulled toward death
+                self._exempt_rows[id(param)] = weights.reshape([-1 if d == dim else 1 for d in range(param.dim())])
 
     def focus_on(self, units: Mapping[str, Sequence[int]] | None) -> None:
         """Pull only these units (by group; a group left out is not pulled), or every unit (``None``)."""
@@ -103,7 +111,7 @@ class Pressure:
             for name, (parameters, _) in self.groups.items():
                 chosen = torch.tensor(self.focus.get(name, []), dtype=torch.long)
                 for param in parameters.params:
-                    dim = parameters.unit_dim if param is parameters.producer_weight else 0
+                    dim = parameters.unit_dim_of(param)
                     shape = [param.shape[d] if d == dim else 1 for d in range(param.dim())]
                     weights = torch.zeros(param.shape[dim], dtype=param.dtype, device=param.device)
                     weights[chosen.to(param.device)] = 1.0
@@ -170,7 +178,9 @@ class Pressure:
         else:
             self._pending_noise = None
         strengths = [self.last_reg_strength * factors.get(id(p), 1.0) for p in penalized]
-        weights = None if rows is None else [rows[id(p)] for p in penalized]
+        weights: list[Tensor | None] | None = None if rows is None else [rows[id(p)] for p in penalized]
+        if rows is None and self._exempt_rows:
+            weights = [self._exempt_rows.get(id(p)) for p in penalized]
         add_penalty_grad_(penalized, self.config.regularizer, strengths, weights, dims)
 
     def _penalized_of(
@@ -202,9 +212,13 @@ class Pressure:
             for parameters, initial in self.groups.values()
             if (pulled := parameters.pulled(self.config.regularizer)) is not None and pulled.grad is not None
         ]
-        dims = [parameters.unit_dim if pulled is parameters.producer_weight else 0 for parameters, _, pulled in held]
+        dims = [parameters.unit_dim_of(pulled) for parameters, _, pulled in held]
+        resisted = resistances([pulled for _, _, pulled in held], self.config.regularizer, dims)
+        for (parameters, _, pulled), resisting in zip(held, resisted, strict=True):
+            if id(pulled) in self._exempt_rows:  # units that stay, unpulled: they count as held
+                resisting[list(parameters.fixed_units)] = torch.inf
         shares = floor_shares(
-            resistances([pulled for _, _, pulled in held], self.config.regularizer, dims),
+            resisted,
             strength,
             self.config.live_floor,
             [initial for _, initial, _ in held],

@@ -117,12 +117,13 @@ def add_penalty_grad_(
     params: Sequence[nn.Parameter],
     regularizer: RegularizerName,
     strength: float | Sequence[float],
-    row_weights: Sequence[Tensor] | None = None,
+    row_weights: Sequence[Tensor | None] | None = None,
     unit_dims: Sequence[int] | None = None,
 ) -> None:
     """Add ``strength·∇R(θ)`` to each ``.grad`` in place (creating it when the step left it ``None``); ``strength``
     is one number or one per parameter; with ``row_weights``, each parameter's units scaled by its weights (along
-    dim 0 for a 1-d weight, else broadcast as shaped); ``unit_dims`` as for `penalty_grads`.
+    dim 0 for a 1-d weight, else broadcast as shaped; ``None``: every unit at 1); ``unit_dims`` as for
+    `penalty_grads`.
 
     Examples:
         >>> weight = nn.Parameter(torch.tensor([2.0, -2.0]))
@@ -144,7 +145,7 @@ def add_penalty_grad_(
     with torch.no_grad():
         grads = penalty_grads(params, regularizer, None if unit_dims is None else [unit_dims[i] for i in kept])
         if row_weights is not None:
-            grads = [g * broadcast_rows(w, g) for g, w in zip(grads, row_weights, strict=True)]
+            grads = [g if w is None else g * broadcast_rows(w, g) for g, w in zip(grads, row_weights, strict=True)]
         scaled = torch._foreach_mul(grads, strengths)  # out of place: an ``"l2"`` gradient is the parameter itself
         existing = [(p.grad, g.to(p.grad.dtype)) for p, g in zip(params, scaled, strict=True) if p.grad is not None]
         if existing:  # one fused add over every parameter that has a gradient
@@ -233,6 +234,11 @@ class GroupParameters:
     producer_weight: nn.Parameter
     norm_weight: nn.Parameter | None
     unit_dim: int = 0  # of the producer's weight: 1 for a transposed convolution
+    fixed_units: tuple[int, ...] = ()  # the group's units that stay (`UnitGroup.fixed_units`)
+
+    def unit_dim_of(self, param: nn.Parameter) -> int:
+        """The dimension ``param`` holds the units along (the producer's weight's `unit_dim`, else 0)."""
+        return self.unit_dim if param is self.producer_weight else 0
 
     def pulled(self, regularizer: RegularizerName) -> nn.Parameter | None:
         """The parameter whose rows the regularizer pulls toward death: the norm scales for ``"l1_norm_scale"``,
@@ -263,7 +269,7 @@ def group_parameters(graph: PrunableGraph) -> dict[str, GroupParameters]:
         params = [p for layer in (producer, norm) if layer is not None for p in layer.parameters(recurse=False)]
         scales = norm_weight if isinstance(norm_weight, nn.Parameter) else None
         transposed = isinstance(producer, nn.modules.conv._ConvTransposeNd) and producer.groups == 1
-        found[group.name] = GroupParameters(params, weight, scales, unit_dim=1 if transposed else 0)
+        found[group.name] = GroupParameters(params, weight, scales, 1 if transposed else 0, group.fixed_units)
     return found
 
 

@@ -40,8 +40,8 @@ def remove_units_(graph: PrunableGraph, plan: Mapping[str, Tensor]) -> list[Para
         One `ParamRemap` per replaced parameter slice, in the order they happened.
 
     Raises:
-        RemovalError: When a group name is unknown, a position is out of range, or the plan takes every unit of a
-            group (checked before anything is removed), or when Torch-Pruning fails on a group (naming it and its
+        RemovalError: When a group name is unknown, a position is out of range, the plan takes a unit that stays
+            (`UnitGroup.fixed_units`) or every unit of a group (checked before anything is removed), or when Torch-Pruning fails on a group (naming it and its
             parameters' shapes).
 
     Examples:
@@ -51,6 +51,7 @@ def remove_units_(graph: PrunableGraph, plan: Mapping[str, Tensor]) -> list[Para
         (6, 6, 3)
     """
     widths = {group.name: group.num_units for group in graph.groups()}
+    fixed = {group.name: (group.fixed_units, group.fixed_because) for group in graph.groups() if group.fixed_units}
     chosen: dict[str, list[int]] = {}
     for name, unit_idxs in plan.items():
         idxs = sorted({int(i) for i in torch.as_tensor(unit_idxs).tolist()})
@@ -64,6 +65,8 @@ def remove_units_(graph: PrunableGraph, plan: Mapping[str, Tensor]) -> list[Para
             raise RemovalError(
                 f"Cannot remove units {outside} of group `{name}`: it has {width} units (positions 0 to {width - 1})."
             )
+        if name in fixed and (kept := sorted(set(idxs) & set(fixed[name][0]))):
+            raise RemovalError(f"Cannot remove units {kept} of group `{name}`: they stay ({fixed[name][1]}).")
         if len(idxs) >= width:
             raise RemovalError(f"Cannot remove all {width} units of group `{name}`; keep at least one.")
         chosen[name] = idxs

@@ -116,7 +116,7 @@ def least_active_units(
             continue
         activity = group_activity(group, stats)
         relative = activity / activity.mean().clamp(min=1e-12)
-        order = torch.sort(relative, stable=True).indices[: max(0, group.num_units - min_units)]
+        order = group.removable(torch.sort(relative, stable=True).indices)[: max(0, group.num_units - min_units)]
         candidates += [(float(relative[i]), group.name, int(i)) for i in order]
     candidates.sort()
     plan: dict[str, list[int]] = {}
@@ -324,7 +324,8 @@ class SparsityTarget:
                 continue
             score = unit_importance(group, stats, modules)
             relative = score / score[torch.isfinite(score)].mean().clamp(min=1e-12) if len(score) else score
-            ranked = torch.sort(relative, stable=True).indices[: max(0, group.num_units - floors[group.name])]
+            ranked = group.removable(torch.sort(relative, stable=True).indices)
+            ranked = ranked[: max(0, group.num_units - floors[group.name])]
             candidates += [(float(relative[i]), group.name, int(i)) for i in ranked if math.isfinite(relative[i])]
         candidates.sort()
         order = [(name, index) for _, name, index in candidates]

@@ -42,6 +42,9 @@ class UnitGroup:
             whose ``reader`` names the selection and whose ``feature_idxs`` are its output channels.
         blocked: Why the group is never pruned, or ``None`` when it can be.
         permutable: Whether every member is a layer whose units can be reordered in place.
+        fixed_units: Units that stay while the rest of the group can go (they reach the model output, or an
+            excluded layer, through one branch of a concatenation); never all of them (the group is then blocked).
+        fixed_because: Why `fixed_units` stay, or ``None`` when there are none.
 
     Examples:
         >>> group = UnitGroup("fc1", 3, members=["fc1", "fc2"], readers=[ReaderSlice("fc2", torch.arange(3),
@@ -57,6 +60,19 @@ class UnitGroup:
     selection_outputs: list[ReaderSlice] = field(default_factory=list)
     blocked: str | None = None
     permutable: bool = True
+    fixed_units: tuple[int, ...] = ()
+    fixed_because: str | None = None
+
+    def removable(self, units: Tensor) -> Tensor:
+        """``units`` (indices into the group) without its `fixed_units`, in their order.
+
+        Examples:
+            >>> UnitGroup("fc1", 4, fixed_units=(0, 1)).removable(torch.tensor([3, 1, 2]))
+            tensor([3, 2])
+        """
+        if not self.fixed_units:
+            return units
+        return units[~torch.isin(units, torch.tensor(self.fixed_units, dtype=units.dtype, device=units.device))]
 
     @property
     def unread_units(self) -> int:

@@ -213,3 +213,98 @@ def test_units_split_by_fixed_sizes_stay_and_the_branches_still_shrink():
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
     torch.export.export(model, (x,))
+
+
+class ConcatResidualReturningABranch(nn.Module):
+    """A residual over a concatenation of two branches, one of which is also returned: half the stream's units
+    reach the model output through ``a``, the other half only through ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv1d(8, 4, 1), nn.Conv1d(8, 4, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.relu(self.stem(x))
+        returned = self.a(hidden)
+        stream = torch.relu(torch.cat([returned, self.b(hidden)], dim=1) + hidden)
+        return self.head(stream.mean(dim=2)), returned
+
+
+def planted_concat_residual() -> tuple[ConcatResidualReturningABranch, torch.Tensor]:
+    """Units 1 (through ``a``) and 5 (through ``b``) of the stream dead at every reader."""
+    torch.manual_seed(0)
+    model = ConcatResidualReturningABranch()
+    kill_linear_units_(model.stem, [1, 5])
+    kill_linear_units_(model.a, [1])  # ``a``'s channel 1 is a constant -1: returned, and zero after the ReLU
+    kill_linear_units_(model.b, [1])  # the stream's unit 5
+    return model, torch.randn(16, 3, 10)
+
+
+def test_a_concat_residual_partly_returned_keeps_those_units_and_loses_the_others():
+    from helpers.models import assert_optimizer_follows, tagged_adam
+
+    model, x = planted_concat_residual()
+    with torch.no_grad():
+        logits, returned = model(x)
+    (stream,) = [group for group in PrunableGraph(model, x[:2]).groups() if group.name == "stem"]
+    assert stream.blocked is None and not stream.permutable  # before: blocked whole, "`a` produces the model output"
+    assert stream.fixed_units == (0, 1, 2, 3) and stream.fixed_because == "`a` produces the model output"
+    optimizer = tagged_adam(model)
+    pruner = DemonPruner(PruningConfig(regularizer="positive_l2", reg_max=0.0, noise_std=0.0))
+    pruner.prepare(model, x[:2], total_steps=1)
+    pruner.remember_batch((x, None))
+    event = pruner.removal_event(model, [optimizer], step=1, epoch=0, final=True)
+    assert event is not None and event.removed == {"stem": 1}  # unit 5; unit 1, as dead, stays
+    assert (model.stem.out_channels, model.a.in_channels, model.b.in_channels) == (7, 7, 7)
+    assert (model.a.out_channels, model.b.out_channels, model.head.in_features) == (4, 3, 7)
+    with torch.no_grad():
+        after_logits, after_returned = model(x)
+    torch.testing.assert_close(after_returned, returned)  # every returned channel, unchanged
+    torch.testing.assert_close(after_logits, logits)
+    assert_optimizer_follows(model, optimizer)
+    torch.export.export(model, (x,))
+
+
+def test_a_concat_residual_blocks_whole_when_every_branch_is_kept():
+    model, x = planted_concat_residual()
+    graph = PrunableGraph(model, x[:2], exclude=["b"])
+    (stream,) = [group for group in graph.groups() if group.name == "stem"]
+    assert stream.blocked == "`a` produces the model output; `b` is excluded" and stream.fixed_units == ()
+
+
+def test_removing_a_unit_that_reaches_the_output_is_refused_with_the_reason():
+    import pytest
+
+    from lightning_demp.removal import RemovalError, remove_units_
+
+    model, x = planted_concat_residual()
+    with pytest.raises(RemovalError, match=r"units \[1\] of group `stem`: they stay \(`a` produces the model output\)"):
+        remove_units_(PrunableGraph(model, x[:2]), {"stem": torch.tensor([1, 5])})
+    assert model.stem.out_channels == 8  # checked before anything is removed
+
+
+def test_units_that_stay_are_never_pulled_by_a_prunable_only_penalty():
+    model, x = ConcatResidualReturningABranch(), torch.randn(4, 3, 10)
+    pruner = DemonPruner(PruningConfig(regularizer="l2", reg_max=1.0, noise_std=0.0, penalize="prunable"))
+    pruner.prepare(model, x[:2], total_steps=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    pruner.regularize_(optimizer, model, step=5)
+    pull = model.stem.weight.grad.flatten(1).abs().sum(dim=1)
+    assert bool(pull[:4].eq(0).all()) and bool(pull[4:].gt(0).all())  # the returned branch's units: no pull
+    # (the live floor counts them as held: with every other resistance 0, the rest would get no pull either)
+
+
+def test_neither_the_dead_check_nor_a_target_ranking_picks_a_unit_that_stays():
+    from lightning_demp.policy import decide_removal
+    from lightning_demp.target import least_active_units
+    from lightning_demp.units import ReaderSlice, ReaderStats, UnitGroup
+
+    group = UnitGroup("stem", 4, readers=[ReaderSlice("head", torch.arange(4), torch.arange(4))], fixed_units=(0, 1))
+    stats = {"head": ReaderStats(max_abs=torch.tensor([0.0, 0.1, 0.0, 3.0]), num_samples=8)}
+    decision = decide_removal(nn.Identity(), [group], stats, threshold=0.0, min_units=1, removable={"stem"})
+    assert decision.plan.units["stem"].tolist() == [2]  # unit 0 is as dead, and stays
+    assert least_active_units([group], stats, min_units=1, fraction=0.5)["stem"].tolist() == [2]
