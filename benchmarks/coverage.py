@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import machine, write_json, write_report
 from test_architecture_patterns import (
     LogitsAndFeatures,
+    ConcatResidualReturningABranch,
     SharedOnBothHalves,
     SplitIntoTwoBranches,
     TinyShuffleNet,
@@ -86,6 +87,7 @@ ARCHITECTURES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tenso
     ("channels split by fixed sizes into two branches", SplitIntoTwoBranches, lambda: torch.randn(4, 3, 10)),
     ("GRN (ConvNeXtV2's channel mean)", ConvGRNConv, lambda: torch.randn(4, 3, 10)),
     ("decoder with a transposed convolution", UpsamplingDecoder, lambda: torch.randn(4, 3, 8, 8)),
+    ("concat residual, one branch also returned", ConcatResidualReturningABranch, lambda: torch.randn(4, 3, 10)),
 ]
 
 
@@ -180,6 +182,7 @@ def cover(build: Callable[[], nn.Module], inputs: Callable[[], torch.Tensor]) ->
         "groups": len(groups),
         "prunable": len(groups) - len(blocked),
         "blocked": {group.name: group.blocked for group in blocked},
+        "partly_kept": {g.name: [len(g.fixed_units), g.fixed_because] for g in groups if g.fixed_units},
         "units": width_before,
         "removed": 0 if event is None else sum(event.removed.values()),
         "max_output_change": max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True)),
@@ -195,7 +198,7 @@ def main() -> None:
         "# Architecture coverage: planted dead units, one removal event, no training",
         "",
         "| architecture | groups prunable / all | units removed / in groups | largest output change | "
-        "torch.export | blocked groups (first reason) |",
+        "torch.export | blocked groups (first reason); units kept in a prunable group |",
         "|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
@@ -205,6 +208,8 @@ def main() -> None:
         reasons = "; ".join(
             f"`{group}`: {reason.split('; ')[0]}" for group, reason in list(row["blocked"].items())[:3]
         ) + (f"; and {len(row['blocked']) - 3} more" if len(row["blocked"]) > 3 else "")
+        kept = [f"`{group}`: {count} units stay, {why}" for group, (count, why) in row.get("partly_kept", {}).items()]
+        reasons = "; ".join(filter(None, [reasons, *kept]))
         lines.append(
             f"| {name} | {row['prunable']} / {row['groups']} | {row['removed']} / {row['units']} | "
             f"{row['max_output_change']:.1e} | {row['exports']} | {reasons or '–'} |"
