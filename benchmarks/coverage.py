@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import machine, write_json, write_report
 from test_architecture_patterns import (
     LogitsAndFeatures,
-    ConcatResidualReturningABranch,
     SharedOnBothHalves,
     SplitIntoTwoBranches,
     TinyShuffleNet,
     TwoBranchesAndTheirConcat,
     WithGRU,
+    planted_concat_residual,
 )
 from test_odd_models import ConvGRNConv, UpsamplingDecoder
 from test_selection import IdentityShortcutBlock, SharedReluBottleneck
@@ -87,7 +87,11 @@ ARCHITECTURES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tenso
     ("channels split by fixed sizes into two branches", SplitIntoTwoBranches, lambda: torch.randn(4, 3, 10)),
     ("GRN (ConvNeXtV2's channel mean)", ConvGRNConv, lambda: torch.randn(4, 3, 10)),
     ("decoder with a transposed convolution", UpsamplingDecoder, lambda: torch.randn(4, 3, 8, 8)),
-    ("concat residual, one branch also returned", ConcatResidualReturningABranch, lambda: torch.randn(4, 3, 10)),
+    (
+        "concat residual, one branch also returned (units 1, 5 planted dead)",
+        lambda: planted_concat_residual()[0],
+        lambda: torch.randn(4, 3, 10),
+    ),
 ]
 
 

@@ -187,8 +187,8 @@ class PrunableGraph:
                     "an index mapping it cannot follow, such as a channel shuffle or grouped-query attention's "
                     "repeated key-value heads"
                 )
-                reasons = [*self._layer_reasons(root, shared), *self._side_reasons(root, True, excluded), stop]
-                group.blocked = "; ".join(reasons)
+                whole = [*self._layer_reasons(root, shared), *self._side_reasons(root, True, excluded), stop]
+                group.blocked = "; ".join(whole)
                 group.permutable = False
                 result.append(group)
                 continue

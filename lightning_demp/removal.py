@@ -41,8 +41,8 @@ def remove_units_(graph: PrunableGraph, plan: Mapping[str, Tensor]) -> list[Para
 
     Raises:
         RemovalError: When a group name is unknown, a position is out of range, the plan takes a unit that stays
-            (`UnitGroup.fixed_units`) or every unit of a group (checked before anything is removed), or when Torch-Pruning fails on a group (naming it and its
-            parameters' shapes).
+            (`UnitGroup.fixed_units`) or every unit of a group (checked before anything is removed), or when
+            Torch-Pruning fails on a group (naming it and its parameters' shapes).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
