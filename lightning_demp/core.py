@@ -31,7 +31,7 @@ from lightning_demp.optim import remap_optimizer_
 from lightning_demp.permutation import order_routed_channels_
 from lightning_demp.policy import decide_removal, round_plan
 from lightning_demp.pressure import Pressure
-from lightning_demp.regularization import group_parameters
+from lightning_demp.regularization import group_parameters, unkillable_params
 from lightning_demp.removal import forget_compiled_graphs, remove_units_
 from lightning_demp.resize import changed_dims, merge_dims, note_changed_dims, tensor_shapes
 from lightning_demp.rollback import all_or_nothing
@@ -348,11 +348,11 @@ class DemonPruner:
         """The groups' parameters for the live floor and ``penalize="prunable"`` (new ones after a removal)."""
         if self.graph is None:
             return
-        parameters = group_parameters(self.graph)
-        initial = self.ledger.initial_widths
+        parameters, initial = group_parameters(self.graph), self.ledger.initial_widths
         groups = {name: (found, initial[name]) for name, found in parameters.items() if name in initial}
         prunable = {id(p) for found in parameters.values() for p in found.params}
-        self.pressure.bind(groups, prunable if self.config.penalize == "prunable" else None)
+        scope = prunable if self.config.penalize == "prunable" else None
+        self.pressure.bind(groups, scope, unkillable_params(self.graph, self.config.regularizer))
 
     def size_table(self) -> SizeTable | None:
         """Widths of the model as it is, for the target's sparsity after a plan (``None`` without a size target)."""

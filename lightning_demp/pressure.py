@@ -69,6 +69,7 @@ class Pressure:
         self._ended: dict[str, Any] | None = None  # the schedule a resume replaced, until its first step
         self.scale = 1.0  # multiplies λ_t and σ_t (steered by a sparsity target)
         self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
+        self.unpulled_ids: set[int] = set()  # parameters the regularizer cannot kill a unit through: never pulled
         self.groups: dict[str, tuple[GroupParameters, int]] = {}  # group -> (its parameters, initial units)
         self.focus: dict[str, list[int]] | None = None  # with a focused target: the units pulled, by group
         self._focus_rows: dict[int, Tensor] | None = None  # from ``focus``: 0/1 weights on each group row, by id
@@ -79,10 +80,16 @@ class Pressure:
         self._penalized: tuple[tuple[int, ...], list[nn.Parameter], list[int]] | None = None
         self._exempt_rows: dict[int, Tensor] = {}  # with ``penalize="prunable"``: 0 on the fixed units, by id
 
-    def bind(self, groups: dict[str, tuple[GroupParameters, int]], penalized_ids: set[int] | None) -> None:
-        """The groups' parameters (new ones after every removal) and, with ``penalize="prunable"``, the ids of the
-        parameters to penalize."""
+    def bind(
+        self,
+        groups: dict[str, tuple[GroupParameters, int]],
+        penalized_ids: set[int] | None,
+        unpulled_ids: set[int] | None = None,
+    ) -> None:
+        """The groups' parameters (new ones after every removal); with ``penalize="prunable"``, the ids of the
+        parameters to penalize; the ids of those never to pull (`regularization.unkillable_params`)."""
         self.groups, self.penalized_ids = groups, penalized_ids
+        self.unpulled_ids = unpulled_ids or set()
         self._focus_rows = None
         self._penalized = None
         self._exempt_rows = {}
@@ -193,6 +200,7 @@ class Pressure:
             penalized = penalized_params(optimizer, model, self.config.regularizer)
             if self.penalized_ids is not None:
                 penalized = [p for p in penalized if id(p) in self.penalized_ids]
+            penalized = [p for p in penalized if id(p) not in self.unpulled_ids]
             transposed = {
                 id(m.weight)
                 for m in model.modules()
@@ -210,7 +218,9 @@ class Pressure:
         held = [
             (parameters, initial, pulled)
             for parameters, initial in self.groups.values()
-            if (pulled := parameters.pulled(self.config.regularizer)) is not None and pulled.grad is not None
+            if (pulled := parameters.pulled(self.config.regularizer)) is not None
+            and pulled.grad is not None
+            and id(pulled) not in self.unpulled_ids
         ]
         dims = [parameters.unit_dim_of(pulled) for parameters, _, pulled in held]
         resisted = resistances([pulled for _, _, pulled in held], self.config.regularizer, dims)
