@@ -16,6 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 from lightning_demp.collectives import Collectives
 from lightning_demp.config import PruningConfig
@@ -51,7 +52,16 @@ def collectives(trainer: Trainer) -> Collectives:
         broadcast_plan=lambda plan: broadcast_plan(trainer, plan),
         after_surgery=lambda: rewrap_after_surgery(trainer),
         average_batchnorm=lambda module: average_batchnorm_statistics(trainer, module),
+        any_process=lambda flags: any_process(trainer, flags),
     )
+
+
+def any_process(trainer: Trainer, flags: Tensor) -> Tensor:
+    """``flags`` (booleans) true where they are on any process of ``trainer``'s strategy."""
+    if trainer.world_size == 1:
+        return flags
+    summed = trainer.strategy.reduce(flags.to(trainer.strategy.root_device, torch.float32), reduce_op="sum")
+    return summed.cpu() > 0
 
 
 def check_spawned_reload(trainer: Trainer, module: torch.nn.Module) -> None:

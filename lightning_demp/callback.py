@@ -29,6 +29,7 @@ from lightning_demp.accounting import (
     set_flops_per_batch,
 )
 from lightning_demp.cadence import Cadence
+from lightning_demp.collectives import SINGLE_PROCESS
 from lightning_demp.config import PenalizeScope, PruningConfig, check_bool, check_choice, check_keys
 from lightning_demp.core import DemonPruner
 from lightning_demp.decouple import decouple_residuals_
@@ -253,6 +254,7 @@ class DemonPruning(PrunerViews, Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pruner.forget_batches()  # each check sees this epoch's batches only (also after a resume)
+        self.pruner.pressure.watch_signs(pl_module)  # until read: the training batches' signs, not the sanity check's
 
     @override
     def on_train_batch_start(
@@ -271,7 +273,8 @@ class DemonPruning(PrunerViews, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self.pruner.regularize_(optimizer, pl_module, _strategy.schedule_step(trainer))
+        collectives = _strategy.collectives(trainer) if self.pruner.pressure.sign_watch is not None else SINGLE_PROCESS
+        self.pruner.regularize_(optimizer, pl_module, _strategy.schedule_step(trainer), collectives)
 
     @override
     def on_train_batch_end(

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_demp.units import RemovalPlan
 
@@ -17,6 +17,10 @@ def _same(plan: RemovalPlan) -> RemovalPlan:
 
 def _nothing(*args: Any) -> None:
     return None
+
+
+def _as_is(flags: Tensor) -> Tensor:
+    return flags
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,13 @@ class Collectives:
         broadcast_plan: Make every process hold rank 0's plan (and fail if they disagree).
         after_surgery: Rebuild what wraps the model (DDP's gradient buckets) once parameters were replaced.
         average_batchnorm: Average BatchNorm running statistics over processes after a recalibration.
+        any_process: A boolean tensor, true where it is true on any process.
     """
 
     broadcast_plan: Callable[[RemovalPlan], RemovalPlan] = _same
     after_surgery: Callable[[], None] = _nothing
     average_batchnorm: Callable[[nn.Module], None] = _nothing
+    any_process: Callable[[Tensor], Tensor] = _as_is
 
 
 SINGLE_PROCESS = Collectives()

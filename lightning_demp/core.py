@@ -31,7 +31,7 @@ from lightning_demp.optim import remap_optimizer_
 from lightning_demp.permutation import order_routed_channels_
 from lightning_demp.policy import decide_removal, round_plan
 from lightning_demp.pressure import Pressure
-from lightning_demp.regularization import group_parameters, unkillable_params
+from lightning_demp.regularization import group_parameters
 from lightning_demp.removal import forget_compiled_graphs, remove_units_
 from lightning_demp.resize import changed_dims, merge_dims, note_changed_dims, tensor_shapes
 from lightning_demp.rollback import all_or_nothing
@@ -127,7 +127,8 @@ class DemonPruner:
         self.ledger.start(self.graph.groups(), heads, count_parameters(model), flops)
         if self.saturation is not None:
             self.saturation.bind(model)
-        self._refresh_penalized()
+        self.refresh_pressure()
+        self.pressure.watch_signs(model)  # the one-sided L2's: on the next forward (`lightning_demp.signs`)
         note_changed_dims(model, self.ledger.changed_dims)  # a resumed run's record
         self.untraced_watch = UntracedWatch(model, self.graph.traced_modules(), self._block_untraced)
         if total_steps is not None:
@@ -165,9 +166,11 @@ class DemonPruner:
         """Drop the kept batches (at an epoch start: each check sees its own epoch's batches)."""
         self.recent_batches.clear()
 
-    def regularize_(self, optimizer: torch.optim.Optimizer, model: nn.Module, step: int) -> None:
-        """Before the step: λ_t·∇R into the gradients (`Pressure.before_step_`)."""
-        self.pressure.before_step_(optimizer, model, step)
+    def regularize_(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, step: int, collectives: Collectives = SINGLE_PROCESS
+    ) -> None:
+        """Before the step: λ_t·∇R into the gradients (`Pressure.before_step_`; ``collectives`` on the first)."""
+        self.pressure.before_step_(optimizer, model, step, collectives.any_process)
 
     def add_noise_(self) -> None:
         """After the step: σ_t noise on the live entries (`Pressure.after_step_`)."""
@@ -178,8 +181,7 @@ class DemonPruner:
         return self.pressure.active(step)
 
     def is_settled(self, step: int) -> bool:
-        """The schedule is over and a check since its end removed nothing (a check made while λ was on does not
-        count: units may die after it), so validation metrics describe the final network."""
+        """The schedule is over and a check since its end (units may die after one made during it) removed nothing."""
         done = not self.pressure.active(step) and self.ledger.last_check_step >= self.pressure.span_steps
         return done and self.ledger.last_removed_count == 0
 
@@ -318,7 +320,7 @@ class DemonPruner:
         self.monitor = self._new_monitor()
         if self.saturation is not None:
             self.saturation.bind(model)
-        self._refresh_penalized()
+        self.refresh_pressure()
         count = partial(count_flops_per_sample, model, first_samples(self.example_input, 1))
         self.ledger.current_flops = count() if self.flop_tally is None else self.flop_tally.checked(model, count)
         self.recalibrate(model, collectives)
@@ -344,15 +346,15 @@ class DemonPruner:
         self.recalibrations += 1
         return True
 
-    def _refresh_penalized(self) -> None:
-        """The groups' parameters for the live floor and ``penalize="prunable"`` (new ones after a removal)."""
+    def refresh_pressure(self) -> None:
+        """Bind the pressure to the groups' parameters (new after a removal) and those it cannot kill through."""
         if self.graph is None:
             return
         parameters, initial = group_parameters(self.graph), self.ledger.initial_widths
         groups = {name: (found, initial[name]) for name, found in parameters.items() if name in initial}
         prunable = {id(p) for found in parameters.values() for p in found.params}
         scope = prunable if self.config.penalize == "prunable" else None
-        self.pressure.bind(groups, scope, unkillable_params(self.graph, self.config.regularizer))
+        self.pressure.bind(groups, scope, self.graph.signed_input_layers)  # the trace's signs, until a batch's
 
     def size_table(self) -> SizeTable | None:
         """Widths of the model as it is, for the target's sparsity after a plan (``None`` without a size target)."""
@@ -367,18 +369,16 @@ class DemonPruner:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Plain values: the ledger, the strength scale and the schedule record."""
-        return {
-            "version": STATE_VERSION,
-            **self.ledger.state_dict(),
-            "strength_scale": self.strength_scale,
-            "schedule": self.pressure.record(),
-            "focus": self.pressure.focus,
-        }
+        """Plain values: the ledger, the strength scale, the schedule record and where the pull can kill."""
+        pressure: dict[str, Any] = {"schedule": self.pressure.record(), "focus": self.pressure.focus}
+        pressure["signed_inputs"] = self.pressure.signed_inputs
+        return {"version": STATE_VERSION, **self.ledger.state_dict(), "strength_scale": self.strength_scale, **pressure}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict` (also one written by an earlier release)."""
         self.pressure.loaded_record = state.get("schedule")
+        self.pressure.signed_inputs = state.get("signed_inputs")  # an earlier release's: read on the next batch
+        self.refresh_pressure()  # when the model is already traced
         self.ledger.load_state_dict(state)
         if self.target is not None:
             self.target.load_state_dict(state)
@@ -403,7 +403,7 @@ class DemonPruner:
         assert self.graph is not None
         for message in block_untraced_readers(self.graph, widths):
             self.warn(f"`DemonPruning`: {message}")
-        self._refresh_penalized()  # the live floor and ``penalize="prunable"`` leave the blocked groups alone
+        self.refresh_pressure()  # the live floor and ``penalize="prunable"`` leave the blocked groups alone
 
     def detach(self) -> None:
         """Remove the monitor's hooks and drop a pending noise draw (after an exception)."""

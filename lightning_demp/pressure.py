@@ -16,7 +16,7 @@ go, and where the loss holds enough units the pull is the paper's, unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,8 +32,10 @@ from lightning_demp.regularization import (
     live_masks,
     penalized_params,
     resistances,
+    unkillable_params,
 )
 from lightning_demp.schedules import Schedule, make_schedule
+from lightning_demp.signs import InputSigns
 
 # before the step, for the noise after it: (step, σ, live entries of each parameter, each one's share of σ)
 _PendingNoise = tuple[int, float, list[tuple[nn.Parameter, Tensor]], list[float]]
@@ -70,6 +72,10 @@ class Pressure:
         self.scale = 1.0  # multiplies λ_t and σ_t (steered by a sparsity target)
         self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
         self.unpulled_ids: set[int] = set()  # parameters the regularizer cannot kill a unit through: never pulled
+        self._traced_signs: list[str] = []
+        self._unpulled_stale = True
+        self.signed_inputs: list[str] | None = None  # layers whose inputs go negative (`lightning_demp.signs`)
+        self.sign_watch: InputSigns | None = None  # reading them on the first training forward
         self.groups: dict[str, tuple[GroupParameters, int]] = {}  # group -> (its parameters, initial units)
         self.focus: dict[str, list[int]] | None = None  # with a focused target: the units pulled, by group
         self._focus_rows: dict[int, Tensor] | None = None  # from ``focus``: 0/1 weights on each group row, by id
@@ -84,12 +90,12 @@ class Pressure:
         self,
         groups: dict[str, tuple[GroupParameters, int]],
         penalized_ids: set[int] | None,
-        unpulled_ids: set[int] | None = None,
+        traced_signs: Sequence[str] = (),
     ) -> None:
         """The groups' parameters (new ones after every removal); with ``penalize="prunable"``, the ids of the
-        parameters to penalize; the ids of those never to pull (`regularization.unkillable_params`)."""
+        parameters to penalize; the layers whose inputs went negative in the trace (until a batch's are read)."""
         self.groups, self.penalized_ids = groups, penalized_ids
-        self.unpulled_ids = unpulled_ids or set()
+        self._traced_signs, self._unpulled_stale = list(traced_signs), True
         self._focus_rows = None
         self._penalized = None
         self._exempt_rows = {}
@@ -157,10 +163,39 @@ class Pressure:
         """Whether λ_t/σ_t are still inside their span at ``step``."""
         return self.reg_schedule is not None and step < self.reg_schedule.span_steps
 
-    def before_step_(self, optimizer: torch.optim.Optimizer, model: nn.Module, step: int) -> None:
-        """Add λ_t·∇R to the gradients; note the live entries (non-zero gradient) for the noise after the step."""
+    def watch_signs(self, model: nn.Module) -> None:
+        """(Re)start reading, on the forwards that follow, where the one-sided L2 can kill (`lightning_demp.signs`);
+        nothing to read for another regularizer, or once they are known (a checkpoint keeps them)."""
+        if self.sign_watch is not None:
+            self.sign_watch.remove()
+        known = self.config.regularizer != "positive_l2" or self.signed_inputs is not None
+        self.sign_watch = None if known else InputSigns(model)
+
+    def _settle_signs(self, watch: InputSigns, any_process: Callable[[Tensor], Tensor]) -> None:
+        watch.remove()
+        negative = any_process(torch.tensor(watch.negative, dtype=torch.bool)).tolist()  # the same on every rank
+        self.signed_inputs = [name for name, flag in zip(watch.names, negative, strict=True) if flag]
+        self.sign_watch, self._unpulled_stale = None, True
+
+    def before_step_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        step: int,
+        any_process: Callable[[Tensor], Tensor] = lambda flags: flags,
+    ) -> None:
+        """Add λ_t·∇R to the gradients; note the live entries (non-zero gradient) for the noise after the step.
+
+        ``any_process`` unites the input signs over processes on the first step (`lightning_demp.signs`).
+        """
         assert self.reg_schedule is not None, "lay the schedule out first (`lay_out`, or `DemonPruner.prepare`)"
         assert self.noise_schedule is not None
+        if self.sign_watch is not None and self.sign_watch.seen:
+            self._settle_signs(self.sign_watch, any_process)
+        if self._unpulled_stale:
+            signed = self._traced_signs if self.signed_inputs is None else self.signed_inputs
+            self.unpulled_ids = unkillable_params(model, signed, self.config.regularizer)
+            self._penalized, self._unpulled_stale = None, False
         if self._ended is not None:
             self.history.append({**self._ended, "until_step": step})
             self._ended = None
@@ -247,8 +282,15 @@ class Pressure:
         inject_noise_(masks, std, self.config.seed, step, scales)
 
     def drop_pending(self) -> None:
-        """Forget the noted live entries (after an exception between the two halves of a step)."""
+        """Forget the noted live entries and any sign watch (after an exception; the next batch watches anew)."""
         self._pending_noise = None
+        if self.sign_watch is not None:
+            self.sign_watch.remove()
+            self.sign_watch = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but a sign watch (hooks on this process's model)."""
+        return {**self.__dict__, "sign_watch": None}
 
     def record(self) -> dict[str, Any] | None:
         """The schedule as plain values (for plots of a saved run); the loaded one until a schedule is laid out."""

@@ -273,27 +273,21 @@ def group_parameters(graph: PrunableGraph) -> dict[str, GroupParameters]:
     return found
 
 
-def unkillable_params(graph: PrunableGraph, regularizer: RegularizerName) -> set[int]:
+def unkillable_params(model: nn.Module, signed_inputs: Sequence[str], regularizer: RegularizerName) -> set[int]:
     """Ids of the parameters ``regularizer`` would pull without being able to kill a unit: with ``"positive_l2"``,
-    those of the layers whose inputs take negative values.
-
-    The one-sided L2 kills a ReLU unit by driving its weights and offset to zero or below, so that its
-    pre-activation is at most zero on every input; that holds only for inputs that are never negative (a ReLU's
-    output). A layer reading signed inputs (the raw data, a LayerNorm's output, a residual sum) would only be
-    confined to non-positive weights: the MLP of ``benchmarks/results/positive_l2_signed.md`` lost 12 to 27
-    points to it, for no unit removed. Such layers are not pulled; their dead units still go.
+    those of the layers ``signed_inputs`` (by name), whose inputs take negative values (`lightning_demp.signs`).
 
     Examples:
-        >>> from lightning_demp.graph import PrunableGraph
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-        >>> ids = unkillable_params(PrunableGraph(model, torch.randn(4, 2)), "positive_l2")
-        >>> ids == {id(model[0].weight), id(model[0].bias)}  # the data is signed; the ReLU's output is not
+        >>> unkillable_params(model, ["0"], "positive_l2") == {id(model[0].weight), id(model[0].bias)}
         True
+        >>> unkillable_params(model, ["0"], "l2")  # the coupled L2 makes a unit constant, whatever its inputs
+        set()
     """
     if regularizer != "positive_l2":
         return set()
-    modules = dict(graph.model.named_modules())
-    return {id(p) for name in graph.signed_input_layers for p in modules[name].parameters(recurse=False)}
+    modules = dict(model.named_modules())
+    return {id(p) for name in signed_inputs if name in modules for p in modules[name].parameters(recurse=False)}
 
 
 def resistance(pulled: nn.Parameter, regularizer: RegularizerName, unit_dim: int = 0) -> Tensor:

@@ -121,3 +121,76 @@ def test_with_the_floor_a_huge_reg_max_shrinks_the_network_without_killing_a_lay
         runs[floor] = min(len(kept) / 64 for kept in callback.kept_units.values())
     assert runs[0.0] < 0.05  # the paper's pull: a layer dies down to min_units
     assert runs[0.1] >= 0.1  # with the floor every layer keeps at least its floor
+
+
+def _positive_l2_pull(data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The one-sided L2 added to the gradients of a 6-8-8-3 MLP of unit weights traced on ``data``."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(1.0)
+    pruner = DemonPruner(PruningConfig(regularizer="positive_l2", schedule="constant", reg_max=0.5, noise_std=0.0))
+    pruner.prepare(model, data, total_steps=10)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)  # the loss holds every unit: the live floor leaves the full pull
+    return _added_penalty(pruner, model)
+
+
+def test_the_one_sided_l2_does_not_pull_a_layer_whose_inputs_are_signed():
+    # Weights at most 0 silence a ReLU unit only when its inputs are never negative: on signed data the first
+    # layer would only be confined to non-positive weights, and lose accuracy without losing a unit.
+    added = _positive_l2_pull(torch.randn(4, 6))
+    assert bool(added["0.weight"].eq(0).all()) and bool(added["0.bias"].eq(0).all())
+    for name in ("2.weight", "2.bias", "4.weight"):  # they read a ReLU's output
+        torch.testing.assert_close(added[name], torch.full_like(added[name], 0.5))
+
+
+def test_the_one_sided_l2_pulls_every_layer_on_data_that_is_never_negative():
+    added = _positive_l2_pull(torch.rand(4, 6))
+    torch.testing.assert_close(added["0.weight"], torch.full_like(added["0.weight"], 0.5))
+
+
+def _signed_mlp_pruner(**settings) -> tuple[DemonPruner, nn.Sequential]:
+    """A 6-8-3 MLP prepared on an all-zero example input: the trace sees no negative input anywhere."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    pruner = DemonPruner(PruningConfig(regularizer="positive_l2", schedule="constant", reg_max=0.5, **settings))
+    pruner.prepare(model, torch.zeros(2, 6), total_steps=10)
+    return pruner, model
+
+
+def test_the_signs_are_read_off_the_first_training_forward_not_the_example_input():
+    pruner, model = _signed_mlp_pruner(noise_std=0.0)
+    model(torch.randn(16, 6)).sum().backward()  # the data is signed; the example was zeros
+    before = model[0].weight.grad.clone()
+    pruner.regularize_(torch.optim.SGD(model.parameters(), lr=0.0), model, step=0)
+    assert pruner.pressure.signed_inputs == ["0"] and pruner.pressure.sign_watch is None
+    torch.testing.assert_close(model[0].weight.grad, before)  # not pulled
+    assert not model[0]._forward_pre_hooks  # the watch is gone after the first step
+
+
+def test_the_signs_are_united_over_processes_so_that_every_rank_pulls_the_same_parameters():
+    from lightning_demp.collectives import Collectives
+
+    pruner, model = _signed_mlp_pruner(noise_std=0.0)
+    model(torch.rand(16, 6)).sum().backward()  # non-negative here; another process saw a negative everywhere
+    everywhere = Collectives(any_process=lambda flags: torch.ones_like(flags))
+    pruner.regularize_(torch.optim.SGD(model.parameters(), lr=0.0), model, step=0, collectives=everywhere)
+    assert pruner.pressure.signed_inputs == ["0", "2"]
+
+
+def test_a_checkpoint_keeps_the_signs_so_a_resumed_run_pulls_what_the_run_pulled():
+    pruner, model = _signed_mlp_pruner(noise_std=0.0)
+    model(torch.randn(16, 6)).sum().backward()
+    pruner.regularize_(torch.optim.SGD(model.parameters(), lr=0.0), model, step=0)
+    resumed, model_again = _signed_mlp_pruner(noise_std=0.0)
+    resumed.load_state_dict(pruner.state_dict())
+    resumed.pressure.watch_signs(model_again)  # what the callback does at an epoch start: nothing left to read
+    assert resumed.pressure.signed_inputs == ["0"] and resumed.pressure.sign_watch is None
+
+
+def test_a_fit_reads_the_signs_of_its_training_batches(tmp_path):
+    model = small_mlp()
+    model.example_input_array = torch.zeros(2, 6)
+    _, _, callback = train_with_callback(tmp_path, model, max_epochs=1, reg_max=0.5)
+    assert callback.pruner.pressure.signed_inputs == ["net.0"]  # the random data is signed; ReLU outputs are not
+    assert callback.state_dict()["signed_inputs"] == ["net.0"]

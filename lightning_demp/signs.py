@@ -1,0 +1,55 @@
+"""Where the one-sided L2 can kill: the layers whose inputs go negative, seen on the first training forward.
+
+``regularizer="positive_l2"`` drives positive weights and offsets to zero or below. That silences a ReLU unit for
+every input only when the unit's inputs are never negative (they come from a ReLU). A layer that reads signed
+inputs (the raw data, a LayerNorm's output, a residual sum) keeps its units alive under the pull; it is only
+confined to non-positive weights, which costs accuracy and removes nothing. So those layers are not pulled
+(`lightning_demp.regularization.unkillable_params`); their dead units still go.
+
+The signs are read off real data, not the example input (often zeros): `InputSigns` hooks every Linear/Conv layer
+for the first training forward, and `lightning_demp.pressure.Pressure` takes the union over processes before the
+first optimizer step, so that every rank pulls the same parameters. The result is kept in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class InputSigns:
+    """Whether each Linear/Conv layer of ``model`` sees a negative input value, in the forwards that follow.
+
+    Examples:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> watch = InputSigns(model)
+        >>> _ = model(torch.randn(8, 3))
+        >>> watch.remove()
+        >>> watch.seen, dict(zip(watch.names, watch.negative))
+        (True, {'0': True, '2': False})
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        layers = {name: module for name, module in model.named_modules() if isinstance(module, _LAYERS)}
+        self.names = sorted(layers)
+        self.negative = [False] * len(self.names)
+        self.seen = False  # whether any layer ran
+        self.handles = [layers[name].register_forward_pre_hook(self._hook(i)) for i, name in enumerate(self.names)]
+
+    def _hook(self, index: int) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.seen = True
+            if not self.negative[index] and args and isinstance(args[0], Tensor):
+                self.negative[index] = bool((args[0].detach() < 0).any())
+
+        return record
+
+    def remove(self) -> None:
+        """Remove the hooks (what was seen stays)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
