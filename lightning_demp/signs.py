@@ -21,16 +21,18 @@ _LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 class InputSigns:
-    """Whether each Linear/Conv layer of ``model`` sees a negative input value, in the forwards that follow.
+    """Whether each Linear/Conv layer of ``model`` sees a negative input value on its next call.
+
+    Each layer's hook removes itself after that call, so nothing stays on the model (`torch.export` and
+    `torch.compile` see it bare) and later forwards cost nothing.
 
     Examples:
         >>> import torch
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> watch = InputSigns(model)
         >>> _ = model(torch.randn(8, 3))
-        >>> watch.remove()
-        >>> watch.seen, dict(zip(watch.names, watch.negative))
-        (True, {'0': True, '2': False})
+        >>> watch.seen, dict(zip(watch.names, watch.negative)), len(model[0]._forward_pre_hooks)
+        (True, {'0': True, '2': False}, 0)
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -43,13 +45,13 @@ class InputSigns:
     def _hook(self, index: int) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
             self.seen = True
-            if not self.negative[index] and args and isinstance(args[0], Tensor):
+            if args and isinstance(args[0], Tensor):
                 self.negative[index] = bool((args[0].detach() < 0).any())
+            self.handles[index].remove()  # once per layer (the hooks of a call are copied before it runs)
 
         return record
 
     def remove(self) -> None:
-        """Remove the hooks (what was seen stays)."""
+        """Remove the hooks of the layers that have not run yet (what was seen stays)."""
         for handle in self.handles:
             handle.remove()
-        self.handles = []
