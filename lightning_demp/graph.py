@@ -121,11 +121,6 @@ class PrunableGraph:
         """Names of the layers whose outputs reach the model output directly (never pruned)."""
         return sorted(self._names[module] for module in self._output_layers)
 
-    @property
-    def signed_input_layers(self) -> list[str]:
-        """Names of the Linear/Conv layers whose input took a negative value in the trace (`ModelUsage`)."""
-        return sorted(self._names[module] for module in self._usage.signed_inputs if module in self._names)
-
     def _find_output_layers(self) -> set[nn.Module]:
         sinks = [node for node in self._graph.module2node.values() if not node.outputs]
         found: set[nn.Module] = set()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_demp.config import PruningConfig
 from lightning_demp.regularization import (
+    ONE_SIDED,
     GroupParameters,
     add_penalty_grad_,
     broadcast_rows,
@@ -72,7 +73,6 @@ class Pressure:
         self.scale = 1.0  # multiplies λ_t and σ_t (steered by a sparsity target)
         self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
         self.unpulled_ids: set[int] = set()  # parameters the regularizer cannot kill a unit through: never pulled
-        self._traced_signs: list[str] = []
         self._unpulled_stale = True
         self.signed_inputs: list[str] | None = None  # layers whose inputs go negative (`lightning_demp.signs`)
         self.sign_watch: InputSigns | None = None  # reading them on the first training forward
@@ -86,16 +86,11 @@ class Pressure:
         self._penalized: tuple[tuple[int, ...], list[nn.Parameter], list[int]] | None = None
         self._exempt_rows: dict[int, Tensor] = {}  # with ``penalize="prunable"``: 0 on the fixed units, by id
 
-    def bind(
-        self,
-        groups: dict[str, tuple[GroupParameters, int]],
-        penalized_ids: set[int] | None,
-        traced_signs: Sequence[str] = (),
-    ) -> None:
-        """The groups' parameters (new ones after every removal); with ``penalize="prunable"``, the ids of the
-        parameters to penalize; the layers whose inputs went negative in the trace (until a batch's are read)."""
+    def bind(self, groups: dict[str, tuple[GroupParameters, int]], penalized_ids: set[int] | None) -> None:
+        """The groups' parameters (new ones after every removal) and, with ``penalize="prunable"``, the ids of the
+        parameters to penalize."""
         self.groups, self.penalized_ids = groups, penalized_ids
-        self._traced_signs, self._unpulled_stale = list(traced_signs), True
+        self._unpulled_stale = True
         self._focus_rows = None
         self._penalized = None
         self._exempt_rows = {}
@@ -165,10 +160,11 @@ class Pressure:
 
     def watch_signs(self, model: nn.Module) -> None:
         """(Re)start reading, on the forwards that follow, where the one-sided L2 can kill (`lightning_demp.signs`);
-        nothing to read for another regularizer, or once they are known (a checkpoint keeps them)."""
+        nothing to read for another regularizer or without a pull, or once they are known (a checkpoint keeps them)."""
         if self.sign_watch is not None:
             self.sign_watch.remove()
-        known = self.config.regularizer != "positive_l2" or self.signed_inputs is not None
+        unpulled = self.config.regularizer not in ONE_SIDED or self.config.reg_max == 0  # nothing to read for
+        known = unpulled or self.signed_inputs is not None
         self.sign_watch = None if known else InputSigns(model)
 
     def _settle_signs(self, watch: InputSigns, any_process: Callable[[Tensor], Tensor]) -> None:
@@ -193,7 +189,7 @@ class Pressure:
         if self.sign_watch is not None and self.sign_watch.seen:
             self._settle_signs(self.sign_watch, any_process)
         if self._unpulled_stale:
-            signed = self._traced_signs if self.signed_inputs is None else self.signed_inputs
+            signed = self.signed_inputs or []  # none known before a forward: every layer is pulled
             self.unpulled_ids = unkillable_params(model, signed, self.config.regularizer)
             self._penalized, self._unpulled_stale = None, False
         if self._ended is not None:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 RegularizerName = Literal["l2", "positive_l2", "l1_norm_scale", "positive_group_l1"]
 REGULARIZER_NAMES: tuple[str, ...] = ("l2", "positive_l2", "l1_norm_scale", "positive_group_l1")
+ONE_SIDED: tuple[str, ...] = ("positive_l2", "positive_group_l1")  # they kill by pushing weights to zero or below
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -274,8 +275,8 @@ def group_parameters(graph: PrunableGraph) -> dict[str, GroupParameters]:
 
 
 def unkillable_params(model: nn.Module, signed_inputs: Sequence[str], regularizer: RegularizerName) -> set[int]:
-    """Ids of the parameters ``regularizer`` would pull without being able to kill a unit: with ``"positive_l2"``,
-    those of the layers ``signed_inputs`` (by name), whose inputs take negative values (`lightning_demp.signs`).
+    """Ids of the parameters ``regularizer`` would pull without being able to kill a unit: for the one-sided ones
+    (`ONE_SIDED`), those of the layers ``signed_inputs`` (by name), whose inputs go negative (`lightning_demp.signs`).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
@@ -284,7 +285,7 @@ def unkillable_params(model: nn.Module, signed_inputs: Sequence[str], regularize
         >>> unkillable_params(model, ["0"], "l2")  # the coupled L2 makes a unit constant, whatever its inputs
         set()
     """
-    if regularizer != "positive_l2":
+    if regularizer not in ONE_SIDED:
         return set()
     modules = dict(model.named_modules())
     return {id(p) for name in signed_inputs if name in modules for p in modules[name].parameters(recurse=False)}

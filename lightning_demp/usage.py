@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,6 @@ class ModelUsage:
         used_outside: Layers whose weight is also read outside the layer (`weights_used_outside`).
         returned: Layers whose units reach a returned tensor (`returned_layers`).
         reused: Linear/Conv layers that run more than once per forward (one module applied to several inputs).
-        signed_inputs: Linear/Conv layers whose input took a negative value (the raw data, a LayerNorm's output, a
-            residual sum), unlike a ReLU's output.
 
     Examples:
         >>> ModelUsage(used_outside=set(), returned=set(), reused=set()).reused
@@ -167,7 +165,6 @@ class ModelUsage:
     used_outside: set[nn.Module]
     returned: set[nn.Module]
     reused: set[nn.Module]
-    signed_inputs: set[nn.Module] = field(default_factory=set)
 
 
 def model_usage(model: nn.Module, example_inputs: Any) -> ModelUsage:
@@ -177,17 +174,14 @@ def model_usage(model: nn.Module, example_inputs: Any) -> ModelUsage:
         >>> layer = nn.Linear(4, 4)
         >>> model = nn.Sequential(layer, nn.ReLU(), layer)  # one module, two calls
         >>> usage = model_usage(model, torch.randn(2, 4))
-        >>> usage.reused == {layer}, usage.used_outside, usage.signed_inputs == {layer}  # the data is signed
-        (True, set(), True)
+        >>> usage.reused == {layer}, usage.used_outside
+        (True, set())
     """
     calls: Counter[nn.Module] = Counter()
     producers: dict[Any, nn.Module] = {}  # the grad_fn of each layer output -> the layer
-    signed: set[nn.Module] = set()
 
     def record(module: nn.Module, args: Any, output: Any) -> None:
         calls.update([module])
-        if args and isinstance(args[0], Tensor) and bool((args[0].detach() < 0).any()):
-            signed.add(module)
         if isinstance(output, Tensor) and output.grad_fn is not None:
             producers[output.grad_fn] = module
 
@@ -225,8 +219,7 @@ def model_usage(model: nn.Module, example_inputs: Any) -> ModelUsage:
         for layer in layers
         if isinstance(layer.weight, nn.Parameter) and uses[id(layer.weight)] > calls[layer] and calls[layer] > 0
     }
-    reused = {layer for layer, count in calls.items() if count > 1}
-    return ModelUsage(used_outside, returned, reused, signed)
+    return ModelUsage(used_outside, returned, {layer for layer, count in calls.items() if count > 1})
 
 
 _UNMAPPED = (nn.RNNBase, nn.RNNCellBase)  # Torch-Pruning maps no unit index through these (LSTM aside)

@@ -130,7 +130,8 @@ def _positive_l2_pull(data: torch.Tensor) -> dict[str, torch.Tensor]:
         for param in model.parameters():
             param.fill_(1.0)
     pruner = DemonPruner(PruningConfig(regularizer="positive_l2", schedule="constant", reg_max=0.5, noise_std=0.0))
-    pruner.prepare(model, data, total_steps=10)
+    pruner.prepare(model, torch.zeros(2, 6), total_steps=10)
+    model(data)  # the first forward shows where the inputs go negative
     for param in model.parameters():
         param.grad = torch.ones_like(param)  # the loss holds every unit: the live floor leaves the full pull
     return _added_penalty(pruner, model)
