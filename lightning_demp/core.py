@@ -354,7 +354,7 @@ class DemonPruner:
         groups = {name: (found, initial[name]) for name, found in parameters.items() if name in initial}
         prunable = {id(p) for found in parameters.values() for p in found.params}
         scope = prunable if self.config.penalize == "prunable" else None
-        self.pressure.bind(groups, scope)
+        self.pressure.bind(groups, scope, self.graph.output_layers)
 
     def size_table(self) -> SizeTable | None:
         """Widths of the model as it is, for the target's sparsity after a plan (``None`` without a size target)."""

@@ -74,6 +74,7 @@ class Pressure:
         self.penalized_ids: set[int] | None = None  # with ``penalize="prunable"``: ids of the parameters to penalize
         self.unpulled_ids: set[int] = set()  # parameters the regularizer cannot kill a unit through: never pulled
         self._unpulled_stale = True
+        self._output_layers: list[str] = []
         self.signed_inputs: list[str] | None = None  # layers whose inputs go negative (`lightning_demp.signs`)
         self.sign_watch: InputSigns | None = None  # reading them on the first training forward
         self.groups: dict[str, tuple[GroupParameters, int]] = {}  # group -> (its parameters, initial units)
@@ -86,10 +87,15 @@ class Pressure:
         self._penalized: tuple[tuple[int, ...], list[nn.Parameter], list[int]] | None = None
         self._exempt_rows: dict[int, Tensor] = {}  # with ``penalize="prunable"``: 0 on the fixed units, by id
 
-    def bind(self, groups: dict[str, tuple[GroupParameters, int]], penalized_ids: set[int] | None) -> None:
-        """The groups' parameters (new ones after every removal) and, with ``penalize="prunable"``, the ids of the
-        parameters to penalize."""
-        self.groups, self.penalized_ids = groups, penalized_ids
+    def bind(
+        self,
+        groups: dict[str, tuple[GroupParameters, int]],
+        penalized_ids: set[int] | None,
+        output_layers: Sequence[str] = (),
+    ) -> None:
+        """The groups' parameters (new ones after every removal); with ``penalize="prunable"``, the ids of the
+        parameters to penalize; the layers whose units reach the model output (never removed)."""
+        self.groups, self.penalized_ids, self._output_layers = groups, penalized_ids, list(output_layers)
         self._unpulled_stale = True
         self._focus_rows = None
         self._penalized = None
@@ -105,6 +111,7 @@ class Pressure:
         """Pull only these units (by group; a group left out is not pulled), or every unit (``None``)."""
         self.focus = None if units is None else {name: sorted(int(i) for i in idxs) for name, idxs in units.items()}
         self._focus_rows = None
+        self._unpulled_stale = True
 
     def focus_is_empty(self) -> bool:
         """Whether a focus is set and holds no unit (before a target's ramp starts, once it is reached)."""
@@ -188,9 +195,10 @@ class Pressure:
         assert self.noise_schedule is not None
         if self.sign_watch is not None and self.sign_watch.seen:
             self._settle_signs(self.sign_watch, any_process)
-        if self._unpulled_stale:
-            signed = self.signed_inputs or []  # none known before a forward: every layer is pulled
-            self.unpulled_ids = unkillable_params(model, signed, self.config.regularizer)
+        if self._unpulled_stale:  # a focus pulls the units it chose to remove, so that they fade before they go
+            layers = [*(self.signed_inputs or []), *self._output_layers]  # no signs before a forward: pulled
+            unpulled = unkillable_params(model, layers, self.config.regularizer)
+            self.unpulled_ids = set() if self.focus is not None else unpulled
             self._penalized, self._unpulled_stale = None, False
         if self._ended is not None:
             self.history.append({**self._ended, "until_step": step})

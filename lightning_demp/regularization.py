@@ -274,9 +274,12 @@ def group_parameters(graph: PrunableGraph) -> dict[str, GroupParameters]:
     return found
 
 
-def unkillable_params(model: nn.Module, signed_inputs: Sequence[str], regularizer: RegularizerName) -> set[int]:
-    """Ids of the parameters ``regularizer`` would pull without being able to kill a unit: for the one-sided ones
-    (`ONE_SIDED`), those of the layers ``signed_inputs`` (by name), whose inputs go negative (`lightning_demp.signs`).
+def unkillable_params(model: nn.Module, layers: Sequence[str], regularizer: RegularizerName) -> set[int]:
+    """Ids of the parameters of ``layers`` (by name) when ``regularizer`` is one-sided (`ONE_SIDED`): there its
+    pull would kill no unit that can go, so it is skipped (`lightning_demp.pressure.Pressure`).
+
+    The layers are those whose inputs go negative (`lightning_demp.signs`: weights at most zero do not silence
+    their units) and those whose units reach the model output (never removed; the logits feed no ReLU).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
@@ -288,7 +291,7 @@ def unkillable_params(model: nn.Module, signed_inputs: Sequence[str], regularize
     if regularizer not in ONE_SIDED:
         return set()
     modules = dict(model.named_modules())
-    return {id(p) for name in signed_inputs if name in modules for p in modules[name].parameters(recurse=False)}
+    return {id(p) for name in layers if name in modules for p in modules[name].parameters(recurse=False)}
 
 
 def resistance(pulled: nn.Parameter, regularizer: RegularizerName, unit_dim: int = 0) -> Tensor:

@@ -123,7 +123,7 @@ def test_with_the_floor_a_huge_reg_max_shrinks_the_network_without_killing_a_lay
     assert runs[0.1] >= 0.1  # with the floor every layer keeps at least its floor
 
 
-def _positive_l2_pull(data: torch.Tensor) -> dict[str, torch.Tensor]:
+def _positive_l2_pull(data: torch.Tensor, focus: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
     """The one-sided L2 added to the gradients of a 6-8-8-3 MLP of unit weights traced on ``data``."""
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     with torch.no_grad():
@@ -132,23 +132,32 @@ def _positive_l2_pull(data: torch.Tensor) -> dict[str, torch.Tensor]:
     pruner = DemonPruner(PruningConfig(regularizer="positive_l2", schedule="constant", reg_max=0.5, noise_std=0.0))
     pruner.prepare(model, torch.zeros(2, 6), total_steps=10)
     model(data)  # the first forward shows where the inputs go negative
+    pruner.pressure.focus_on(focus)
     for param in model.parameters():
         param.grad = torch.ones_like(param)  # the loss holds every unit: the live floor leaves the full pull
     return _added_penalty(pruner, model)
 
 
-def test_the_one_sided_l2_does_not_pull_a_layer_whose_inputs_are_signed():
+def test_the_one_sided_l2_pulls_only_where_it_can_kill_a_unit_that_can_go():
     # Weights at most 0 silence a ReLU unit only when its inputs are never negative: on signed data the first
-    # layer would only be confined to non-positive weights, and lose accuracy without losing a unit.
+    # layer would only be confined to non-positive weights, and lose accuracy without losing a unit. The output
+    # layer's units never go, and feed no ReLU.
     added = _positive_l2_pull(torch.randn(4, 6))
-    assert bool(added["0.weight"].eq(0).all()) and bool(added["0.bias"].eq(0).all())
-    for name in ("2.weight", "2.bias", "4.weight"):  # they read a ReLU's output
+    for name in ("0.weight", "0.bias", "4.weight", "4.bias"):
+        assert bool(added[name].eq(0).all()), name
+    for name in ("2.weight", "2.bias"):  # it reads a ReLU's output, and its units can go
         torch.testing.assert_close(added[name], torch.full_like(added[name], 0.5))
 
 
-def test_the_one_sided_l2_pulls_every_layer_on_data_that_is_never_negative():
+def test_the_one_sided_l2_pulls_the_first_layer_on_data_that_is_never_negative():
     added = _positive_l2_pull(torch.rand(4, 6))
     torch.testing.assert_close(added["0.weight"], torch.full_like(added["0.weight"], 0.5))
+
+
+def test_a_focused_target_pulls_the_units_it_chose_whatever_their_inputs():
+    # They go at the next events anyway, dead or ranked least important: pulled, they fade before they go.
+    added = _positive_l2_pull(torch.randn(4, 6), focus={"0": [1, 3]})
+    assert added["0.weight"][[1, 3]].eq(0.5).all() and added["0.weight"][[0, 2, 4, 5, 6, 7]].eq(0).all()
 
 
 def _signed_mlp_pruner(**settings) -> tuple[DemonPruner, nn.Sequential]:
