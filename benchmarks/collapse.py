@@ -109,6 +109,9 @@ def main() -> None:
                     keyed.append(((model, reg_max, floor), task))
     grouped = run_grouped(keyed, args.jobs)
     rows = [{"model": m, "reg_max": r, "live_floor": f, "runs": runs} for (m, r, f), runs in grouped.items()]
+    if (RESULTS / name).exists():  # the other models' rows stay (a rerun of one model replaces only its own)
+        kept = [row for row in json.loads((RESULTS / name).read_text())["rows"] if row["model"] not in models]
+        rows = sorted(kept + rows, key=lambda row: sorted(MODELS).index(row["model"]))
     payload = {"seeds": seeds, "epochs": epochs, "rows": rows, "machine": machine()}
     write_json(name, payload)
     render(payload)
