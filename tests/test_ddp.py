@@ -158,3 +158,27 @@ def test_ddp_on_gpus_keeps_ranks_identical(tmp_path):
     )
     trainer.fit(model, datamodule=RandomDataModule())
     assert model.net[0].out_features <= 10
+
+
+class NonNegativeOnRankZero(torch.utils.data.Dataset):
+    """Gaussian samples, made non-negative on rank 0: each rank's first batch tells another story of the signs."""
+
+    def __init__(self, size: int = 96) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(size, 6, generator=generator), torch.randint(0, 3, (size,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rank_zero = torch.distributed.is_initialized() and torch.distributed.get_rank() == 0
+        return (self.x[index].abs() if rank_zero else self.x[index]), self.y[index]
+
+
+def test_ddp_spawn_pulls_the_same_layers_on_every_rank_when_only_one_rank_sees_negative_inputs(tmp_path):
+    # Rank 0's first batch alone would say the first layer reads non-negative inputs, rank 1's that it does not:
+    # the signs are united before the first step, or the ranks would pull different parameters and drift apart.
+    callback = DemonPruning(regularizer="positive_l2", reg_max=0.5, noise_std=0.0, verbose=False, plot=False)
+    trainer = two_process_trainer(tmp_path, [callback, AssertRanksAgree()], max_epochs=2, enable_checkpointing=False)
+    data = torch.utils.data.DataLoader(NonNegativeOnRankZero(), batch_size=16)
+    trainer.fit(planted_mlp(), train_dataloaders=data)  # an assertion failing in a worker fails here
