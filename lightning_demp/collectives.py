@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
 from lightning_demp.units import RemovalPlan
 
+_T = TypeVar("_T")
 
-def _same(plan: RemovalPlan) -> RemovalPlan:
-    return plan
+
+def _same(value: _T) -> _T:
+    return value
 
 
 def _nothing(*args: Any) -> None:
     return None
-
-
-def _as_is(flags: Tensor) -> Tensor:
-    return flags
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class Collectives:
     broadcast_plan: Callable[[RemovalPlan], RemovalPlan] = _same
     after_surgery: Callable[[], None] = _nothing
     average_batchnorm: Callable[[nn.Module], None] = _nothing
-    any_process: Callable[[Tensor], Tensor] = _as_is
+    any_process: Callable[[Tensor], Tensor] = _same
 
 
 SINGLE_PROCESS = Collectives()

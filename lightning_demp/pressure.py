@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_demp.collectives import SINGLE_PROCESS
 from lightning_demp.config import PruningConfig
 from lightning_demp.regularization import (
     ONE_SIDED,
@@ -101,11 +102,9 @@ class Pressure:
         self._penalized = None
         self._exempt_rows = {}
         for parameters, _ in groups.values() if penalized_ids is not None else ():
-            for param in parameters.params if parameters.fixed_units else ():
-                dim = parameters.unit_dim_of(param)
-                weights = torch.ones(param.shape[dim], dtype=param.dtype, device=param.device)
-                weights[list(parameters.fixed_units)] = 0.0  # units that stay are not pulled toward death
-                self._exempt_rows[id(param)] = weights.reshape([-1 if d == dim else 1 for d in range(param.dim())])
+            for param in parameters.params if parameters.fixed_units else ():  # units that stay: not pulled
+                fixed = torch.tensor(parameters.fixed_units, dtype=torch.long)
+                self._exempt_rows[id(param)] = _unit_weights(param, parameters.unit_dim_of(param), fixed, on=0.0)
 
     def focus_on(self, units: Mapping[str, Sequence[int]] | None) -> None:
         """Pull only these units (by group; a group left out is not pulled), or every unit (``None``)."""
@@ -126,11 +125,7 @@ class Pressure:
             for name, (parameters, _) in self.groups.items():
                 chosen = torch.tensor(self.focus.get(name, []), dtype=torch.long)
                 for param in parameters.params:
-                    dim = parameters.unit_dim_of(param)
-                    shape = [param.shape[d] if d == dim else 1 for d in range(param.dim())]
-                    weights = torch.zeros(param.shape[dim], dtype=param.dtype, device=param.device)
-                    weights[chosen.to(param.device)] = 1.0
-                    rows[id(param)] = weights.reshape(shape)  # shaped to multiply the parameter
+                    rows[id(param)] = _unit_weights(param, parameters.unit_dim_of(param), chosen, on=1.0)
             self._focus_rows = rows
         return self._focus_rows
 
@@ -170,9 +165,8 @@ class Pressure:
         nothing to read for another regularizer or without a pull, or once they are known (a checkpoint keeps them)."""
         if self.sign_watch is not None:
             self.sign_watch.remove()
-        unpulled = self.config.regularizer not in ONE_SIDED or self.config.reg_max == 0  # nothing to read for
-        known = unpulled or self.signed_inputs is not None
-        self.sign_watch = None if known else InputSigns(model)
+        needless = self.config.regularizer not in ONE_SIDED or self.config.reg_max == 0
+        self.sign_watch = None if needless or self.signed_inputs is not None else InputSigns(model)
 
     def _settle_signs(self, watch: InputSigns, any_process: Callable[[Tensor], Tensor]) -> None:
         watch.remove()
@@ -185,7 +179,7 @@ class Pressure:
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
         step: int,
-        any_process: Callable[[Tensor], Tensor] = lambda flags: flags,
+        any_process: Callable[[Tensor], Tensor] = SINGLE_PROCESS.any_process,
     ) -> None:
         """Add λ_t·∇R to the gradients; note the live entries (non-zero gradient) for the noise after the step.
 
@@ -308,6 +302,13 @@ class Pressure:
             "total_steps": self.total_steps,
             "history": [dict(segment) for segment in self.history],
         }
+
+
+def _unit_weights(param: nn.Parameter, unit_dim: int, units: Tensor, on: float) -> Tensor:
+    """Per unit of ``param`` along ``unit_dim``: ``on`` at ``units``, ``1 - on`` elsewhere, shaped to multiply it."""
+    weights = torch.full((param.shape[unit_dim],), 1.0 - on, dtype=param.dtype, device=param.device)
+    weights[units.to(param.device)] = on
+    return weights.reshape([-1 if d == unit_dim else 1 for d in range(param.dim())])
 
 
 def _on_rows(mask: Tensor, weights: Tensor) -> Tensor:

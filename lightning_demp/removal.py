@@ -50,8 +50,9 @@ def remove_units_(graph: PrunableGraph, plan: Mapping[str, Tensor]) -> list[Para
         >>> model[0].out_features, model[2].in_features, len(remaps)
         (6, 6, 3)
     """
-    widths = {group.name: group.num_units for group in graph.groups()}
-    fixed = {group.name: (group.fixed_units, group.fixed_because) for group in graph.groups() if group.fixed_units}
+    groups = graph.groups()
+    widths = {group.name: group.num_units for group in groups}
+    fixed = {group.name: (group.fixed_units, group.fixed_because) for group in groups if group.fixed_units}
     chosen: dict[str, list[int]] = {}
     for name, unit_idxs in plan.items():
         idxs = sorted({int(i) for i in torch.as_tensor(unit_idxs).tolist()})
