@@ -308,3 +308,15 @@ def test_neither_the_dead_check_nor_a_target_ranking_picks_a_unit_that_stays():
     decision = decide_removal(nn.Identity(), [group], stats, threshold=0.0, min_units=1, removable={"stem"})
     assert decision.plan.units["stem"].tolist() == [2]  # unit 0 is as dead, and stays
     assert least_active_units([group], stats, min_units=1, fraction=0.5)["stem"].tolist() == [2]
+
+
+def test_the_late_shortfall_ranking_never_picks_a_unit_that_stays():
+    from lightning_demp.shortfall import focus_units
+
+    model, x = ConcatResidualReturningABranch(), torch.randn(32, 3, 10)
+    config = PruningConfig(regularizer="l2", target_sparsity=0.9, target_metric="units", live_floor=0.0)
+    pruner = DemonPruner(config)
+    pruner.prepare(model, x[:2], total_steps=10)
+    pruner.remember_batch((x, None))
+    chosen = focus_units(pruner, model, pruner.statistics(model))
+    assert chosen["stem"] and not set(chosen["stem"]) & {0, 1, 2, 3}  # the returned branch's units stay
