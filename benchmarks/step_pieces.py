@@ -23,7 +23,8 @@ from _common import machine, median_seconds, write_json, write_report
 
 from lightning_demp import DemonPruner, PruningConfig
 from lightning_demp.demos import ResidualCNNClassifier
-from lightning_demp.regularization import add_penalty_grad_, inject_noise_, live_masks, penalized_params
+from lightning_demp.noise import inject_noise_, live_masks
+from lightning_demp.regularization import add_penalty_grad_, penalized_params
 
 
 def main() -> None:

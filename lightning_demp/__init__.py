@@ -9,8 +9,9 @@ from lightning_demp.detection import ActivationMonitor, UnitActivity, dead_check
 from lightning_demp.graph import PrunableGraph, TracingError
 from lightning_demp.ledger import PruningLedger, RemovalEvent
 from lightning_demp.monitoring import SettledEarlyStopping, SettledModelCheckpoint
+from lightning_demp.noise import inject_noise_
 from lightning_demp.optim import ParamRemap, remap_optimizer_
-from lightning_demp.regularization import add_penalty_grad_, inject_noise_
+from lightning_demp.regularization import add_penalty_grad_
 from lightning_demp.removal import RemovalError, remove_units_
 from lightning_demp.resize import enable_resize_on_load, resize_like_
 from lightning_demp.schedules import (

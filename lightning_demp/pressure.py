@@ -24,14 +24,13 @@ from torch import Tensor, nn
 
 from lightning_demp.collectives import SINGLE_PROCESS
 from lightning_demp.config import PruningConfig
+from lightning_demp.noise import inject_noise_, live_masks
 from lightning_demp.regularization import (
     ONE_SIDED,
     GroupParameters,
     add_penalty_grad_,
     broadcast_rows,
     floor_shares,
-    inject_noise_,
-    live_masks,
     penalized_params,
     resistances,
     unkillable_params,

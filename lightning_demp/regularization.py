@@ -1,4 +1,4 @@
-"""The DemP regularizers as gradients, and live-only noise.
+"""The DemP regularizers as gradients, and the live floor that caps their pull.
 
 A callback cannot edit the user's loss, but adding ``∇(λ_t·R(θ))`` to ``.grad`` before the optimizer step is the
 same update as adding ``λ_t·R(θ)`` to the loss (``paper.md`` §1.4). The three regularizers:
@@ -13,15 +13,14 @@ same update as adding ``λ_t·R(θ)`` to the loss (``paper.md`` §1.4). The thre
   selects units to kill instead of shrinking all of them (the reason L1 gives sparse solutions and L2 does not).
   The norm-free counterpart of ``"l1_norm_scale"``: use it on models without normalization layers.
 
-Noise follows ``paper.md`` §1.5: after the step, ``σ_t·N(0, 1)`` is added to each parameter entry whose (loss)
-gradient was non-zero, not scaled by the learning rate, from a generator seeded by ``(seed, step)`` so that every
-process draws the same values.
+The noise on live entries (``paper.md`` §1.5) is `lightning_demp.noise`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -166,60 +165,6 @@ def broadcast_rows(weights: Tensor, like: Tensor) -> Tensor:
     return weights if weights.dim() == like.dim() else weights.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def live_masks(params: Iterable[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor]]:
-    """Pair each parameter that has a gradient with the mask of its entries whose gradient is non-zero.
-
-    Examples:
-        >>> weight, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
-        >>> weight.grad = torch.tensor([0.0, 2.0, 0.0])  # ``unused`` got no gradient at all
-        >>> [(param is weight, mask.tolist()) for param, mask in live_masks([weight, unused])]
-        [(True, [False, True, False])]
-    """
-    return [(p, p.grad != 0) for p in params if p.grad is not None]
-
-
-def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded from ``(seed, step)``: the same draws on every process.
-
-    Examples:
-        >>> a = torch.randn(2, generator=noise_generator(0, 5, torch.device("cpu")))
-        >>> b = torch.randn(2, generator=noise_generator(0, 5, torch.device("cpu")))
-        >>> torch.equal(a, b)
-        True
-    """
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
-    return generator
-
-
-def inject_noise_(
-    masked_params: Sequence[tuple[nn.Parameter, Tensor]],
-    std: float,
-    seed: int,
-    step: int,
-    scales: Sequence[float] | None = None,
-) -> None:
-    """Add ``std·N(0, 1)`` to the masked entries of each parameter, in place, reproducibly from ``(seed, step)``;
-    with ``scales``, each parameter's noise multiplied by its scale (a mask may also hold factors instead of 0/1).
-
-    Examples:
-        >>> weight = nn.Parameter(torch.zeros(4))
-        >>> inject_noise_([(weight, torch.tensor([True, False, True, False]))], std=1.0, seed=0, step=0)
-        >>> (weight[1].item(), weight[3].item()), bool(weight[0] != 0)
-        ((0.0, 0.0), True)
-    """
-    if std == 0.0 or not masked_params:
-        return
-    generators: dict[torch.device, torch.Generator] = {}
-    with torch.no_grad():
-        for index, (param, mask) in enumerate(masked_params):
-            generator = generators.get(param.device)
-            if generator is None:
-                generator = generators[param.device] = noise_generator(seed, step, param.device)
-            noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
-            param.addcmul_(noise, mask, value=std if scales is None else std * scales[index])
-
-
 @dataclass(frozen=True)
 class GroupParameters:
     """The parameters a group's units live in: its producer's (weight first) and its BatchNorm's.
@@ -340,8 +285,9 @@ def resistances(
     flat = [i for i, p in enumerate(pulled) if p.dim() == 1 and regularizer == "l1_norm_scale"]
     found: list[Tensor | None] = [None] * len(pulled)
     if len(flat) > 1:
-        loss = torch.cat([pulled[i].grad.detach().float() for i in flat]).abs()  # type: ignore[union-attr]
-        batched = _loss_over_pull(loss, torch.cat([pulled[i].detach() for i in flat]).ne(0).float())
+        loss = torch.cat([pulled[i].grad.detach().float() for i in flat]).abs_()  # type: ignore[union-attr]
+        # the pull is 1 on a non-zero scale, 0 on a zero one: loss / 0 is infinite, 0 / 0 (neither acts) is 0
+        batched = loss.div_(torch.cat([pulled[i].detach() for i in flat]).ne(0)).nan_to_num_(0.0, math.inf)
         for i, part in zip(flat, batched.split([pulled[i].numel() for i in flat]), strict=True):
             found[i] = part
     dims = unit_dims if unit_dims is not None else [0] * len(pulled)
@@ -378,15 +324,22 @@ def floor_shares(
     needed = [math.ceil(floor * initial) for initial in initial_units]
     if floor <= 0 or strength <= 0 or not resistances:
         return [1.0] * len(resistances)
-    padded = torch.nn.utils.rnn.pad_sequence(
-        [r.float() for r in resistances], batch_first=True, padding_value=-math.inf
-    )
-    if padded.shape[1] == 0:  # every group empty: nothing to read off
-        padded = torch.full((len(resistances), 1), -math.inf)
-    descending = padded.sort(dim=1, descending=True).values
-    index = torch.tensor([max(0, min(k, r.numel()) - 1) for k, r in zip(needed, resistances, strict=True)])
-    kth = descending.gather(1, index.reshape(-1, 1)).reshape(-1).tolist()
+    lengths = tuple(r.numel() for r in resistances)
+    slots, kth_index = _padding(lengths, tuple(needed), resistances[0].device)
+    padded = torch.full((len(lengths), max(1, *lengths)), -math.inf, device=resistances[0].device)
+    padded.view(-1)[slots] = torch.cat([r.reshape(-1).float() for r in resistances])  # each group's row
+    kth = padded.sort(dim=1, descending=True).values.gather(1, kth_index).reshape(-1).tolist()
     return [
-        1.0 if k <= 0 else 0.0 if r.numel() < k else min(1.0, value / strength)
-        for k, r, value in zip(needed, resistances, kth, strict=True)
+        1.0 if k <= 0 else 0.0 if units < k else min(1.0, value / strength)
+        for k, units, value in zip(needed, lengths, kth, strict=True)
     ]
+
+
+@functools.lru_cache(maxsize=32)
+def _padding(lengths: tuple[int, ...], needed: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Where each group's entries go in a ``groups × longest`` matrix (flat), and the column of each one's
+    ``k``-th largest once its row is sorted; the same for every step until a removal changes the widths."""
+    width = max(1, *lengths)
+    slots = torch.cat([torch.arange(n) + row * width for row, n in enumerate(lengths)])
+    columns = torch.tensor([max(0, min(k, n) - 1) for k, n in zip(needed, lengths, strict=True)])
+    return slots.to(device), columns.reshape(-1, 1).to(device)

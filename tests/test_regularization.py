@@ -6,13 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_demp.regularization import (
-    add_penalty_grad_,
-    inject_noise_,
-    live_masks,
-    norm_scales,
-    penalized_params,
-)
+from lightning_demp.noise import inject_noise_, live_masks
+from lightning_demp.regularization import add_penalty_grad_, norm_scales, penalized_params
 
 PENALTIES = {
     "l2": lambda p: 0.5 * p.pow(2).sum(),
@@ -143,3 +138,28 @@ def test_positive_group_l1_kills_units_of_a_norm_free_mlp(tmp_path):
         tmp_path, small_mlp(), max_epochs=4, regularizer="positive_group_l1", reg_max=0.5, schedule="constant"
     )
     assert callback.events and model.net[0].out_features + model.net[2].out_features < 12 + 10
+
+
+def test_noise_on_parameters_of_two_dtypes_keeps_each_dtype_and_its_std():
+    single, double = nn.Parameter(torch.zeros(20000)), nn.Parameter(torch.zeros(20000, dtype=torch.float64))
+    single.grad, double.grad = torch.ones(20000), torch.ones(20000, dtype=torch.float64)
+    inject_noise_(live_masks([single, double]), std=0.5, seed=1, step=2)
+    assert (single.dtype, double.dtype) == (torch.float32, torch.float64)
+    assert single.detach().std().item() == pytest.approx(0.5, rel=0.05)
+    assert double.detach().std().item() == pytest.approx(0.5, rel=0.05)
+
+
+def test_a_boolean_mask_and_its_factor_mask_give_the_same_noise_and_scales_multiply_it():
+    first, second = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(4, 3))
+    boolean = torch.tensor([True, False, True, True]).reshape(4, 1).expand(4, 3)
+    inject_noise_([(first, boolean)], std=0.1, seed=0, step=3)
+    inject_noise_([(second, boolean.float())], std=0.05, seed=0, step=3, scales=[2.0])
+    assert torch.equal(first.detach(), second.detach())
+    assert torch.count_nonzero(first[1]) == 0 and torch.count_nonzero(first) == 9
+
+
+def test_live_masks_are_one_on_every_nonzero_gradient_entry_and_zero_elsewhere():
+    param = nn.Parameter(torch.ones(5))
+    param.grad = torch.tensor([0.0, -3.0, 1e-30, -0.0, 2.0])
+    [(_, mask)] = live_masks([param])
+    assert mask.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]
