@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import machine, write_json, write_report
 from test_architecture_patterns import (
+    CausalConv1d,
     LogitsAndFeatures,
     SharedOnBothHalves,
     SplitIntoTwoBranches,
     TinyShuffleNet,
+    TokensCroppedInTime,
     TwoBranchesAndTheirConcat,
     WithGRU,
     planted_concat_residual,
@@ -92,6 +94,8 @@ ARCHITECTURES: list[tuple[str, Callable[[], nn.Module], Callable[[], torch.Tenso
         lambda: planted_concat_residual()[0],
         lambda: torch.randn(4, 3, 10),
     ),
+    ("causal Conv1d stack, outputs cropped in time", CausalConv1d, lambda: torch.randn(4, 3, 20)),
+    ("(B, T, C) tokens cropped in time", TokensCroppedInTime, lambda: torch.randn(4, 6, 5)),
 ]
 
 

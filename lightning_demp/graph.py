@@ -26,7 +26,7 @@ from torch import nn
 
 from lightning_demp._modes import tracing_modes
 from lightning_demp.attention import HeadedAttention
-from lightning_demp.handlers import ChannelSelectPruner, HeadedAttentionPruner
+from lightning_demp.handlers import ChannelSelectPruner, HeadedAttentionPruner, map_channels_first_slices
 from lightning_demp.mixing import reshape_split, unit_reduction, unit_split
 from lightning_demp.patterns import match_modules
 from lightning_demp.resize import input_width, layer_width, reorderable_tensors, tensor_shapes
@@ -99,6 +99,7 @@ class PrunableGraph:
                     verbose=False,
                     customized_pruners=pruners,
                 )
+                map_channels_first_slices(self._graph)  # a Conv1d output cropped in time keeps its channels
                 self._usage = model_usage(model, example_inputs)
         except Exception as error:
             raise TracingError(trace_failure(model, error, Path(tp.__file__).parent)) from error

@@ -320,3 +320,80 @@ def test_the_late_shortfall_ranking_never_picks_a_unit_that_stays():
     pruner.remember_batch((x, None))
     chosen = focus_units(pruner, model, pruner.statistics(model))
     assert chosen["stem"] and not set(chosen["stem"]) & {0, 1, 2, 3}  # the returned branch's units stay
+
+
+class CausalConv1d(nn.Module):
+    """A causal convolution stack: each ``Conv1d`` pads both sides and its output is trimmed back in time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv1d(3, 12, 3, padding=2)
+        self.second = nn.Conv1d(12, 10, 3, padding=2)
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x))[:, :, :-2]  # a crop in time, not a slice of channels
+        h = torch.relu(self.second(h[..., 1:]))[:, :, :-2]
+        return self.head(h.mean(dim=2))
+
+
+class TokensCroppedInTime(nn.Module):
+    """``(B, T, C)`` tokens through a Linear, cropped in time: the channels-last layout Torch-Pruning assumes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.embed(x))[:, 1:].mean(dim=1))
+
+
+def kill_conv_units_(conv: nn.Conv1d, units: list[int]) -> None:
+    with torch.no_grad():
+        conv.weight[units] = 0.0
+        conv.bias[units] = -1.0  # a ReLU after it outputs zero on every input
+
+
+def test_a_conv1d_output_cropped_in_time_keeps_its_channels_prunable_and_exact():
+    torch.manual_seed(0)
+    model = CausalConv1d()
+    kill_conv_units_(model.first, [2, 7])
+    kill_conv_units_(model.second, [0, 4, 9])
+    x = torch.randn(16, 3, 20)
+    graph = PrunableGraph(model, x[:2])
+    assert {g.name: g.blocked for g in graph.groups() if g.name in ("first", "second")} == {
+        "first": None,
+        "second": None,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(x).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        kill_conv_units_(model.first, [2, 7]), kill_conv_units_(model.second, [0, 4, 9])
+        before = model(x)
+    moment = optimizer.state[model.second.weight]["exp_avg"].clone()
+    pruner = DemonPruner(PruningConfig(regularizer="positive_l2", reg_max=0.0, noise_std=0.0))
+    pruner.prepare(model, x[:2], total_steps=1)
+    pruner.remember_batch((x, None))
+    pruner.removal_event(model, [optimizer], step=1, epoch=0, final=True)
+    assert (model.first.out_channels, model.second.in_channels, model.second.out_channels) == (10, 10, 7)
+    assert model.head.in_features == 7
+    kept_out, kept_in = [1, 2, 3, 5, 6, 7, 8], [0, 1, 3, 4, 5, 6, 8, 9, 10, 11]
+    torch.testing.assert_close(optimizer.state[model.second.weight]["exp_avg"], moment[kept_out][:, kept_in])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    torch.export.export(model, (x,))
+
+
+def test_channels_last_tokens_cropped_in_time_still_prune_exactly():
+    torch.manual_seed(0)
+    model = TokensCroppedInTime()
+    kill_linear_units_(model.embed, [1, 5])
+    x = torch.randn(8, 6, 5)
+    with torch.no_grad():
+        before = model(x)
+    prune_dead(model, x)
+    assert model.embed.out_features == 10 and model.head.in_features == 10
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
