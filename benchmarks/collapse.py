@@ -2,12 +2,15 @@
 default), on the MNIST-1D residual CNN (decoupled channels) and MLP, same seeds and epochs as the frontier.
 
 For each model, ``reg_max`` in its sweep, seed and floor, the config's recipe trains with ``DemonPruning(reg_max=λ,
-live_floor=f)``; the table gives test accuracy, parameters removed and the smallest layer's kept fraction.
+live_floor=f)``; the table gives test accuracy, parameters removed and the smallest layer's kept fraction. With
+``--death-fractions``, also ``max_death_fraction`` (the share of a layer's units the pull may outweigh the loss on;
+1, the default, leaves only the floor); a rerun replaces only the rows of the settings it runs.
 
 Writes ``benchmarks/results/collapse.json`` and ``collapse.md``.
 
     python benchmarks/collapse.py                 # CNN and MLP, 2 seeds, 30 epochs
     python benchmarks/collapse.py --quick         # MLP only, 1 seed, 6 epochs, smoke test
+    python benchmarks/collapse.py --seeds 0 1 2 --floors 0.05 --death-fractions 0.5   # the rounds, added
 """
 
 from __future__ import annotations
@@ -51,22 +54,26 @@ def render(payload: dict[str, Any]) -> None:
         f"# Collapse or trade-off: `reg_max` with and without the live floor ({len(payload['seeds'])} seeds, "
         f"{payload['epochs']} epochs)",
         "",
-        "| model | `reg_max` | `live_floor` | test acc (%) | per seed | params removed (%) | smallest layer kept (%) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | `reg_max` | `live_floor` | `max_death_fraction` | test acc (%) | per seed | params removed (%) "
+        "| smallest layer kept (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["rows"]:
         runs = row["runs"]
         accs = [100 * r["test_acc"] for r in runs]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         lines.append(
-            f"| {row['model']} | {row['reg_max']:g} | {row['live_floor']:g} | {statistics.mean(accs):.2f} ± {spread:.2f} "
+            f"| {row['model']} | {row['reg_max']:g} | {row['live_floor']:g} | {row.get('max_death_fraction', 1.0):g} "
+            f"| {statistics.mean(accs):.2f} ± {spread:.2f} "
             f"| {', '.join(f'{a:.1f}' for a in accs)} "
             f"| {100 * statistics.mean(r['params_removed'] for r in runs):.1f} "
             f"| {100 * min(smallest_kept(r) for r in runs):.1f} |"
         )
     lines += [
         "",
-        "`live_floor=0` is the paper's behaviour; 0.05 is the default. The smallest layer's kept fraction is the "
+        "`live_floor=0` is the paper's behaviour; 0.05 is the default. `max_death_fraction` 1 (the default) leaves "
+        "the floor alone; 0.5 lets the pull outweigh the loss on at most half of a layer's units, so a layer loses at "
+        "most half of them per removal event (every 2 epochs here). The smallest layer's kept fraction is the "
         "minimum over seeds of the removable layer with the fewest units left, as a fraction of its initial width.",
         "",
     ]
@@ -81,6 +88,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=default_jobs())
     parser.add_argument("--reg-max", type=float, nargs="+", help="instead of each model's sweep")
     parser.add_argument("--floors", type=float, nargs="+", default=FLOORS)
+    parser.add_argument("--death-fractions", type=float, nargs="+", default=[1.0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--replot", action="store_true")
     args = parser.parse_args()
@@ -96,7 +104,7 @@ def main() -> None:
         path, overrides, sweep = MODELS[model]
         config = with_recorded_betas(load_config(path))
         for reg_max in args.reg_max or sweep:
-            for floor in args.floors:
+            for floor, death in ((f, d) for f in args.floors for d in args.death_fractions):
                 for seed in seeds:
                     task = {
                         "config": config,
@@ -104,14 +112,35 @@ def main() -> None:
                         "with_demp": True,
                         "max_epochs": epochs,
                         "model_overrides": overrides,
-                        "callback_overrides": {"reg_max": reg_max, "live_floor": floor, "prune_every_n_epochs": 2},
+                        "callback_overrides": {
+                            "reg_max": reg_max,
+                            "live_floor": floor,
+                            "max_death_fraction": death,
+                            "prune_every_n_epochs": 2,
+                        },
                     }
-                    keyed.append(((model, reg_max, floor), task))
+                    keyed.append(((model, reg_max, floor, death), task))
     grouped = run_grouped(keyed, args.jobs)
-    rows = [{"model": m, "reg_max": r, "live_floor": f, "runs": runs} for (m, r, f), runs in grouped.items()]
-    if (RESULTS / name).exists():  # the other models' rows stay (a rerun of one model replaces only its own)
-        kept = [row for row in json.loads((RESULTS / name).read_text())["rows"] if row["model"] not in models]
-        rows = sorted(kept + rows, key=lambda row: sorted(MODELS).index(row["model"]))
+    rows = [
+        {"model": m, "reg_max": r, "live_floor": f, "max_death_fraction": d, "runs": runs}
+        for (m, r, f, d), runs in grouped.items()
+    ]
+    if (RESULTS / name).exists():  # rows of other models or settings stay (a rerun replaces only its own)
+        run = {(row["model"], row["live_floor"], row["max_death_fraction"]) for row in rows}
+        kept = [
+            row
+            for row in json.loads((RESULTS / name).read_text())["rows"]
+            if (row["model"], row["live_floor"], row.get("max_death_fraction", 1.0)) not in run
+        ]
+        rows = sorted(
+            kept + rows,
+            key=lambda row: (
+                sorted(MODELS).index(row["model"]),
+                row["reg_max"],
+                row["live_floor"],
+                -row.get("max_death_fraction", 1.0),
+            ),
+        )
     payload = {"seeds": seeds, "epochs": epochs, "rows": rows, "machine": machine()}
     write_json(name, payload)
     render(payload)

@@ -89,6 +89,8 @@ class DemonPruning(PrunerViews, Callback):
         penalize: ``"all"`` (the paper) or ``"prunable"`` (only the layers whose units can be removed).
         live_floor: The pull on a layer never exceeds what the loss resists on this share of its units
             (`lightning_demp.pressure`); ``0`` turns the floor off.
+        max_death_fraction: Nor does it outweigh the loss on more than this share of a layer's units (they go in
+            rounds, one per removal event); ``1``: no such cap. Not with a focused target, which picks who dies.
         target_focus: With a target, pull nothing before its ramp starts, then only the least important live
             units it still needs, re-ranked at every event; ``False``: pull every unit, as without a target.
         input_keys: For batches that are mappings (dicts, ``BatchEncoding``): the keys passed to ``forward`` as
@@ -140,6 +142,7 @@ class DemonPruning(PrunerViews, Callback):
         plot: bool | str = True,
         penalize: PenalizeScope = "all",
         live_floor: float = 0.05,
+        max_death_fraction: float = 1.0,
         target_focus: bool = True,
         round_to: int = 1,
         input_keys: list[str] | None = None,
@@ -319,14 +322,13 @@ class DemonPruning(PrunerViews, Callback):
 
     def _removal_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, final: bool) -> bool:
         stats = self.pruner.stop_observing() if self.check_mode == "train_forwards" else None
+        step, epoch, collectives = (
+            _strategy.schedule_step(trainer),
+            trainer.current_epoch,
+            _strategy.collectives(trainer),
+        )
         event = self.pruner.removal_event(
-            pl_module,
-            trainer.optimizers,
-            stats,
-            step=_strategy.schedule_step(trainer),
-            epoch=trainer.current_epoch,
-            final=final,
-            collectives=_strategy.collectives(trainer),
+            pl_module, trainer.optimizers, stats, step=step, epoch=epoch, final=final, collectives=collectives
         )
         if event is not None:
             set_flops_per_batch(pl_module, self.pruner.ledger.current_flops, self._train_batch_size)

@@ -132,6 +132,7 @@ class PruningConfig:
     force_target: bool = False
     penalize: PenalizeScope = "all"
     live_floor: float = 0.05
+    max_death_fraction: float = 1.0
     target_focus: bool = True
     round_to: int = 1
 
@@ -162,6 +163,8 @@ class PruningConfig:
         check_bool("force_target", self.force_target)
         check_choice("penalize", self.penalize, PENALIZE_SCOPES)
         self._set("live_floor", check_number("live_floor", self.live_floor, low=0.0, low_inclusive=True, high=0.5))
+        fraction = check_number("max_death_fraction", self.max_death_fraction, low=0.0, low_inclusive=False, high=1.0)
+        self._set("max_death_fraction", fraction)
         check_bool("target_focus", self.target_focus)
         check_int("round_to", self.round_to, low=1)
 

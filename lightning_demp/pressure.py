@@ -245,7 +245,8 @@ class Pressure:
         """For the parameters of each group the live floor holds back, the share of the pressure left (by id)."""
         factors: dict[int, float] = {}
         strength = self.last_reg_strength
-        if self.config.live_floor <= 0 or strength <= 0:
+        death = 1.0 if self.focus is not None else self.config.max_death_fraction  # a focus picks who dies
+        if (self.config.live_floor <= 0 and death >= 1) or strength <= 0:
             return factors
         held = [
             (parameters, initial, pulled)
@@ -264,6 +265,7 @@ class Pressure:
             strength,
             self.config.live_floor,
             [initial for _, initial, _ in held],
+            death,
         )
         for (parameters, _, _), share in zip(held, shares, strict=True):
             if share < 1.0:

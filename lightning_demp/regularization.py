@@ -313,25 +313,35 @@ def floor_share(resistances: Tensor, strength: float, floor: float, initial_unit
 
 
 def floor_shares(
-    resistances: Sequence[Tensor], strength: float, floor: float, initial_units: Sequence[int]
+    resistances: Sequence[Tensor],
+    strength: float,
+    floor: float,
+    initial_units: Sequence[int],
+    max_death_fraction: float = 1.0,
 ) -> list[float]:
     """`floor_share` of several groups at once: one sort over all of them, the ``k``-th largest of each read off.
+
+    With ``max_death_fraction`` below 1, ``k`` is also at least ``ceil((1 − max_death_fraction) · n)`` for a group
+    of ``n`` units: the pull outweighs the loss on at most that fraction of them, so between two removal events a
+    layer loses at most that fraction of its units, and those that stay are picked in rounds, training between
+    them, instead of all at once.
 
     Examples:
         >>> floor_shares([torch.tensor([0.5, 0.25, 0.0, 0.0]), torch.tensor([3.0, 2.0])], 1.0, 0.5, [4, 4])
         [0.25, 1.0]
     """
     needed = [math.ceil(floor * initial) for initial in initial_units]
-    if floor <= 0 or strength <= 0 or not resistances:
+    if (floor <= 0 and max_death_fraction >= 1) or strength <= 0 or not resistances:
         return [1.0] * len(resistances)
     lengths = tuple(r.numel() for r in resistances)
-    slots, kth_index = _padding(lengths, tuple(needed), resistances[0].device)
+    held = tuple(max(k, math.ceil((1.0 - max_death_fraction) * n - 1e-9)) for k, n in zip(needed, lengths, strict=True))
+    slots, kth_index = _padding(lengths, held, resistances[0].device)
     padded = torch.full((len(lengths), max(1, *lengths)), -math.inf, device=resistances[0].device)
     padded.view(-1)[slots] = torch.cat([r.reshape(-1).float() for r in resistances])  # each group's row
     kth = padded.sort(dim=1, descending=True).values.gather(1, kth_index).reshape(-1).tolist()
     return [
-        1.0 if k <= 0 else 0.0 if units < k else min(1.0, value / strength)
-        for k, units, value in zip(needed, lengths, kth, strict=True)
+        1.0 if hold <= 0 else 0.0 if units < k else min(1.0, value / strength)
+        for k, hold, units, value in zip(needed, held, lengths, kth, strict=True)
     ]
 
 

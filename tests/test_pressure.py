@@ -105,6 +105,55 @@ def test_a_bad_floor_is_refused_naming_the_argument():
         PruningConfig(live_floor=0.7)
 
 
+def test_with_a_death_fraction_the_pull_outweighs_the_loss_on_at_most_that_share_of_a_layers_units():
+    rows = [1.0 - 0.05 * i for i in range(20)]  # resistances 1.0, 0.95, ..., 0.05
+    pruner, model = _pruner(row_grads=rows, reg_max=0.5, noise_std=0.0, live_floor=0.05, max_death_fraction=0.25)
+    added = _added_penalty(pruner, model)
+    # 15 of 20 units must resist: the 15th strongest resists 0.3, so the pull is 0.3 (the floor alone: 0.5)
+    torch.testing.assert_close(added["2.weight"], 0.3 * model[2].weight)
+    torch.testing.assert_close(added["0.weight"], 0.5 * model[0].weight)  # every unit resists 1 > 0.5
+    pruner, model = _pruner(row_grads=rows, reg_max=0.5, noise_std=0.0, live_floor=0.05)
+    torch.testing.assert_close(_added_penalty(pruner, model)["2.weight"], 0.5 * model[2].weight)
+
+
+def test_a_focused_target_picks_who_dies_so_the_death_fraction_does_not_cap_it():
+    rows = [1.0 - 0.05 * i for i in range(20)]
+    pruner, model = _pruner(row_grads=rows, reg_max=0.5, noise_std=0.0, live_floor=0.05, max_death_fraction=0.25)
+    pruner.pressure.focus_on({"0": list(range(20)), "2": list(range(20))})
+    torch.testing.assert_close(_added_penalty(pruner, model)["2.weight"], 0.5 * model[2].weight)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_a_bad_death_fraction_is_refused_naming_the_argument(fraction):
+    with pytest.raises(ValueError, match="max_death_fraction"):
+        PruningConfig(max_death_fraction=fraction)
+
+
+def test_with_a_death_fraction_of_a_half_no_event_removes_more_than_half_of_a_layer(tmp_path):
+    most = {}
+    for fraction in (1.0, 0.5):
+        torch.manual_seed(0)
+        _, _, callback = train_with_callback(
+            tmp_path / str(fraction),
+            model=small_mlp(hidden_sizes=[64, 64], lr=3e-3),
+            max_epochs=4,
+            reg_max=30.0,
+            noise_std=1e-3,
+            max_death_fraction=fraction,
+            prune_every_n_epochs=4,  # one event, at the end
+            schedule="constant",
+            datamodule=RandomDataModule(size=512),
+        )
+        widths = dict(callback.pruner.ledger.initial_widths)
+        shares = []
+        for event in callback.pruner.ledger.events:
+            shares += [removed / widths[name] for name, removed in event.removed.items() if widths[name]]
+            widths.update(event.widths)
+        most[fraction] = max(shares)
+    assert most[1.0] > 0.5  # the floor alone: a layer loses most of its units in one event
+    assert most[0.5] <= 0.5
+
+
 def test_with_the_floor_a_huge_reg_max_shrinks_the_network_without_killing_a_layer(tmp_path):
     runs = {}
     for floor in (0.0, 0.1):
