@@ -49,7 +49,7 @@ def smallest_kept(run: dict[str, Any]) -> float:
     return min(run["widths"][name] / initial[name] for name in initial) if initial else 1.0
 
 
-def render(payload: dict[str, Any]) -> None:
+def render(payload: dict[str, Any], name: str = "collapse.md") -> None:
     lines = [
         f"# Collapse or trade-off: `reg_max` with and without the live floor ({len(payload['seeds'])} seeds, "
         f"{payload['epochs']} epochs)",
@@ -77,7 +77,7 @@ def render(payload: dict[str, Any]) -> None:
         "minimum over seeds of the removable layer with the fewest units left, as a fraction of its initial width.",
         "",
     ]
-    write_report("collapse.md", lines, payload["machine"])
+    write_report(name, lines, payload["machine"])
 
 
 def main() -> None:
@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     name = "collapse_quick.json" if args.quick else "collapse.json"
     if args.replot:
-        render(json.loads((RESULTS / name).read_text()))
+        render(json.loads((RESULTS / name).read_text()), name.replace(".json", ".md"))
         return
     models = ["mlp"] if args.quick else args.models
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -143,7 +143,7 @@ def main() -> None:
         )
     payload = {"seeds": seeds, "epochs": epochs, "rows": rows, "machine": machine()}
     write_json(name, payload)
-    render(payload)
+    render(payload, name.replace(".json", ".md"))
 
 
 if __name__ == "__main__":
