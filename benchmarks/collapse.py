@@ -71,8 +71,8 @@ def render(payload: dict[str, Any], name: str = "collapse.md") -> None:
         )
     lines += [
         "",
-        "`live_floor=0` is the paper's behaviour; 0.05 is the default. `max_death_fraction` 1 (the default) leaves "
-        "the floor alone; 0.5 lets the pull outweigh the loss on at most half of a layer's units, so a layer loses at "
+        "`live_floor=0` is the paper's behaviour; 0.05 is the default. `max_death_fraction` 1 leaves "
+        "the floor alone; 0.5 (the default since these runs) lets the pull outweigh the loss on at most half of a layer's units, so a layer loses at "
         "most half of them per removal event (every 2 epochs here). The smallest layer's kept fraction is the "
         "minimum over seeds of the removable layer with the fewest units left, as a fraction of its initial width.",
         "",

@@ -90,7 +90,7 @@ class DemonPruning(PrunerViews, Callback):
         live_floor: The pull on a layer never exceeds what the loss resists on this share of its units
             (`lightning_demp.pressure`); ``0`` turns the floor off.
         max_death_fraction: Nor does it outweigh the loss on more than this share of a layer's units (they go in
-            rounds, one per removal event); ``1``: no such cap. Not with a focused target, which picks who dies.
+            rounds, one per event); ``1``: no cap (with ``live_floor=0``, the paper). Not with a focused target.
         target_focus: With a target, pull nothing before its ramp starts, then only the least important live
             units it still needs, re-ranked at every event; ``False``: pull every unit, as without a target.
         input_keys: For batches that are mappings (dicts, ``BatchEncoding``): the keys passed to ``forward`` as
@@ -142,7 +142,7 @@ class DemonPruning(PrunerViews, Callback):
         plot: bool | str = True,
         penalize: PenalizeScope = "all",
         live_floor: float = 0.05,
-        max_death_fraction: float = 1.0,
+        max_death_fraction: float = 0.5,
         target_focus: bool = True,
         round_to: int = 1,
         input_keys: list[str] | None = None,

@@ -132,7 +132,7 @@ class PruningConfig:
     force_target: bool = False
     penalize: PenalizeScope = "all"
     live_floor: float = 0.05
-    max_death_fraction: float = 1.0
+    max_death_fraction: float = 0.5
     target_focus: bool = True
     round_to: int = 1
 

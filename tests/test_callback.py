@@ -210,7 +210,14 @@ def test_regularization_shrinks_positive_weights(tmp_path):
         torch.manual_seed(0)
         model = small_mlp(optimizer="sgd", lr=1e-2)
         _, model, _ = train_with_callback(
-            tmp_path, model=model, max_epochs=1, reg_max=reg_max, noise_std=0.0, schedule="constant", live_floor=0.0
+            tmp_path,
+            model=model,
+            max_epochs=1,
+            reg_max=reg_max,
+            noise_std=0.0,
+            schedule="constant",
+            live_floor=0.0,
+            max_death_fraction=1.0,  # the paper's pull
         )
         return sum(p.detach().clamp(min=0).sum().item() for p in model.parameters())
 

@@ -13,7 +13,9 @@ from lightning_demp.regularization import floor_share, floor_shares, resistance,
 
 def _pruner(row_grads: list[float], **settings) -> tuple[DemonPruner, nn.Sequential]:
     """A 6-20-20-3 MLP of unit weights whose first hidden layer has loss gradients of 1 everywhere and whose second
-    has a gradient of ``row_grads[i]`` in every entry of row ``i`` (0 beyond them)."""
+    has a gradient of ``row_grads[i]`` in every entry of row ``i`` (0 beyond them). The floor alone unless
+    ``max_death_fraction`` is given."""
+    settings.setdefault("max_death_fraction", 1.0)
     model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
     with torch.no_grad():
         for param in model.parameters():
@@ -112,7 +114,7 @@ def test_with_a_death_fraction_the_pull_outweighs_the_loss_on_at_most_that_share
     # 15 of 20 units must resist: the 15th strongest resists 0.3, so the pull is 0.3 (the floor alone: 0.5)
     torch.testing.assert_close(added["2.weight"], 0.3 * model[2].weight)
     torch.testing.assert_close(added["0.weight"], 0.5 * model[0].weight)  # every unit resists 1 > 0.5
-    pruner, model = _pruner(row_grads=rows, reg_max=0.5, noise_std=0.0, live_floor=0.05)
+    pruner, model = _pruner(row_grads=rows, reg_max=0.5, noise_std=0.0, live_floor=0.05)  # the floor alone
     torch.testing.assert_close(_added_penalty(pruner, model)["2.weight"], 0.5 * model[2].weight)
 
 
@@ -129,9 +131,10 @@ def test_a_bad_death_fraction_is_refused_naming_the_argument(fraction):
         PruningConfig(max_death_fraction=fraction)
 
 
-def test_with_a_death_fraction_of_a_half_no_event_removes_more_than_half_of_a_layer(tmp_path):
+def test_by_default_no_event_removes_more_than_half_of_a_layer(tmp_path):
+    assert PruningConfig().max_death_fraction == 0.5
     most = {}
-    for fraction in (1.0, 0.5):
+    for fraction in (1.0, None):  # None: the default
         torch.manual_seed(0)
         _, _, callback = train_with_callback(
             tmp_path / str(fraction),
@@ -139,7 +142,7 @@ def test_with_a_death_fraction_of_a_half_no_event_removes_more_than_half_of_a_la
             max_epochs=4,
             reg_max=30.0,
             noise_std=1e-3,
-            max_death_fraction=fraction,
+            **({} if fraction is None else {"max_death_fraction": fraction}),
             prune_every_n_epochs=4,  # one event, at the end
             schedule="constant",
             datamodule=RandomDataModule(size=512),
@@ -151,7 +154,7 @@ def test_with_a_death_fraction_of_a_half_no_event_removes_more_than_half_of_a_la
             widths.update(event.widths)
         most[fraction] = max(shares)
     assert most[1.0] > 0.5  # the floor alone: a layer loses most of its units in one event
-    assert most[0.5] <= 0.5
+    assert most[None] <= 0.5
 
 
 def test_with_the_floor_a_huge_reg_max_shrinks_the_network_without_killing_a_layer(tmp_path):
@@ -165,6 +168,7 @@ def test_with_the_floor_a_huge_reg_max_shrinks_the_network_without_killing_a_lay
             reg_max=30.0,
             noise_std=1e-3,
             live_floor=floor,
+            max_death_fraction=1.0,  # the floor alone
             datamodule=RandomDataModule(size=512),
         )
         runs[floor] = min(len(kept) / 64 for kept in callback.kept_units.values())
