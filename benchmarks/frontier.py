@@ -939,6 +939,7 @@ def fair_render(name: str, payload: dict[str, Any]) -> None:
                 f"| {p['config']} | {100 * p['acc']:.2f} ± {100 * p['acc_std']:.2f} | {100 * (p['acc'] - dense_acc):+.2f} | "
                 f"{100 * p['zeroed']:.1f} | 0.0 |"
             )
+    out += fair_collapse(payload)
     out += [
         "",
         f"## The seed-{seeds[0]} grid, by method, then parameters removed",
@@ -965,6 +966,63 @@ def fair_render(name: str, payload: dict[str, Any]) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(out))
     fair_plot(payload, figures, tune, RESULTS / f"{name}.png")
     print("\n".join(out))
+
+
+def fair_collapse(payload: dict[str, Any]) -> list[str]:
+    """Issue #17's collapse check on every run of the two `reg_max` sweeps: at each learning rate, the runs that end
+    under 50 % while a smaller strength of the same recipe keeps 95 % of dense, and the lowest run; with the runs
+    kept from before ``max_death_fraction=0.5`` became the default, each seed-0 run before and after."""
+    dense = {r["lr"]: r["test_acc"] for r in payload["runs"].values() if r["method"] == "dense" and r["seed"] == 0}
+    sweeps = [r for r in payload["runs"].values() if r["method"] in ("DemP one-cycle", "DemP constant")]
+    if not sweeps or not dense:
+        return []
+    collapsed = [
+        r
+        for r in sweeps
+        if r["test_acc"] < 0.5
+        and any(
+            q["method"] == r["method"]
+            and q["lr"] == r["lr"]
+            and q["strength"] < r["strength"]
+            and q["test_acc"] >= 0.95 * dense.get(r["lr"], 1.0)
+            for q in sweeps
+        )
+    ]
+    lowest = min(sweeps, key=lambda r: r["test_acc"])
+    out = [
+        "",
+        "## No collapse: the `reg_max` sweeps' lowest runs",
+        "",
+        f"Over {len(sweeps)} runs of the one-cycle and constant sweeps (every seed), the lowest ends at "
+        f"{100 * lowest['test_acc']:.1f} % ({lowest['method']}, {config_label(lowest['method'], lowest['strength'], lowest['lr'])}, "
+        f"seed {lowest['seed']}, {100 * x_of(lowest):.1f} % removed). Runs under 50 % while a smaller strength of the "
+        "same recipe and learning rate keeps 95 % of dense: "
+        + (
+            ", ".join(
+                f"{r['method']} {config_label(r['method'], r['strength'], r['lr'])} seed {r['seed']}" for r in collapsed
+            )
+            or "none"
+        )
+        + ".",
+    ]
+    before = payload.get("runs_before_death_cap", {})
+    pairs = [(key, payload["runs"][key], run) for key, run in sorted(before.items()) if key in payload["runs"]]
+    pairs = [(key, now, old) for key, now, old in pairs if now["seed"] == 0]
+    if pairs:
+        out += [
+            "",
+            "These sweeps ran with `max_death_fraction=0.5`, the default since; the JSON keeps their earlier runs "
+            "(`max_death_fraction=1`, the live floor alone) under `runs_before_death_cap`. Seed 0, before → now:",
+            "",
+            "| method | configuration | test acc (%) | params removed (%) |",
+            "|---|---|---|---|",
+        ]
+        for _, now, old in pairs:
+            out.append(
+                f"| {now['method']} | {config_label(now['method'], now['strength'], now['lr'])} | "
+                f"{100 * old['test_acc']:.1f} → {100 * now['test_acc']:.1f} | {100 * x_of(old):.1f} → {100 * x_of(now):.1f} |"
+            )
+    return out
 
 
 def demp_best(values: dict[str, list[dict[str, Any] | None]], index: int) -> dict[str, Any] | None:
