@@ -1,16 +1,18 @@
 """Collapse or trade-off: a ``reg_max`` sweep with the live floor off (``live_floor=0``, the paper) and on (the
-default), on the MNIST-1D residual CNN (decoupled channels) and MLP, same seeds and epochs as the frontier.
+default), on the MNIST-1D residual CNN (decoupled channels) and MLP, same seeds and epochs as the frontier, and on
+the two models of ``unseen_models.py`` nothing was tuned on (``--models unseen unseen_mlp``).
 
 For each model, ``reg_max`` in its sweep, seed and floor, the config's recipe trains with ``DemonPruning(reg_max=λ,
 live_floor=f)``; the table gives test accuracy, parameters removed and the smallest layer's kept fraction. With
 ``--death-fractions``, also ``max_death_fraction`` (the share of a layer's units the pull may outweigh the loss on;
-1, the default, leaves only the floor); a rerun replaces only the rows of the settings it runs.
+1 leaves only the floor, 0.5 is the default); a rerun replaces only the rows of the settings it runs.
 
 Writes ``benchmarks/results/collapse.json`` and ``collapse.md``.
 
     python benchmarks/collapse.py                 # CNN and MLP, 2 seeds, 30 epochs
     python benchmarks/collapse.py --quick         # MLP only, 1 seed, 6 epochs, smoke test
     python benchmarks/collapse.py --seeds 0 1 2 --floors 0.05 --death-fractions 0.5   # the rounds, added
+    python benchmarks/collapse.py --models unseen unseen_mlp --seeds 0 1 2 --floors 0.05 --death-fractions 1 0.5
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS: dict[str, tuple[Path, dict[str, Any], list[float]]] = {
     "cnn": (REPO / "configs" / "mnist1d_cnn.yaml", {"decoupled": True}, [0.05, 0.08, 0.1, 0.15, 0.2]),
     "mlp": (REPO / "configs" / "mnist1d_mlp.yaml", {}, [0.3, 1.0, 3.0]),
+    "unseen": (REPO / "benchmarks" / "unseen_cnn.yaml", {}, [0.05, 0.1, 0.2]),  # a plain CNN, never tuned on
+    "unseen_mlp": (REPO / "benchmarks" / "unseen_mlp.yaml", {}, [0.3, 1.0, 3.0]),  # a tapered norm-free MLP
 }
 FLOORS = [0.0, 0.05]
 
