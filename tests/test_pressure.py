@@ -131,7 +131,7 @@ def test_a_bad_death_fraction_is_refused_naming_the_argument(fraction):
         PruningConfig(max_death_fraction=fraction)
 
 
-def test_by_default_no_event_removes_more_than_half_of_a_layer(tmp_path):
+def test_by_default_a_huge_reg_max_removes_at_most_half_of_a_layer_per_event(tmp_path):
     assert PruningConfig().max_death_fraction == 0.5
     most = {}
     for fraction in (1.0, None):  # None: the default
