@@ -202,9 +202,9 @@ class Pressure:
         if (self.last_reg_strength == 0 and self.last_noise_std == 0) or self.focus_is_empty():
             self._pending_noise = None  # nothing to pull or shake this step (a focus with no unit yet)
             return
-        factors = self.floor_factors()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         penalized, dims = self._penalized_of(params, optimizer, model) if self.last_reg_strength > 0 else ([], [])
+        factors = self.floor_factors(self._loose_scales(penalized) if rows is None else ())
         if rows is not None:
             params = [p for p in params if id(p) in rows]
             dims = [d for p, d in zip(penalized, dims, strict=True) if id(p) in rows]
@@ -241,8 +241,19 @@ class Pressure:
             self._penalized = (key, penalized, [1 if id(p) in transposed else 0 for p in penalized])
         return self._penalized[1], self._penalized[2]
 
-    def floor_factors(self) -> dict[int, float]:
-        """For the parameters of each group the live floor holds back, the share of the pressure left (by id)."""
+    def _loose_scales(self, penalized: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The pulled norm scales of no group (``"l1_norm_scale"``): the norms of a coupled residual stream other than
+        the one its group is read off (a block's last BatchNorm, say). The floor holds each channel by channel, as a
+        layer of its own: the pull would otherwise silence a whole branch, and the layers before it would lose the
+        loss gradient that the floor and the rounds of death read."""
+        if self.config.regularizer != "l1_norm_scale":
+            return []
+        grouped = {id(p) for parameters, _ in self.groups.values() for p in parameters.params}
+        return [p for p in penalized if p.dim() == 1 and id(p) not in grouped and p.grad is not None]
+
+    def floor_factors(self, loose: Sequence[nn.Parameter] = ()) -> dict[int, float]:
+        """For the parameters of each group the live floor holds back, the share of the pressure left (by id); each
+        of the ``loose`` parameters (`_loose_scales`) is held as a group of its own."""
         factors: dict[int, float] = {}
         strength = self.last_reg_strength
         death = 1.0 if self.focus is not None else self.config.max_death_fraction  # a focus picks who dies
@@ -255,6 +266,7 @@ class Pressure:
             and pulled.grad is not None
             and id(pulled) not in self.unpulled_ids
         ]
+        held += [(GroupParameters([scale], scale, scale), scale.numel(), scale) for scale in loose]
         dims = [parameters.unit_dim_of(pulled) for parameters, _, pulled in held]
         resisted = resistances([pulled for _, _, pulled in held], self.config.regularizer, dims)
         for (parameters, _, pulled), resisting in zip(held, resisted, strict=True):

@@ -176,6 +176,41 @@ def test_with_the_floor_a_huge_reg_max_shrinks_the_network_without_killing_a_lay
     assert runs[0.1] >= 0.1  # with the floor every layer keeps at least its floor
 
 
+class CoupledResidualMLP(nn.Module):
+    """``x + bn2(fc2(relu(bn1(fc1(x)))))`` on a normalized stem: ``norm`` and ``bn2`` both write the stream the
+    shortcut carries, one coupled group whose pull is read off one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Linear(6, 8), nn.BatchNorm1d(8)
+        self.fc1, self.bn1 = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.fc2, self.bn2 = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stream = torch.relu(self.norm(self.stem(x)))
+        branch = self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(stream)))))
+        return self.head(torch.relu(stream + branch))
+
+
+def test_a_coupled_streams_other_norm_is_held_channel_by_channel_so_no_branch_is_silenced():
+    # Left unheld, a large λ drove such a norm's scales to zero (in a residual CNN, a block's last BatchNorm): the
+    # branch fell silent, the layers before it lost their loss gradient, and the rounds of death, which read it,
+    # never pulled them again.
+    model = CoupledResidualMLP()
+    pruner = DemonPruner(PruningConfig(schedule="constant", reg_max=1.0, noise_std=0.0))  # l1_norm_scale, f = 0.5
+    pruner.prepare(model, torch.randn(4, 6), total_steps=10)
+    grouped = {id(p) for parameters, _ in pruner.pressure.groups.values() for p in parameters.params}
+    loose = [name for name in ("norm", "bn2") if id(model.get_submodule(name).weight) not in grouped]
+    assert len(loose) == 1  # the premise: the stream's group holds one of its two norms
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    model.get_submodule(loose[0]).weight.grad = torch.arange(1.0, 9.0) / 100  # resistances 0.01 ... 0.08, all < λ
+    added = _added_penalty(pruner, model)
+    # half of its 8 channels must resist: the pull is the 4th largest resistance, 0.05, not λ = 1
+    torch.testing.assert_close(added[f"{loose[0]}.weight"], torch.full((8,), 0.05))
+
+
 def _positive_l2_pull(data: torch.Tensor, focus: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
     """The one-sided L2 added to the gradients of a 6-8-8-3 MLP of unit weights traced on ``data``."""
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
