@@ -21,7 +21,13 @@ run benchmarks/target.py
 run benchmarks/target.py --models mlp --targets 0.8 --force-target --append
 run benchmarks/frontier.py --model transformer --epochs 20
 run benchmarks/frontier.py --model transformer --epochs 20 --add-reg-max 3 --penalize prunable
+run benchmarks/frontier.py --model cnn --fair      # resumes: runs only the grid points its JSON lacks
+run benchmarks/frontier.py --model mlp --fair
+run benchmarks/frontier.py --model transformer --fair --epochs 20
 run benchmarks/collapse.py --seeds 0 1 2
+run benchmarks/collapse.py --seeds 0 1 2 --floors 0.05 --death-fractions 0.5
+run benchmarks/collapse.py --models unseen unseen_mlp --seeds 0 1 2 --floors 0.05 --death-fractions 1 0.5
+run benchmarks/collapse.py --models unseen_mlp --reg-max 0.03 0.1 0.3 1 3 --seeds 0 1 2 --floors 0.05 --death-fractions 1 0.5
 run benchmarks/demo_vs_dense.py
 run benchmarks/death.py
 run benchmarks/selection_speed.py
