@@ -53,8 +53,10 @@ def main() -> None:
         ),
         "live masks": lambda: live_masks(params),
         "noise on live entries": lambda: inject_noise_(masks, 1e-5, 0, 5),
-        "live floor, `l1_norm_scale` (resistance of every BatchNorm scale)": floors["l1_norm_scale"].floor_factors,
-        "live floor, `l2` (resistance of every producer row)": floors["l2"].floor_factors,
+        "live floor, `l1_norm_scale` (resistance of every BatchNorm scale)": lambda: floors[
+            "l1_norm_scale"
+        ].floor_factors(),
+        "live floor, `l2` (resistance of every producer row)": lambda: floors["l2"].floor_factors(),
         f"for reference: {entries:,} normal numbers": lambda: torch.randn(entries, generator=generator),
     }
     results = {name: 1e3 * median_seconds(function, repeats) for name, function in pieces.items()}
