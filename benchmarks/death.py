@@ -8,11 +8,13 @@ and one PNG per factor (``death_<factor>.png``).
 
     python benchmarks/death.py           # 2 seeds, 20 epochs (about 10 min on 2 CPU cores)
     python benchmarks/death.py --quick   # 1 seed, 4 epochs
+    python benchmarks/death.py --replot  # redraw the .md and PNGs from death.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -36,7 +38,7 @@ FACTORS: dict[str, tuple[str, list[tuple[float, dict[str, Any], dict[str, Any], 
     ),
     "batch": ("batch size", [(b, {}, {"batch_size": b}, {"reg_max": 0.01, "noise_std": 0.0}) for b in (32, 128, 512)]),
     "optimizer": (
-        "optimizer (0 = Adam, 1 = SGD momentum)",
+        "optimizer",
         [
             (0, {"optimizer": "adam"}, {}, {"reg_max": 0.01, "noise_std": 0.0}),
             (1, {"optimizer": "sgd", "lr": 0.03}, {}, {"reg_max": 0.01, "noise_std": 0.0}),
@@ -47,6 +49,18 @@ FACTORS: dict[str, tuple[str, list[tuple[float, dict[str, Any], dict[str, Any], 
         [(s, {}, {}, {"reg_max": 0.0, "noise_std": s}) for s in (0.0, 1e-3, 3e-3, 1e-2)],
     ),
 }
+OPTIMIZER_NAMES = {"adam": "Adam", "sgd": "SGD momentum"}
+
+
+def category_names(factor: str) -> dict[float, str] | None:
+    """For a factor whose values stand for names (the optimizer), each value's name with its learning rate."""
+    if factor != "optimizer":
+        return None
+    config_lr = load_config(CONFIG)["model"]["init_args"]["lr"]
+    return {
+        x: f"{OPTIMIZER_NAMES[model['optimizer']]} (lr {model.get('lr', config_lr):g})"
+        for x, model, _, _ in FACTORS[factor][1]
+    }
 
 
 def main() -> None:
@@ -55,7 +69,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel, one thread each")
+    parser.add_argument("--replot", action="store_true", help="redraw the .md and PNGs from the saved JSON")
     args = parser.parse_args()
+    suffix = "_quick" if args.quick else ""
+    if args.replot:
+        render(json.loads((RESULTS / f"death{suffix}.json").read_text()), suffix)
+        return
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 4 if args.quick else args.epochs
     config = load_config(CONFIG)
@@ -88,21 +107,29 @@ def main() -> None:
         }
         results.setdefault(factor, []).append(row)
         print(factor, row, flush=True)
-    suffix = "_quick" if args.quick else ""
-    write_json(f"death{suffix}.json", {"epochs": epochs, "seeds": seeds, "machine": machine(), "results": results})
+    payload = {"epochs": epochs, "seeds": seeds, "machine": machine(), "results": results}
+    write_json(f"death{suffix}.json", payload)
+    render(payload, suffix)
 
+
+def render(payload: dict[str, Any], suffix: str) -> None:
+    """``death<suffix>.md`` and one PNG per factor: units dead against the factor's values (bars for named ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"# Death dynamics: MNIST-1D MLP ({len(seeds)} seeds, {epochs} epochs)", ""]
-    for factor, rows in results.items():
-        label = FACTORS[factor][0]
+    lines = [f"# Death dynamics: MNIST-1D MLP ({len(payload['seeds'])} seeds, {payload['epochs']} epochs)", ""]
+    for factor, rows in payload["results"].items():
+        label, names = FACTORS[factor][0], category_names(factor)
+        dead = [100 * r["units_removed"] for r in rows]
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        axis.plot([r["x"] for r in rows], [100 * r["units_removed"] for r in rows], "o-", color="tab:red")
-        if factor in ("reg", "lr", "noise") and all(r["x"] > 0 for r in rows):
-            axis.set_xscale("log")
+        if names is not None:
+            axis.bar([names[r["x"]] for r in rows], dead, color="tab:red", width=0.5)
+        else:
+            axis.plot([r["x"] for r in rows], dead, "o-", color="tab:red")
+            if factor in ("reg", "lr", "noise") and all(r["x"] > 0 for r in rows):
+                axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel("units dead and removed (%)")
         axis.grid(alpha=0.3)
@@ -110,9 +137,12 @@ def main() -> None:
         figure.savefig(RESULTS / f"death_{factor}{suffix}.png", dpi=110)
         plt.close(figure)
         lines += [f"## {label}", "", "| value | units removed (%) | test acc (%) |", "|---|---|---|"]
-        lines += [f"| {r['x']} | {100 * r['units_removed']:.1f} | {100 * r['test_acc']:.1f} |" for r in rows]
+        lines += [
+            f"| {names[r['x']] if names else r['x']} | {100 * r['units_removed']:.1f} | {100 * r['test_acc']:.1f} |"
+            for r in rows
+        ]
         lines.append("")
-    write_report(f"death{suffix}.md", lines, machine())
+    write_report(f"death{suffix}.md", lines, payload["machine"])
 
 
 if __name__ == "__main__":

@@ -1008,8 +1008,11 @@ def fair_collapse(payload: dict[str, Any]) -> list[str]:
         + ".",
     ]
     before = payload.get("runs_before_death_cap", {})
-    pairs = [(key, payload["runs"][key], run) for key, run in sorted(before.items()) if key in payload["runs"]]
-    pairs = [(key, now, old) for key, now, old in pairs if now["seed"] == 0]
+    pairs = [
+        (payload["runs"][key], run)
+        for key, run in sorted(before.items())
+        if key in payload["runs"] and run["seed"] == 0
+    ]
     if pairs:
         out += [
             "",
@@ -1019,7 +1022,7 @@ def fair_collapse(payload: dict[str, Any]) -> list[str]:
             "| method | configuration | test acc (%) | params removed (%) |",
             "|---|---|---|---|",
         ]
-        for _, now, old in pairs:
+        for now, old in pairs:
             out.append(
                 f"| {now['method']} | {config_label(now['method'], now['strength'], now['lr'])} | "
                 f"{100 * old['test_acc']:.1f} → {100 * now['test_acc']:.1f} | {100 * x_of(old):.1f} → {100 * x_of(now):.1f} |"

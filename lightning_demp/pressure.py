@@ -86,6 +86,7 @@ class Pressure:
         # by the optimizer's parameters: the parameters to penalize, and the dimension their units run along
         self._penalized: tuple[tuple[int, ...], list[nn.Parameter], list[int]] | None = None
         self._exempt_rows: dict[int, Tensor] = {}  # with ``penalize="prunable"``: 0 on the fixed units, by id
+        self._loose: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # penalized -> its `_loose_scales`
 
     def bind(
         self,
@@ -99,6 +100,7 @@ class Pressure:
         self._unpulled_stale = True
         self._focus_rows = None
         self._penalized = None
+        self._loose = None
         self._exempt_rows = {}
         for parameters, _ in groups.values() if penalized_ids is not None else ():
             for param in parameters.params if parameters.fixed_units else ():  # units that stay: not pulled
@@ -248,8 +250,10 @@ class Pressure:
         loss gradient that the floor and the rounds of death read."""
         if self.config.regularizer != "l1_norm_scale":
             return []
-        grouped = {id(p) for parameters, _ in self.groups.values() for p in parameters.params}
-        return [p for p in penalized if p.dim() == 1 and id(p) not in grouped and p.grad is not None]
+        if self._loose is None or self._loose[0] is not penalized:  # found once per set of penalized parameters
+            grouped = {id(p) for parameters, _ in self.groups.values() for p in parameters.params}
+            self._loose = (penalized, [p for p in penalized if p.dim() == 1 and id(p) not in grouped])
+        return [p for p in self._loose[1] if p.grad is not None]
 
     def floor_factors(self, loose: Sequence[nn.Parameter] = ()) -> dict[int, float]:
         """For the parameters of each group the live floor holds back, the share of the pressure left (by id); each
